@@ -1,0 +1,162 @@
+"""Byte-level tunnelling of upgraded connections (WebSocket) after a 101.
+
+Forward relays the client's handshake like any request; when the upstream
+answers ``101 Switching Protocols`` the two sockets are joined and bytes are
+copied both ways until either side closes: frames of any kind (text, binary,
+fragments, ping/pong, close with its code, permessage-deflate) pass untouched.
+
+Servers expose the client connection differently:
+
+* ``oxypy.serve``, ``gevent.pywsgi`` and gunicorn ``-k gevent_pywsgi``: the app
+  calls ``start_response("101 ...")``; ``wsgi.input`` reads the raw socket and
+  the bytes the response iterable yields are written unframed.
+* gunicorn ``-k gevent`` (gunicorn's own parser) drops body bytes after a 101,
+  so the raw ``gunicorn.socket`` is taken over, the tunnel runs to its end, and
+  ``StopIteration`` tells gunicorn the connection was handled.
+* gevent-websocket answers the handshake itself: see :mod:`oxypy._wsrelay`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import gevent
+
+from ._headers import HOP_BY_HOP
+from ._types import StartResponse, WSGIEnvironment
+from ._upstream import UpstreamResponse
+from .errors import respond_error
+from .exceptions import UpstreamProtocolError
+
+if TYPE_CHECKING:
+    from .forward import Exchange, Forward
+
+__all__ = ["relay_upgrade"]
+
+log = logging.getLogger(__name__)
+RECV_SIZE = 65536
+#: After one side closes, how long the other may take to finish its close.
+LINGER = 5.0
+
+
+def relay_upgrade(
+    fwd: Forward,
+    environ: WSGIEnvironment,
+    start_response: StartResponse,
+    resp: UpstreamResponse,
+    record: Exchange,
+    requested: str | None,
+) -> Iterable[bytes]:
+    """Answer the client's upgrade with the upstream's 101 and join the sockets."""
+    offered = next((v for n, v in resp.headers if n.lower() == "upgrade"), None)
+    if requested is None or offered is None or offered.strip().lower() != requested.lower():
+        resp.close()
+        exc = UpstreamProtocolError("upstream switched to a protocol the client did not ask for")
+        record.error = exc
+        return respond_error(fwd.error_handler, environ, start_response, exc)
+    headers = [(n, v) for n, v in resp.headers if n.lower() not in HOP_BY_HOP]
+    headers.append(("Connection", "Upgrade"))
+    headers.append(("Upgrade", offered))
+    leftover = resp.leftover
+    upstream = resp.detach()
+    upstream.settimeout(fwd.tunnel_idle_timeout)
+
+    if "wsgi.websocket" in environ:
+        from ._wsrelay import relay_messages
+
+        return relay_messages(environ, upstream, leftover, record)
+
+    if "gunicorn.socket" in environ and "gunicorn.sock" not in environ:
+        client = environ["gunicorn.socket"]
+        head = ["HTTP/1.1 101 Switching Protocols\r\n"]
+        head.extend(f"{n}: {v}\r\n" for n, v in headers)
+        head.append("\r\n")
+        try:
+            client.sendall("".join(head).encode("latin-1") + leftover)
+            client.settimeout(fwd.tunnel_idle_timeout)
+            _join(client.recv, client, upstream)
+        finally:
+            record.ended = time.monotonic()
+            _close(upstream)
+        # gunicorn's signal that the app took the connection over.
+        raise StopIteration()
+
+    start_response("101 Switching Protocols", headers)
+    source = environ["wsgi.input"]
+    read = getattr(source, "read1", None) or source.read
+    return _Tunnel(read, upstream, leftover, record)
+
+
+def _close(sock: Any) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def _pump(read: Any, dest: Any) -> None:
+    """Copy until EOF from ``read`` to ``dest``, then half-close ``dest``."""
+    try:
+        while True:
+            data = read(RECV_SIZE)
+            if not data:
+                break
+            dest.sendall(data)
+    except (OSError, ValueError):
+        pass
+    finally:
+        try:
+            dest.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+def _join(client_read: Any, client: Any, upstream: Any) -> None:
+    """Copy both ways until both directions are done (or one dies)."""
+    up = gevent.spawn(_pump, client_read, upstream)
+    try:
+        _pump(upstream.recv, client)
+        up.join(timeout=LINGER)
+    finally:
+        up.kill(block=True, timeout=1)
+
+
+class _Tunnel:
+    """The 101 response body: upstream bytes out, while a greenlet pumps client bytes in."""
+
+    def __init__(self, read: Any, upstream: Any, leftover: bytes, record: Exchange) -> None:
+        self.read = read
+        self.upstream = upstream
+        self.leftover = leftover
+        self.record = record
+        self.pump: gevent.Greenlet | None = None
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.pump = gevent.spawn(_pump, self.read, self.upstream)
+        if self.leftover:
+            yield self.leftover
+        upstream = self.upstream
+        while True:
+            try:
+                data = upstream.recv(RECV_SIZE)
+            except OSError:
+                break
+            if not data:
+                break
+            self.record.bytes_received += len(data)
+            yield data
+        # Upstream finished: ending the body makes the server close the client.
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.record.ended = time.monotonic()
+        if self.pump is not None:
+            self.pump.kill(block=True, timeout=1)
+        _close(self.upstream)

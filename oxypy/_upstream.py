@@ -1,0 +1,425 @@
+"""One HTTP/1.1 exchange with an upstream, over a connection from urllib3's pool.
+
+urllib3 owns connections, TLS (verification, SNI, client certificates) and
+pooling.  The per-request path is ours and lean: the request head is written
+in one ``sendall`` (with a small body), and the response is parsed by llhttp
+(``httptools``), which rejects what a proxy must never relay: an invalid,
+negative or duplicated Content-Length, Content-Length with chunked, NUL or CR
+in header values, a garbage status line.  Interim 1xx responses are skipped.
+
+A connection goes back to the pool only when its response was read to the
+end with keep-alive; anything else (abandoned body, framing doubt, errors)
+closes it and frees the pool slot.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Iterator
+from typing import Any
+
+import httptools
+from urllib3.connectionpool import HTTPConnectionPool
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    EmptyPoolError,
+    HTTPError,
+    NewConnectionError,
+    ProxyError,
+    SSLError,
+)
+
+from .exceptions import (
+    ClientDisconnected,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+
+__all__ = ["BodySource", "UpstreamResponse", "exchange"]
+
+RECV_SIZE = 65536
+#: Bodies up to this size are sent in the same ``sendall`` as the head.
+COALESCE_BYTES = 16384
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+class BodySource:
+    """The request body, read from ``wsgi.input`` as it arrives.
+
+    ``length`` is the declared Content-Length, or None for a chunked upload
+    (read to EOF; the server has set ``wsgi.input_terminated``).  Read errors
+    and a short body mean the client went away: :class:`ClientDisconnected`.
+    """
+
+    __slots__ = ("stream", "length", "sent", "_read")
+
+    def __init__(self, stream: Any, length: int | None) -> None:
+        self.stream = stream
+        self.length = length
+        self.sent = 0
+        read1 = getattr(stream, "read1", None)
+        self._read = read1 if read1 is not None else stream.read
+
+    def chunks(self) -> Iterator[bytes]:
+        remaining = self.length
+        read = self._read
+        while remaining is None or remaining > 0:
+            want = RECV_SIZE if remaining is None else min(RECV_SIZE, remaining)
+            try:
+                data = read(want)
+            except (OSError, ValueError) as exc:
+                raise ClientDisconnected("client went away during the upload") from exc
+            if not data:
+                if remaining is None:
+                    return
+                raise ClientDisconnected("client sent a short request body")
+            if remaining is not None:
+                remaining -= len(data)
+            self.sent += len(data)
+            yield data
+
+
+class UpstreamResponse:
+    """A response head with its connection; iterate it for the body, then ``close()``."""
+
+    __slots__ = (
+        "pool",
+        "conn",
+        "sock",
+        "parser",
+        "status",
+        "reason",
+        "headers",
+        "head_done",
+        "complete",
+        "reusable",
+        "no_body",
+        "framed",
+        "upgraded",
+        "interim",
+        "leftover",
+        "received",
+        "_chunks",
+        "_head_bytes",
+        "_max_head",
+        "_messages",
+        "_released",
+        "_read_timeout",
+    )
+
+    def __init__(self, pool: HTTPConnectionPool, conn: Any, max_head: int) -> None:
+        self.pool = pool
+        self.conn = conn
+        self.sock: Any = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.reason = ""
+        self.headers: list[tuple[str, str]] = []
+        self.head_done = False
+        self.complete = False
+        self.reusable = True
+        self.no_body = False
+        self.framed = False
+        self.upgraded = False
+        self.interim = 0
+        self.leftover = b""
+        self.received = 0
+        self._chunks: list[bytes] = []
+        self._head_bytes = 0
+        self._max_head = max_head
+        self._messages = 0
+        self._released = False
+
+    # -- llhttp callbacks ---------------------------------------------------
+    def on_message_begin(self) -> None:
+        self._messages += 1
+        if self.complete:
+            # Bytes after a complete response: never reuse this connection.
+            self.reusable = False
+
+    def on_status(self, status: bytes) -> None:
+        self.reason = status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            return  # trailers: WSGI cannot relay them
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self._max_head:
+            raise UpstreamProtocolError("upstream response head too large")
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # Interim response (100 Continue, 103 Early Hints): skip it.
+            self.interim += 1
+            self.headers = []
+            self.reason = ""
+            return
+        self.status = status
+        self.head_done = True
+        if not self.parser.should_keep_alive():
+            self.reusable = False
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == "content-length" or (
+                lname == "transfer-encoding" and value.strip().lower().endswith("chunked")
+            ):
+                self.framed = True
+
+    def on_body(self, body: bytes) -> None:
+        if self.no_body:
+            self.reusable = False
+            return
+        self._chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.head_done:
+            self.complete = True
+
+    # -- reading --------------------------------------------------------------
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args else len(data)
+            self.upgraded = True
+            self.leftover = data[offset:]
+            self.complete = True
+        except httptools.HttpParserError as exc:
+            if self.complete:
+                self.reusable = False  # junk after a complete response
+                return
+            if isinstance(exc.__context__, UpstreamProtocolError):
+                raise exc.__context__ from None
+            raise UpstreamProtocolError(f"invalid response from upstream: {exc}") from exc
+
+    def _recv(self) -> bytes:
+        try:
+            data: bytes = self.sock.recv(RECV_SIZE)
+        except socket.timeout as exc:
+            raise UpstreamTimeout("upstream timed out") from exc
+        except (OSError, ssl.SSLError) as exc:
+            raise UpstreamConnectError("upstream connection reset") from exc
+        self.received += len(data)
+        return data
+
+    def read_head(self, method: str) -> None:
+        """Read until the final response head (1xx skipped) has arrived."""
+        while not self.head_done:
+            data = self._recv()
+            if not data:
+                if self.received == 0:
+                    raise UpstreamConnectError("upstream closed the connection without a response")
+                raise UpstreamProtocolError("upstream closed the connection mid-head")
+            self._feed(data)
+        if method == "HEAD" or self.status in (204, 304):
+            self.no_body = True
+            if not self.complete:
+                # llhttp waits for a HEAD body it cannot know is absent.
+                self.complete = True
+                if self._chunks:
+                    self.reusable = False
+            self._chunks.clear()
+
+    def __iter__(self) -> Iterator[bytes]:
+        chunks = self._chunks
+        while True:
+            if chunks:
+                data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                yield data
+            if self.complete:
+                self.release()
+                return
+            data = self._recv()
+            if not data:
+                if not self.framed:
+                    # Close-delimited body: EOF is its end.
+                    self.complete = True
+                    self.reusable = False
+                    continue
+                raise UpstreamProtocolError("upstream closed the connection mid-body")
+            self._feed(data)
+
+    def release(self) -> None:
+        """Return the connection to the pool if it is clean, else close it."""
+        if self._released:
+            return
+        self._released = True
+        conn = self.conn
+        if self.complete and self.reusable and not self.upgraded:
+            self.pool._put_conn(conn)
+        else:
+            try:
+                conn.close()
+            finally:
+                self.pool._put_conn(None)
+
+    def detach(self) -> Any:
+        """Hand the raw socket over (WebSocket tunnel); the pool slot is freed."""
+        self._released = True
+        sock = self.sock
+        self.conn.sock = None  # the tunnel owns and closes the socket now
+        self.pool._put_conn(None)
+        return sock
+
+    def close(self) -> None:
+        if not self.complete:
+            self.reusable = False
+        self.release()
+
+
+def _connect(pool: HTTPConnectionPool, pool_timeout: float | None) -> tuple[Any, bool]:
+    try:
+        conn = pool._get_conn(timeout=pool_timeout)
+    except EmptyPoolError as exc:
+        raise UpstreamConnectError("no upstream connection available") from exc
+    reused = conn.sock is not None
+    if not reused:
+        try:
+            conn.connect()
+        except BaseException as exc:
+            conn.close()
+            pool._put_conn(None)
+            raise _connect_error(exc) from exc
+    return conn, reused
+
+
+def _connect_error(exc: BaseException) -> BaseException:
+    """Map a failed connect to 504 (timeout) or 502 (anything else)."""
+    # NewConnectionError subclasses ConnectTimeoutError in urllib3 2.x: test it first.
+    if isinstance(exc, NewConnectionError):
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, socket.timeout):
+            return UpstreamTimeout("upstream connect timed out")
+    elif isinstance(exc, (ConnectTimeoutError, socket.timeout)):
+        return UpstreamTimeout("upstream connect timed out")
+    elif not isinstance(exc, (ProxyError, SSLError, OSError, HTTPError)):
+        return exc
+    text = str(exc).lower()
+    if isinstance(exc, (SSLError, ssl.SSLError)) or "ssl" in text or "certificate" in text:
+        reason = "TLS handshake with upstream failed"
+    elif "refused" in text:
+        reason = "upstream refused the connection"
+    elif "name or service" in text or "resolution" in text or "nodename" in text:
+        reason = "upstream host name does not resolve"
+    else:
+        reason = "upstream unreachable"
+    err = UpstreamConnectError(reason)
+    err.before_send = True
+    return err
+
+
+def _frame_chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def exchange(
+    pool: HTTPConnectionPool,
+    method: str,
+    head: bytes,
+    body: BodySource | None,
+    *,
+    chunked: bool,
+    read_timeout: float | None,
+    pool_timeout: float | None,
+    max_head: int,
+    expect_timeout: float | None = None,
+) -> UpstreamResponse:
+    """Send one request and read the final response head.
+
+    A request without a body that meets a stale keep-alive connection (closed
+    before any response byte) is sent once more on a fresh connection; no
+    request with a body is ever sent twice here.
+    """
+    for attempt in (1, 2):
+        conn, reused = _connect(pool, pool_timeout)
+        resp = UpstreamResponse(pool, conn, max_head)
+        try:
+            sock = conn.sock
+            resp.sock = sock
+            sock.settimeout(read_timeout)
+            _send(resp, sock, method, head, body, chunked, expect_timeout, read_timeout)
+            resp.read_head(method)
+            return resp
+        except UpstreamConnectError as exc:
+            resp.close()
+            stale = reused and resp.received == 0 and body is None and method in IDEMPOTENT
+            if stale and attempt == 1:
+                continue
+            if resp.received == 0 and body is None:
+                exc.before_send = False
+            raise
+        except BaseException:
+            resp.close()
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _send(
+    resp: UpstreamResponse,
+    sock: Any,
+    method: str,
+    head: bytes,
+    body: BodySource | None,
+    chunked: bool,
+    expect_timeout: float | None,
+    read_timeout: float | None,
+) -> None:
+    try:
+        if body is None:
+            sock.sendall(head)
+            return
+        if expect_timeout is not None:
+            sock.sendall(head)
+            head = b""
+            sock.settimeout(expect_timeout)
+            try:
+                while not resp.head_done:
+                    data = resp._recv()
+                    if not data:
+                        raise UpstreamConnectError("upstream closed the connection")
+                    resp._feed(data)
+                    if resp.interim and not resp.head_done:
+                        break  # 100 Continue arrived: send the body
+            except UpstreamTimeout:
+                pass  # no answer in time: send the body anyway (RFC 9110 §10.1.1)
+            finally:
+                sock.settimeout(read_timeout)
+            if resp.head_done:
+                # A final answer before the body: the body is never sent, so
+                # this connection's framing is spent.
+                resp.reusable = False
+                return
+        pending = head
+        for data in body.chunks():
+            if chunked:
+                data = _frame_chunk(data)
+            if pending:
+                if len(pending) + len(data) <= COALESCE_BYTES + len(head):
+                    sock.sendall(pending + data)
+                else:
+                    sock.sendall(pending)
+                    sock.sendall(data)
+                pending = b""
+            else:
+                sock.sendall(data)
+        tail = b"0\r\n\r\n" if chunked else b""
+        if pending or tail:
+            sock.sendall(pending + tail)
+    except socket.timeout as exc:
+        raise UpstreamTimeout("upstream timed out receiving the request") from exc
+    except (OSError, ssl.SSLError) as exc:
+        # The upstream may have answered early (413, 401) and closed: read it.
+        try:
+            sock.settimeout(min(read_timeout or 1.0, 1.0))
+            resp.read_head(method)
+            resp.reusable = False
+            return
+        except UpstreamError:
+            pass
+        raise UpstreamConnectError("upstream connection reset while sending") from exc

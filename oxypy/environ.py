@@ -1,0 +1,52 @@
+"""Every ``environ`` key oxypy reads or writes, in one place.
+
+The contract keys (:data:`TARGET`, :data:`ATTEMPT`) are flat, as ``API.md``
+names them.  Keys private to one block are ``oxypy.<block>.<name>``.  Blocks
+that call ``next`` more than once pass a shallow copy of the environ, so any
+value meant to travel *back up* the chain (the exchange log) is a mutable
+object shared by reference between the copies.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ATTEMPT",
+    "CLIENT_IP",
+    "ERROR",
+    "EXCHANGES",
+    "RAW_URI",
+    "REQUEST_ID",
+    "TARGET",
+    "TRIED_TARGETS",
+]
+
+#: The upstream base URL (``scheme://host:port[/base/path]``) that ``Forward``
+#: sends this request to.  Set by balancers or by the user.
+TARGET = "oxypy.target"
+
+#: 1 for the first try, 2 for the first retry, ...  Set by ``Buffer``.
+ATTEMPT = "oxypy.attempt"
+
+#: A list of :class:`oxypy.forward.Exchange` records, one per upstream request
+#: that ``Forward`` made for this client request (retries append).  Created by
+#: the outermost block that needs it and shared by reference with every copy of
+#: the environ, so outer blocks (Buffer, CircuitBreaker, Trace, balancers) read
+#: what happened below them.
+EXCHANGES = "oxypy.exchanges"
+
+#: The :class:`oxypy.exceptions.RequestError` that ended this request, if any
+#: (set on the environ of the block that raised it, copied into the exchange).
+ERROR = "oxypy.error"
+
+#: Targets already tried for this client request (a set shared by reference);
+#: balancers avoid them on a retry when another server is available.
+TRIED_TARGETS = "oxypy.tried_targets"
+
+#: The request id minted or validated by ``RequestID``.
+REQUEST_ID = "oxypy.request_id"
+
+#: The client address as resolved under the trust rules (cached per request).
+CLIENT_IP = "oxypy.client_ip"
+
+#: The raw request-target as received by ``oxypy.serve`` (also ``RAW_URI``).
+RAW_URI = "RAW_URI"

@@ -1,0 +1,193 @@
+"""The one exceptions module: every oxypy error has :class:`OxypyError` as root.
+
+Configuration errors (:class:`ConfigurationError`, :class:`PredicateError`) are
+raised at construction.  Request-time errors derive from :class:`RequestError`;
+each carries the HTTP ``status`` the toolkit answers with (the table in
+``API.md``) and a short ``reason`` that becomes the plain-text body.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+__all__ = [
+    "BadRequest",
+    "BodyTooLarge",
+    "CircuitOpen",
+    "ClientDisconnected",
+    "ConfigurationError",
+    "ConnLimitReached",
+    "NoServers",
+    "NoTarget",
+    "OxypyError",
+    "PredicateError",
+    "RateLimited",
+    "RequestError",
+    "ResponseTooLarge",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamTimeout",
+]
+
+
+class OxypyError(Exception):
+    """Root of every exception oxypy raises."""
+
+
+class ConfigurationError(OxypyError, ValueError):
+    """A block was constructed with invalid options."""
+
+
+class PredicateError(ConfigurationError):
+    """A predicate string does not parse or does not type-check.
+
+    ``position`` is the 0-based column of the fault in ``expression``; the
+    message ends with the expression and a caret line under that column.
+    """
+
+    def __init__(self, message: str, expression: str, position: int) -> None:
+        self.message = message
+        self.expression = expression
+        self.position = position
+        caret = " " * position + "^"
+        super().__init__(f"{message} at column {position + 1}\n  {expression}\n  {caret}")
+
+
+class RequestError(OxypyError):
+    """An error answered to the client with ``status`` and a short plain-text body."""
+
+    status: int = 500
+    reason: str = "internal error"
+
+    def __init__(
+        self,
+        reason: str | None = None,
+        *,
+        status: int | None = None,
+        target: str | None = None,
+        attempt: int | None = None,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None:
+        if reason is not None:
+            self.reason = reason
+        if status is not None:
+            self.status = status
+        self.target = target
+        self.attempt = attempt
+        self.headers: list[tuple[str, str]] = headers or []
+        super().__init__(self.reason)
+
+    @property
+    def kind(self) -> str:
+        """A stable, machine-friendly name for logs and Trace (``upstream_timeout``)."""
+        name = type(self).__name__
+        out = [name[0].lower()]
+        for ch in name[1:]:
+            out.append("_" + ch.lower() if ch.isupper() else ch)
+        return "".join(out)
+
+    @property
+    def status_line(self) -> str:
+        try:
+            phrase = HTTPStatus(self.status).phrase
+        except ValueError:
+            phrase = {499: "Client Closed Request"}.get(self.status, "Error")
+        return f"{self.status} {phrase}"
+
+    def __str__(self) -> str:
+        where = f" ({self.target})" if self.target else ""
+        return f"{self.status} {self.reason}{where}"
+
+
+class BadRequest(RequestError):
+    """The request is malformed or its framing is ambiguous (smuggling guard)."""
+
+    status = 400
+    reason = "malformed request"
+
+
+class ClientDisconnected(RequestError):
+    """The client went away before the exchange finished (logged as 499)."""
+
+    status = 499
+    reason = "client closed request"
+
+
+class NoTarget(RequestError):
+    """``Forward`` has neither a fixed target nor ``environ["oxypy.target"]``."""
+
+    status = 500
+    reason = "no upstream target set for this request"
+
+
+class UpstreamError(RequestError):
+    """The upstream could not be reached or did not answer properly (502)."""
+
+    status = 502
+    reason = "bad gateway"
+
+    #: True when the failure happened before any byte reached the upstream,
+    #: so a retry can never duplicate a request.
+    before_send: bool = False
+
+
+class UpstreamConnectError(UpstreamError):
+    """Connection refused, reset, unreachable, DNS or TLS failure (502)."""
+
+    reason = "upstream unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not connect or answer within the timeout (504)."""
+
+    status = 504
+    reason = "upstream timed out"
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream sent an invalid or ambiguous response (502)."""
+
+    reason = "invalid response from upstream"
+
+
+class BodyTooLarge(RequestError):
+    """The request body is over the configured maximum (413)."""
+
+    status = 413
+    reason = "request body too large"
+
+
+class ResponseTooLarge(RequestError):
+    """The upstream response body is over the buffering maximum (502)."""
+
+    status = 502
+    reason = "upstream response too large"
+
+
+class RateLimited(RequestError):
+    """The source is over its rate (429 with ``Retry-After``)."""
+
+    status = 429
+    reason = "rate limit reached"
+
+
+class ConnLimitReached(RequestError):
+    """The source has too many requests in flight (429)."""
+
+    status = 429
+    reason = "connection limit reached"
+
+
+class CircuitOpen(RequestError):
+    """The circuit breaker is open and no fallback was given (503)."""
+
+    status = 503
+    reason = "circuit breaker open"
+
+
+class NoServers(RequestError):
+    """The balancer has no server it may pick (503)."""
+
+    status = 503
+    reason = "no healthy upstream server"

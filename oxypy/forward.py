@@ -1,0 +1,451 @@
+"""Forward: send the request to its upstream and stream the answer back.
+
+The foundation of every chain.  ``Forward`` rewrites the request head
+(hop-by-hop removal, forwarding headers under the trust rule), streams the
+body to the upstream as it arrives, and streams the response back chunk by
+chunk as the upstream sends it.  WebSocket upgrades are tunnelled byte for
+byte (see :mod:`oxypy._tunnel`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import urllib3
+from urllib3.connectionpool import HTTPConnectionPool
+
+from . import environ as keys
+from ._forwarding import build_headers, check_framing, request_target
+from ._headers import HOP_BY_HOP, connection_tokens
+from ._net import TrustedProxies
+from ._types import StartResponse, WSGIEnvironment
+from ._upstream import BodySource, UpstreamResponse, exchange
+from .errors import ErrorHandler, default_error_handler, respond_error
+from .exceptions import (
+    ClientDisconnected,
+    ConfigurationError,
+    NoTarget,
+    RequestError,
+    UpstreamError,
+)
+
+__all__ = ["Exchange", "Forward", "OutgoingRequest", "ResponseHead"]
+
+log = logging.getLogger(__name__)
+
+_STATUS_PHRASES = {
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    301: "Moved Permanently",
+    302: "Found",
+    304: "Not Modified",
+    400: "Bad Request",
+    404: "Not Found",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+class Exchange:
+    """What happened to one upstream request; appended to ``environ["oxypy.exchanges"]``.
+
+    ``status`` is the upstream's status (0 when none arrived); ``error`` is the
+    :class:`RequestError` that ended the exchange, if any: an
+    :class:`UpstreamError` is a *network* error produced by Forward itself,
+    never an upstream that answered 502 on its own.
+    """
+
+    __slots__ = ("target", "method", "status", "error", "started", "ended", "bytes_received")
+
+    def __init__(self, target: str, method: str, started: float) -> None:
+        self.target = target
+        self.method = method
+        self.status = 0
+        self.error: RequestError | None = None
+        self.started = started
+        self.ended: float | None = None
+        self.bytes_received = 0
+
+    @property
+    def network_error(self) -> bool:
+        return isinstance(self.error, UpstreamError)
+
+    def __repr__(self) -> str:
+        return f"<Exchange {self.method} {self.target} status={self.status} error={self.error!r}>"
+
+
+class OutgoingRequest:
+    """The request about to be sent, handed to ``modify_request`` (Go's Director)."""
+
+    __slots__ = ("method", "target", "path", "headers")
+
+    def __init__(self, method: str, target: str, path: str, headers: list[tuple[str, str]]):
+        self.method = method
+        self.target = target
+        self.path = path
+        self.headers = headers
+
+
+class ResponseHead:
+    """The upstream's answer as it will be relayed, handed to ``modify_response``."""
+
+    __slots__ = ("status", "reason", "headers")
+
+    def __init__(self, status: int, reason: str, headers: list[tuple[str, str]]):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+
+
+class _Target:
+    __slots__ = ("url", "scheme", "host_header", "base_path", "pool")
+
+    def __init__(self, url: str, scheme: str, host_header: str, base_path: str, pool: Any):
+        self.url = url
+        self.scheme = scheme
+        self.host_header = host_header
+        self.base_path = base_path
+        self.pool: HTTPConnectionPool = pool
+
+
+def _parse_target(url: str) -> tuple[str, str, int, str, str]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("ws", "wss"):
+        scheme = "http" if scheme == "ws" else "https"
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(f"upstream URL must be http(s)://host[:port][/path]: {url!r}")
+    if parts.query or parts.fragment:
+        raise ConfigurationError(f"upstream URL must not carry a query or fragment: {url!r}")
+    default = 443 if scheme == "https" else 80
+    try:
+        port = parts.port or default
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid port in upstream URL {url!r}") from exc
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    host_header = shown if port == default else f"{shown}:{port}"
+    return scheme, host, port, host_header, parts.path
+
+
+class Forward:
+    """Forward each request to its upstream and stream the response back.
+
+    The upstream is the fixed ``target`` or, without one,
+    ``environ["oxypy.target"]`` as a balancer sets it.  A target's path is a
+    base prefix: ``http://h:p/api`` + ``/x`` goes to ``/api/x``.  Path and query
+    travel byte-exact from the raw request URI.
+
+    **Reads** ``oxypy.target``, the request head and ``wsgi.input``.
+    **Writes** ``oxypy.exchanges`` (an :class:`Exchange` per upstream request)
+    and ``oxypy.error`` on failure.  **Streams** both ways; never buffers a body.
+
+    Errors (plain-text bodies through ``error_handler``): ambiguous framing
+    400, no target 500, refused/reset/unreachable/invalid upstream 502, upstream
+    timeout 504, client gone 499 (logged; nobody is left to read it).  An
+    upstream that dies mid-body aborts the client connection: the response is
+    visibly truncated, never completed with fake bytes.
+
+    :param target: fixed upstream base URL (positional).
+    :param pool: a ``urllib3.PoolManager`` to draw connections from; by default
+        Forward owns one (``retries=False``, TLS verification on).
+    :param connect_timeout: seconds to connect (default 5).
+    :param read_timeout: seconds per socket read from the upstream (default 60).
+    :param pool_maxsize: kept-alive connections per upstream host (default 128).
+    :param trusted_proxies: CIDRs whose forwarding headers are believed.
+    :param pass_host_header: send the client's Host instead of the target's.
+    :param forwarded: also add an RFC 7239 ``Forwarded`` element.
+    :param via: pseudonym for an RFC 9110 ``Via`` entry, e.g. ``"oxypy"``.
+    :param ca_certs: CA bundle for upstream TLS.  ``cert_file``/``key_file``:
+        client certificate.  ``server_hostname``: SNI and verification name.
+    :param insecure: disable upstream certificate verification (explicit opt-out).
+    :param websocket: tunnel ``Upgrade`` requests (default True).
+    :param tunnel_idle_timeout: seconds a tunnel may stay silent (default 3600).
+    :param expect_continue_timeout: seconds to wait for the upstream's
+        ``100 Continue`` before sending the body anyway (default 1).
+    :param error_handler: ``(environ, start_response, exc)`` for request errors.
+    :param modify_request: ``fn(environ, OutgoingRequest)`` before sending.
+    :param modify_response: ``fn(environ, ResponseHead)`` before relaying.
+
+    Example::
+
+        from oxypy import Forward, serve
+        app = Forward("http://127.0.0.1:9000")
+        serve(app, "127.0.0.1:8080")
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        /,
+        *,
+        pool: urllib3.PoolManager | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float | None = 60.0,
+        pool_maxsize: int = 128,
+        pool_timeout: float | None = 5.0,
+        trusted_proxies: Iterable[str] | None = None,
+        pass_host_header: bool = False,
+        forwarded: bool = False,
+        via: str | None = None,
+        ca_certs: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        server_hostname: str | None = None,
+        insecure: bool = False,
+        websocket: bool = True,
+        tunnel_idle_timeout: float | None = 3600.0,
+        expect_continue_timeout: float | None = 1.0,
+        max_response_head_bytes: int = 256 * 1024,
+        error_handler: ErrorHandler = default_error_handler,
+        modify_request: Callable[[WSGIEnvironment, OutgoingRequest], None] | None = None,
+        modify_response: Callable[[WSGIEnvironment, ResponseHead], None] | None = None,
+    ) -> None:
+        if connect_timeout is not None and connect_timeout <= 0:
+            raise ConfigurationError("connect_timeout must be > 0")
+        if read_timeout is not None and read_timeout <= 0:
+            raise ConfigurationError("read_timeout must be > 0 or None")
+        if pool_maxsize < 1:
+            raise ConfigurationError("pool_maxsize must be >= 1")
+        if via is not None and (not via or any(c in via for c in "\r\n,")):
+            raise ConfigurationError("via must be a non-empty token without commas")
+        self.read_timeout = read_timeout
+        self.pool_timeout = pool_timeout
+        self.trusted = TrustedProxies(trusted_proxies)
+        self.pass_host_header = pass_host_header
+        self.forwarded = forwarded
+        self.via = via
+        self.websocket = websocket
+        self.tunnel_idle_timeout = tunnel_idle_timeout
+        self.expect_continue_timeout = expect_continue_timeout
+        self.max_head = max_response_head_bytes
+        self.error_handler = error_handler
+        self.modify_request = modify_request
+        self.modify_response = modify_response
+        if pool is None:
+            tls: dict[str, Any] = {}
+            if insecure:
+                tls["cert_reqs"] = "CERT_NONE"
+                tls["assert_hostname"] = False
+            else:
+                tls["cert_reqs"] = "CERT_REQUIRED"
+                if ca_certs:
+                    tls["ca_certs"] = ca_certs
+            if cert_file:
+                tls["cert_file"] = cert_file
+                tls["key_file"] = key_file
+            if server_hostname:
+                tls["server_hostname"] = server_hostname
+            pool = urllib3.PoolManager(
+                num_pools=256,
+                maxsize=pool_maxsize,
+                block=False,
+                retries=False,
+                timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+                **tls,
+            )
+        elif insecure or ca_certs or cert_file or server_hostname:
+            raise ConfigurationError("TLS options apply to Forward's own pool; configure `pool`")
+        self.pool = pool
+        self._targets: dict[str, _Target] = {}
+        self._fixed = self._target(target) if target is not None else None
+
+    def _target(self, url: str) -> _Target:
+        found = self._targets.get(url)
+        if found is not None and not _closed(found.pool):
+            return found
+        scheme, host, port, host_header, base = _parse_target(url)
+        pool = self.pool.connection_from_host(host, port, scheme)
+        found = _Target(url, scheme, host_header, base, pool)
+        if len(self._targets) > 4096:
+            self._targets.clear()
+        self._targets[url] = found
+        return found
+
+    def close(self) -> None:
+        """Close every pooled upstream connection."""
+        self.pool.clear()
+
+    # -- the WSGI application -------------------------------------------------
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        method = environ["REQUEST_METHOD"]
+        url = environ.get(keys.TARGET)
+        record = Exchange(url or "", method, time.monotonic())
+        log_list = environ.get(keys.EXCHANGES)
+        if log_list is None:
+            log_list = environ[keys.EXCHANGES] = []
+        log_list.append(record)
+        try:
+            if self._fixed is not None and url is None:
+                target = self._fixed
+                record.target = target.url
+            elif url is None:
+                raise NoTarget()
+            else:
+                try:
+                    target = self._target(url)
+                except ConfigurationError as exc:
+                    raise NoTarget(f"invalid upstream target {url!r}") from exc
+            framing = check_framing(environ)
+            upgrade = None
+            if self.websocket and "upgrade" in connection_tokens(environ.get("HTTP_CONNECTION")):
+                upgrade = environ.get("HTTP_UPGRADE") or None
+            host = (
+                environ.get("HTTP_HOST") or target.host_header
+                if self.pass_host_header
+                else target.host_header
+            )
+            headers = build_headers(
+                environ,
+                host=host,
+                trusted=self.trusted,
+                upgrade=upgrade,
+                framing=framing,
+                forwarded=self.forwarded,
+                via=self.via,
+            )
+            path = request_target(environ, target.base_path)
+            if self.modify_request is not None:
+                outgoing = OutgoingRequest(method, target.url, path, headers)
+                self.modify_request(environ, outgoing)
+                path, headers = outgoing.path, outgoing.headers
+            head = _encode_head(method, path, headers)
+            body = None
+            if framing.has_body:
+                body = BodySource(environ["wsgi.input"], framing.length)
+            expect = None
+            if body is not None and environ.get("HTTP_EXPECT", "").lower() == "100-continue":
+                expect = self.expect_continue_timeout
+            resp = exchange(
+                target.pool,
+                method,
+                head,
+                body,
+                chunked=framing.chunked,
+                read_timeout=self.read_timeout,
+                pool_timeout=self.pool_timeout,
+                max_head=self.max_head,
+                expect_timeout=expect,
+            )
+        except RequestError as exc:
+            exc.target = exc.target or record.target or None
+            record.error = exc
+            record.ended = time.monotonic()
+            return respond_error(self.error_handler, environ, start_response, exc)
+        record.status = resp.status
+        if resp.status == 101:
+            from ._tunnel import relay_upgrade
+
+            return relay_upgrade(self, environ, start_response, resp, record, upgrade)
+        return self._relay(environ, start_response, resp, record)
+
+    def _relay(
+        self,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        resp: UpstreamResponse,
+        record: Exchange,
+    ) -> Iterable[bytes]:
+        headers = response_headers(resp.headers)
+        status, reason = resp.status, resp.reason
+        if self.modify_response is not None:
+            head = ResponseHead(status, reason, headers)
+            try:
+                self.modify_response(environ, head)
+            except BaseException:
+                resp.close()
+                raise
+            status, reason, headers = head.status, head.reason, head.headers
+        try:
+            start_response(status_line(status, reason), headers)
+        except BaseException:
+            resp.close()
+            raise
+        return _ResponseBody(resp, record, environ)
+
+
+def _closed(pool: Any) -> bool:
+    return pool.pool is None
+
+
+def status_line(status: int, reason: str) -> str:
+    """A WSGI status line; a missing or unprintable reason gets the standard phrase."""
+    if not reason or not reason.isprintable():
+        reason = _STATUS_PHRASES.get(status) or _phrase(status)
+    return f"{status} {reason}"
+
+
+def _phrase(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+def response_headers(raw: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The upstream's headers minus hop-by-hop ones and those its Connection names."""
+    named: set[str] | None = None
+    for name, value in raw:
+        if name.lower() == "connection":
+            named = (named or set()) | connection_tokens(value)
+    drop = HOP_BY_HOP | named if named else HOP_BY_HOP
+    return [(n, v) for n, v in raw if n.lower() not in drop]
+
+
+def _encode_head(method: str, path: str, headers: list[tuple[str, str]]) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1"]
+    for name, value in headers:
+        lines.append(f"{name}: {value}")
+    lines.append("\r\n")
+    try:
+        return "\r\n".join(lines).encode("latin-1")
+    except UnicodeEncodeError as exc:
+        raise RequestError("request head is not latin-1", status=400) from exc
+
+
+class _ResponseBody:
+    """The relayed body: yields upstream chunks; ``close()`` settles the exchange once."""
+
+    __slots__ = ("resp", "record", "environ", "_closed")
+
+    def __init__(self, resp: UpstreamResponse, record: Exchange, environ: WSGIEnvironment):
+        self.resp = resp
+        self.record = record
+        self.environ = environ
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for chunk in self.resp:
+                self.record.bytes_received += len(chunk)
+                yield chunk
+        except RequestError as exc:
+            exc.target = exc.target or self.record.target
+            self.record.error = exc
+            self.environ[keys.ERROR] = exc
+            log.warning("aborting response from %s: %s", self.record.target, exc.reason)
+            raise
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        record = self.record
+        record.ended = time.monotonic()
+        if not self.resp.complete and record.error is None:
+            exc = ClientDisconnected(target=record.target)
+            record.error = exc
+            self.environ[keys.ERROR] = exc
+            log.info("499 client closed request; abandoned upstream %s", record.target)
+        self.resp.close()

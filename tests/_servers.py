@@ -1,0 +1,167 @@
+"""Real servers on 127.0.0.1 for the tests: upstream apps, raw sockets, the proxy.
+
+Upstreams run on ``gevent.pywsgi`` (a different HTTP stack from the proxy's
+own server, so a bug in one cannot hide in the other) or on raw sockets for
+byte-exact and misbehaving peers.  Everything binds port 0 and is stopped by
+the fixture that started it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gevent
+from gevent.pywsgi import WSGIHandler, WSGIServer
+from gevent.server import StreamServer
+from werkzeug.middleware.lint import LintMiddleware
+
+from oxypy.server import Server
+
+WSGIApp = Callable[..., Any]
+
+
+class _QuietLog:
+    def write(self, data: str) -> None:
+        pass
+
+
+class _NoDelayHandler(WSGIHandler):
+    """pywsgi writes head and body in two sends: without TCP_NODELAY every
+    keep-alive response would wait ~40 ms for the proxy's delayed ACK."""
+
+    def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().__init__(sock, *args, **kwargs)
+
+
+def start_pywsgi(app: WSGIApp) -> WSGIServer:
+    server = WSGIServer(
+        ("127.0.0.1", 0),
+        app,
+        log=_QuietLog(),
+        error_log=_QuietLog(),
+        handler_class=_NoDelayHandler,
+    )
+    server.start()
+    return server
+
+
+def url_of(server: Any) -> str:
+    host, port = server.address[:2]
+    return f"http://{host}:{port}"
+
+
+def echo_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    """Answers JSON describing the request it received (headers, raw URI, body hash)."""
+    body = b""
+    if environ.get("CONTENT_LENGTH") or environ.get("wsgi.input_terminated"):
+        body = environ["wsgi.input"].read()
+    headers = {
+        k[5:].replace("_", "-").lower(): v for k, v in environ.items() if k.startswith("HTTP_")
+    }
+    if environ.get("CONTENT_TYPE"):
+        headers["content-type"] = environ["CONTENT_TYPE"]
+    if environ.get("CONTENT_LENGTH"):
+        headers["content-length"] = environ["CONTENT_LENGTH"]
+    doc = {
+        "method": environ["REQUEST_METHOD"],
+        "path": environ.get("PATH_INFO"),
+        "query": environ.get("QUERY_STRING"),
+        "raw_uri": environ.get("RAW_URI") or environ.get("REQUEST_URI"),
+        "headers": headers,
+        "body_len": len(body),
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+    }
+    out = json.dumps(doc).encode()
+    start_response(
+        "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(out)))]
+    )
+    return [out]
+
+
+class RawUpstream:
+    """A raw-socket upstream: ``handler(sock, request_bytes)`` plays the server.
+
+    The request head (and as much body as arrived with it) is read first and
+    recorded in :attr:`requests`, byte for byte.
+    """
+
+    def __init__(self, handler: Callable[[socket.socket, bytes], None]) -> None:
+        self.handler = handler
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.server = StreamServer(("127.0.0.1", 0), self._handle)
+        self.server.start()
+
+    @property
+    def url(self) -> str:
+        return url_of(self.server)
+
+    def _handle(self, sock: socket.socket, addr: Any) -> None:
+        self.connections += 1
+        try:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                piece = sock.recv(65536)
+                if not piece:
+                    return
+                data += piece
+            self.requests.append(data)
+            self.handler(sock, data)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def stop(self) -> None:
+        self.server.stop(timeout=1)
+
+
+def read_exact_body(sock: socket.socket, data: bytes) -> bytes:
+    """Given the bytes read so far, read the rest of a Content-Length body."""
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    while len(body) < length:
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        body += piece
+    return body
+
+
+def proxy_server(app: WSGIApp, lint: bool = True) -> Server:
+    """Serve ``app`` (wrapped in LintMiddleware) on the oxypy server, port 0."""
+    wrapped = LintMiddleware(app) if lint else app
+    return Server(wrapped, "127.0.0.1:0", graceful_timeout=2).start()
+
+
+def raw_request(url: str, data: bytes, *, timeout: float = 5.0, read_all: bool = True) -> bytes:
+    """Send raw bytes to ``url`` and return everything received until close/timeout."""
+    host, port = url.split("//", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        try:
+            while True:
+                piece = sock.recv(65536)
+                if not piece:
+                    break
+                chunks.append(piece)
+                if not read_all:
+                    break
+        except socket.timeout:
+            pass
+        return b"".join(chunks)
+
+
+def stream_sleep(seconds: float) -> Iterator[None]:
+    gevent.sleep(seconds)
+    yield None
