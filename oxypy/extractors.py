@@ -1,0 +1,147 @@
+"""Source extractors: which bucket (RateLimit) or counter (ConnLimit) a request uses.
+
+A source is named by a string (``"client.ip"``, ``"request.host"``,
+``"request.header.<Name>"``) or given as any callable ``(environ) -> str | None``.
+A request that has no value for the source is handled by an explicit policy
+(``missing=``): rejected with 400, counted in one explicitly named shared
+bucket, or let through unlimited, never pooled into a ``""`` bucket by
+accident as oxy's extractors do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Literal, Protocol
+
+from ._net import TrustedProxies
+from ._types import WSGIEnvironment
+from .exceptions import BadRequest, ConfigurationError
+
+__all__ = ["MISSING_KEY", "Missing", "Source", "SourceExtractor", "make_extractor"]
+
+#: The key of the one bucket that ``missing="shared"`` counts requests in.  It
+#: holds a NUL, which no header value, host or address can contain, so it never
+#: collides with a real source.
+MISSING_KEY = "\x00missing"
+
+Missing = Literal["reject", "shared", "skip"]
+_MISSING_POLICIES = ("reject", "shared", "skip")
+_HEADER_PREFIX = "request.header."
+
+
+class SourceExtractor(Protocol):
+    """``(environ) -> str | None``: the source of a request; None or "" when it has none."""
+
+    def __call__(self, environ: WSGIEnvironment, /) -> str | None: ...
+
+
+def _client_ip(trusted: TrustedProxies, depth: int) -> SourceExtractor:
+    def client_ip(environ: WSGIEnvironment) -> str | None:
+        peer = environ.get("REMOTE_ADDR")
+        forwarded = environ.get("HTTP_X_FORWARDED_FOR") if trusted else None
+        return trusted.client_ip(peer, forwarded, depth)
+
+    return client_ip
+
+
+def _request_host(environ: WSGIEnvironment) -> str | None:
+    host = environ.get("HTTP_HOST")
+    return host.strip().lower() if host else None
+
+
+def _header(name: str) -> SourceExtractor:
+    key = name.upper().replace("-", "_")
+    if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        key = "HTTP_" + key
+
+    def header(environ: WSGIEnvironment) -> str | None:
+        value = environ.get(key)
+        return value.strip() if isinstance(value, str) else None
+
+    return header
+
+
+def make_extractor(
+    source: str | SourceExtractor,
+    *,
+    trusted_proxies: Iterable[str] | TrustedProxies | None = None,
+    depth: int = 0,
+) -> SourceExtractor:
+    """Build the extractor for ``source``; raise :class:`ConfigurationError` if unknown.
+
+    :param trusted_proxies: CIDRs whose ``X-Forwarded-For`` is believed by
+        ``"client.ip"`` (the same rule as ``Forward``); empty by default.
+    :param depth: with trusted proxies, take at most the ``depth``-th hop from
+        the right (0: the first untrusted hop).
+    """
+    if callable(source):
+        return source
+    if not isinstance(source, str):
+        raise ConfigurationError(f"source must be a string or a callable, got {source!r}")
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 0:
+        raise ConfigurationError(f"depth must be an integer >= 0, got {depth!r}")
+    if source == "client.ip":
+        trusted = (
+            trusted_proxies
+            if isinstance(trusted_proxies, TrustedProxies)
+            else TrustedProxies(trusted_proxies)
+        )
+        return _client_ip(trusted, depth)
+    if source == "request.host":
+        return _request_host
+    if source.startswith(_HEADER_PREFIX):
+        name = source[len(_HEADER_PREFIX) :].strip()
+        if not name or "_" in name or any(c.isspace() or c == ":" for c in name):
+            raise ConfigurationError(f"source {source!r}: invalid header name")
+        return _header(name)
+    raise ConfigurationError(
+        f"unsupported source {source!r}: use 'client.ip', 'request.host', "
+        "'request.header.<Name>' or a callable"
+    )
+
+
+class Source:
+    """A source extractor plus its missing-value policy: ``key(environ)``.
+
+    :param source: ``"client.ip"``, ``"request.host"``, ``"request.header.<Name>"``
+        or a callable ``(environ) -> str | None``.
+    :param missing: ``"reject"`` (400 :class:`BadRequest`), ``"shared"`` (all
+        such requests share the one bucket :data:`MISSING_KEY`) or ``"skip"``
+        (no limit applies to them).
+    :param trusted_proxies: see :func:`make_extractor`.
+    :param depth: see :func:`make_extractor`.
+    """
+
+    __slots__ = ("extract", "missing", "name")
+
+    def __init__(
+        self,
+        source: str | SourceExtractor = "client.ip",
+        *,
+        missing: Missing = "reject",
+        trusted_proxies: Iterable[str] | TrustedProxies | None = None,
+        depth: int = 0,
+    ) -> None:
+        if missing not in _MISSING_POLICIES:
+            raise ConfigurationError(
+                f"missing must be one of {', '.join(_MISSING_POLICIES)}, got {missing!r}"
+            )
+        self.extract: Callable[[WSGIEnvironment], str | None] = make_extractor(
+            source, trusted_proxies=trusted_proxies, depth=depth
+        )
+        self.missing: Missing = missing
+        self.name = source if isinstance(source, str) else getattr(source, "__name__", "callable")
+
+    def key(self, environ: WSGIEnvironment) -> str | None:
+        """The bucket key for this request; None means "do not limit it".
+
+        Raises :class:`BadRequest` (400) under ``missing="reject"``.
+        """
+        value = self.extract(environ)
+        if value:
+            return value
+        if self.missing == "shared":
+            return MISSING_KEY
+        if self.missing == "skip":
+            return None
+        raise BadRequest(f"no {self.name} to limit this request by")
