@@ -1,0 +1,239 @@
+"""CircuitBreaker fallbacks (what a tripped breaker answers) and webhooks (side effects).
+
+Fallbacks are plain WSGI apps; any WSGI app, such as a ``Forward`` to a standby
+region, can serve as one.  A :class:`Webhook` is a transition callback that
+sends one HTTP request in the background with a hard timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
+
+import urllib3
+
+from ._types import StartResponse, WSGIEnvironment
+from .exceptions import ConfigurationError
+
+__all__ = ["RedirectFallback", "ResponseFallback", "Webhook"]
+
+log = logging.getLogger("oxypy.cbreaker")
+
+
+def _check_http_url(url: str, what: str) -> None:
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigurationError(f"{what} must be an absolute http(s) URL, got {url!r}")
+    if any(ch in url for ch in "\r\n\t "):
+        raise ConfigurationError(f"{what} must not contain whitespace: {url!r}")
+
+
+class ResponseFallback:
+    """A fixed response: ``status``, ``body`` and ``content_type``, with Content-Length.
+
+    :param status: HTTP status (100–599), default 503.
+    :param body: bytes or text (UTF-8).
+    :param content_type: the Content-Type header; None sends none.
+
+    Example::
+
+        fallback = ResponseFallback(503, "come back later")
+        cb = CircuitBreaker(app, "NetworkErrorRatio() > 0.5", fallback=fallback)
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        status: int = 503,
+        body: bytes | str = b"",
+        content_type: str | None = "text/plain; charset=utf-8",
+    ) -> None:
+        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+            raise ConfigurationError(f"status must be an int from 100 to 599, got {status!r}")
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        if not isinstance(body, bytes):
+            raise ConfigurationError("body must be bytes or str")
+        if content_type is not None and any(ch in content_type for ch in "\r\n"):
+            raise ConfigurationError("content_type must be a single header line")
+        from .forward import status_line
+
+        self.status = status
+        self.body = body
+        self._status_line = status_line(status, "")
+        self._headers = [("Content-Length", str(len(body)))]
+        if content_type is not None:
+            self._headers.insert(0, ("Content-Type", content_type))
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        start_response(self._status_line, list(self._headers))
+        if environ.get("REQUEST_METHOD") == "HEAD":
+            return [b""]
+        return [self.body]
+
+
+class RedirectFallback:
+    """Answer ``302 Found`` with ``Location: url``.
+
+    :param url: absolute http(s) URL.
+    :param preserve_path: append the request's path *and* query to ``url``
+        (oxy keeps only the path).  The path is taken byte-exact from the raw
+        request URI when the server provides one.
+
+    Example::
+
+        fallback = RedirectFallback("https://status.example.com", preserve_path=True)
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, url: str, *, preserve_path: bool = False) -> None:
+        _check_http_url(url, "redirect URL")
+        self.url = url
+        self.preserve_path = preserve_path
+        self._parts = urlsplit(url)
+
+    def location(self, environ: WSGIEnvironment) -> str:
+        if not self.preserve_path:
+            return self.url
+        raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+        if raw and raw.startswith("/"):
+            path, _, query = str(raw).partition("?")
+        else:
+            path = quote(
+                (environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).encode("latin-1"),
+                safe="/;=,:@!$&'()*+~-._",
+            )
+            query = str(environ.get("QUERY_STRING", ""))
+        base = self._parts
+        if base.query and query:
+            query = f"{base.query}&{query}"
+        else:
+            query = query or base.query
+        return urlunsplit(
+            (base.scheme, base.netloc, base.path.rstrip("/") + path, query, base.fragment)
+        )
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        body = b"Found\n"
+        start_response(
+            "302 Found",
+            [
+                ("Location", self.location(environ)),
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(body))),
+                ("Cache-Control", "no-store"),
+            ],
+        )
+        if environ.get("REQUEST_METHOD") == "HEAD":
+            return [b""]
+        return [body]
+
+
+class Webhook:
+    """A transition callback that sends one HTTP request in the background.
+
+    The request runs in its own greenlet (a daemon thread when gevent is not
+    monkey-patching) so the client request that caused the transition never
+    waits for it, with ``timeout`` seconds for the whole exchange and no
+    retries; failures are logged, never raised.
+
+    :param url: absolute http(s) URL.
+    :param method: HTTP method (default POST).
+    :param headers: extra request headers (mapping or list of pairs).
+    :param body: raw body (bytes or UTF-8 text); exclusive with ``form``.
+    :param form: fields sent as ``application/x-www-form-urlencoded``; a value
+        may be a list for repeated keys.
+    :param timeout: seconds for connect + response (default 5).
+
+    Example::
+
+        hook = Webhook("http://ops.local/alert", body=b'{"down": true}',
+                       headers={"Content-Type": "application/json"})
+        cb = CircuitBreaker(app, "NetworkErrorRatio() > 0.5", on_trip=hook)
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        url: str,
+        method: str = "POST",
+        headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
+        body: bytes | str | None = None,
+        form: Mapping[str, str | Sequence[str]] | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        _check_http_url(url, "webhook URL")
+        if not isinstance(method, str) or not method.isalpha() or not method.isascii():
+            raise ConfigurationError(f"webhook method must be a token like 'POST': {method!r}")
+        if body is not None and form is not None:
+            raise ConfigurationError("webhook takes body or form, not both")
+        if not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigurationError(f"webhook timeout must be positive seconds: {timeout!r}")
+        pairs = list(headers.items() if isinstance(headers, Mapping) else headers or [])
+        for name, value in pairs:
+            if any(ch in f"{name}{value}" for ch in "\r\n"):
+                raise ConfigurationError(f"webhook header {name!r} must be a single line")
+        data: bytes | None
+        if form is not None:
+            data = urlencode(
+                [(k, v) for k, vs in form.items() for v in ([vs] if isinstance(vs, str) else vs)]
+            ).encode("ascii")
+            if not any(n.lower() == "content-type" for n, _ in pairs):
+                pairs.append(("Content-Type", "application/x-www-form-urlencoded"))
+        else:
+            data = body.encode("utf-8") if isinstance(body, str) else body
+        self.url = url
+        self.method = method.upper()
+        self.headers = pairs
+        self.body = data
+        self.timeout = float(timeout)
+        self._pool = urllib3.PoolManager(
+            retries=False, timeout=urllib3.Timeout(connect=timeout, read=timeout)
+        )
+
+    def __call__(self, _transition: Any = None) -> Any:
+        """Start sending; returns the greenlet (or thread) doing it, for joining."""
+        from gevent import monkey
+
+        if monkey.is_module_patched("threading"):
+            import gevent
+
+            return gevent.spawn(self._send_with_deadline)
+        thread = threading.Thread(target=self.send, name="oxypy-webhook", daemon=True)
+        thread.start()
+        return thread
+
+    def _send_with_deadline(self) -> int | None:
+        import gevent
+
+        try:
+            with gevent.Timeout(self.timeout):
+                return self.send()
+        except gevent.Timeout:
+            log.warning("webhook %s %s timed out after %gs", self.method, self.url, self.timeout)
+            return None
+
+    def send(self) -> int | None:
+        """Send now (blocking); the status, or None on failure (logged)."""
+        try:
+            resp = self._pool.request(
+                self.method,
+                self.url,
+                body=self.body,
+                headers=dict(self.headers),
+                redirect=False,
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            log.warning("webhook %s %s failed: %s", self.method, self.url, exc)
+            return None
+        log.info("webhook %s %s answered %d", self.method, self.url, resp.status)
+        return int(resp.status)
+
+    def __repr__(self) -> str:
+        return f"Webhook({self.method} {self.url})"

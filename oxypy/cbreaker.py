@@ -1,0 +1,433 @@
+"""CircuitBreaker: stop sending traffic to a failing app, then let it back in gradually.
+
+The breaker watches the outcome of every request that passes through it
+(status, latency, and whether ``Forward`` itself failed to reach the upstream),
+evaluates a trigger expression over a rolling window of those outcomes, and
+while tripped answers from a fallback instead of the wrapped app.
+
+Theory of operation
+-------------------
+
+The breaker is a small state machine with three states and only four edges::
+
+            trigger true                 fallback_duration over
+    STANDBY -------------> TRIPPED ----------------------------> RECOVERING
+       ^                     ^                                      |   |
+       |                     |          trigger true                |   |
+       |                     +--------------------------------------+   |
+       |                         recovery_duration over                 |
+       +----------------------------------------------------------------+
+
+* **STANDBY** admits everything.  Each request's outcome is recorded in a
+  :class:`~oxypy.metrics.RoundTripMetrics` window when its response iterable
+  is *closed* (so streamed bodies count, and a body that fails mid-stream
+  counts as a network error).
+* The trigger is evaluated lazily, right after an outcome is recorded, at
+  most once per ``check_period``.  When it holds (in STANDBY or RECOVERING)
+  the breaker goes to **TRIPPED** for ``fallback_duration`` seconds, resets
+  the metrics (so recovery is judged only on traffic admitted after the
+  trip) and fires ``on_trip``.
+* **TRIPPED** sends every request to the fallback; those are not recorded.
+* **RECOVERING** starts exactly when the fallback period ends and lasts
+  ``recovery_duration``.  oxy's ratio controller admits a request when
+  ``admitted / seen`` would stay below ``0.5 * elapsed / recovery_duration``;
+  under steady traffic that cumulative target means the *instantaneous*
+  share admitted rises linearly from 0 to 1 over the recovery period.  The
+  trigger is still checked, so a backend that fails again trips again.
+* When the recovery period ends the breaker is back in **STANDBY** and fires
+  ``on_standby``.
+
+Time-driven edges (TRIPPED → RECOVERING → STANDBY) are applied whenever the
+breaker looks at the clock: on each request and on every read of
+:attr:`CircuitBreaker.state`, so an idle breaker reports the true state and
+fires its callbacks as soon as anyone asks.  All state lives behind one lock;
+callbacks run after the lock is released.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from . import environ as keys
+from ._fallback import RedirectFallback, ResponseFallback, Webhook
+from ._types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from .errors import ErrorHandler, default_error_handler, respond_error
+from .exceptions import CircuitOpen, ConfigurationError
+from .metrics import RoundTripMetrics
+from .predicate import Func, compile_predicate
+
+__all__ = [
+    "TRIGGER_FUNCTIONS",
+    "CircuitBreaker",
+    "RedirectFallback",
+    "ResponseFallback",
+    "State",
+    "Transition",
+    "Webhook",
+]
+
+log = logging.getLogger(__name__)
+
+
+class State(str, enum.Enum):
+    """The breaker's state; compares equal to its lower-case name."""
+
+    STANDBY = "standby"
+    TRIPPED = "tripped"
+    RECOVERING = "recovering"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Transition:
+    """Handed to ``on_trip``/``on_standby`` callbacks: what changed, and when."""
+
+    breaker: CircuitBreaker
+    old: State
+    new: State
+    at: float
+
+
+#: The functions a trigger expression may call, evaluated on RoundTripMetrics.
+TRIGGER_FUNCTIONS = MappingProxyType(
+    {
+        "NetworkErrorRatio": Func(lambda m: m.network_error_ratio(), returns=float),
+        "LatencyAtQuantileMS": Func(
+            lambda m, q: m.latency_at_quantile_ms(q), args=(float,), returns=int
+        ),
+        "ResponseCodeRatio": Func(
+            lambda m, a, b, c, d: m.response_code_ratio(a, b, c, d),
+            args=(int, int, int, int),
+            returns=float,
+        ),
+        "RequestThreshold": Func(lambda m: m.total_count(), returns=int),
+    }
+)
+
+
+class _RatioController:
+    """oxy's recovery ramp: admit while admitted/seen stays under 0.5·elapsed/duration."""
+
+    __slots__ = ("start", "duration", "allowed", "denied")
+
+    def __init__(self, start: float, duration: float) -> None:
+        self.start = start
+        self.duration = duration
+        self.allowed = 0
+        self.denied = 0
+
+    def target(self, now: float) -> float:
+        if self.duration <= 0:
+            return 1.0
+        return 0.5 * max(now - self.start, 0.0) / self.duration
+
+    def allow(self, now: float) -> bool:
+        if (self.allowed + 1) / (self.allowed + 1 + self.denied) < self.target(now):
+            self.allowed += 1
+            return True
+        self.denied += 1
+        return False
+
+
+Callback = Callable[[Transition], Any]
+
+
+class CircuitBreaker:
+    """Trip to a fallback when a trigger over recent outcomes holds; recover gradually.
+
+    **Reads** ``oxypy.exchanges`` (creating the list if needed): the last
+    :class:`~oxypy.forward.Exchange` appended below this block decides whether
+    a request was a *network error* (Forward could not reach the upstream, or
+    it failed mid-body); an upstream that itself answers 502 is not one.
+    **Streams**: the body passes through untouched; the outcome (status,
+    latency, network error) is recorded when the response iterable is closed.
+    A body iterator that raises, or a wrapped app that raises, counts as a
+    network error (status 500 if no status was sent).
+
+    While tripped (or when the recovery ramp turns a request away) the
+    ``fallback`` answers; by default :class:`~oxypy.CircuitOpen` (**503**,
+    with ``Retry-After``) through ``error_handler``.  Turned-away requests are
+    not recorded.  See the module docstring for the state machine.
+
+    :param expression: trigger over ``NetworkErrorRatio()``,
+        ``LatencyAtQuantileMS(q)``, ``ResponseCodeRatio(a, b, c, d)`` and
+        ``RequestThreshold()`` (positional); a bad one raises PredicateError.
+    :param fallback: any WSGI app, e.g. :class:`ResponseFallback`,
+        :class:`RedirectFallback` or a ``Forward`` to a standby region.
+    :param fallback_duration: seconds to stay tripped (default 10).
+    :param recovery_duration: seconds of the recovery ramp (default 10).
+    :param check_period: minimum seconds between trigger evaluations (0.1).
+    :param on_trip: ``callback(Transition)`` or :class:`Webhook`, on every trip.
+    :param on_standby: the same, on the return to standby after recovery.
+    :param clock: monotonic clock in seconds (tests step it).
+    :param metrics: the :class:`~oxypy.metrics.RoundTripMetrics` to record
+        into (default: 10 × 1 s counters, 6 × 10 s latency window).
+    :param error_handler: answers :class:`~oxypy.CircuitOpen` without fallback.
+    :param skip: ``skip(environ) -> True`` bypasses the breaker entirely.
+
+    Example::
+
+        from oxypy import CircuitBreaker, Forward, ResponseFallback
+        cb = CircuitBreaker(Forward("http://127.0.0.1:9000"),
+                            "NetworkErrorRatio() > 0.5 && RequestThreshold() >= 20",
+                            fallback=ResponseFallback(503, "try again soon"))
+        print(cb.state)  # standby
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        next_app: WSGIApplication,
+        expression: str,
+        /,
+        *,
+        fallback: WSGIApplication | None = None,
+        fallback_duration: float = 10.0,
+        recovery_duration: float = 10.0,
+        check_period: float = 0.1,
+        on_trip: Callback | None = None,
+        on_standby: Callback | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        metrics: RoundTripMetrics | None = None,
+        error_handler: ErrorHandler = default_error_handler,
+        skip: Skip | None = None,
+    ) -> None:
+        if not callable(next_app):
+            raise ConfigurationError("CircuitBreaker needs a WSGI app to wrap")
+        self.predicate = compile_predicate(expression, TRIGGER_FUNCTIONS)
+        for name, value in (
+            ("fallback_duration", fallback_duration),
+            ("recovery_duration", recovery_duration),
+            ("check_period", check_period),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not value >= 0
+                or math.isinf(value)
+            ):
+                raise ConfigurationError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name, fn in (
+            ("fallback", fallback),
+            ("on_trip", on_trip),
+            ("on_standby", on_standby),
+            ("skip", skip),
+            ("error_handler", error_handler),
+            ("clock", clock),
+        ):
+            if fn is not None and not callable(fn):
+                raise ConfigurationError(f"{name} must be callable, got {fn!r}")
+        if metrics is not None and not isinstance(metrics, RoundTripMetrics):
+            raise ConfigurationError("metrics must be a RoundTripMetrics")
+        self.next_app = next_app
+        self.expression = expression
+        self.fallback = fallback
+        self.fallback_duration = float(fallback_duration)
+        self.recovery_duration = float(recovery_duration)
+        self.check_period = float(check_period)
+        self.on_trip = on_trip
+        self.on_standby = on_standby
+        self.clock = clock
+        self.metrics = metrics if metrics is not None else RoundTripMetrics(clock=clock)
+        self.error_handler = error_handler
+        self.skip = skip
+        self._lock = threading.Lock()
+        self._state = State.STANDBY
+        self._until = 0.0  # end of the current TRIPPED or RECOVERING period
+        self._ratio: _RatioController | None = None
+        self._next_check: float | None = None
+
+    # -- state machine (callers hold self._lock) ---------------------------------
+
+    def _advance(self, now: float, fired: list[Transition]) -> None:
+        """Apply the time-driven edges up to ``now``."""
+        if self._state is State.TRIPPED and now >= self._until:
+            start = self._until
+            self._state = State.RECOVERING
+            self._until = start + self.recovery_duration
+            self._ratio = _RatioController(start, self.recovery_duration)
+            log.info("circuit breaker recovering for %gs (%s)", self.recovery_duration, self)
+            fired.append(Transition(self, State.TRIPPED, State.RECOVERING, start))
+        if self._state is State.RECOVERING and now >= self._until:
+            self._state = State.STANDBY
+            self._ratio = None
+            log.info("circuit breaker back to standby (%s)", self)
+            fired.append(Transition(self, State.RECOVERING, State.STANDBY, self._until))
+
+    def _trip(self, now: float, fired: list[Transition]) -> None:
+        old = self._state
+        self._state = State.TRIPPED
+        self._until = now + self.fallback_duration
+        self._ratio = None
+        self.metrics.reset()
+        log.warning(
+            "circuit breaker tripped for %gs: %s holds (%s)",
+            self.fallback_duration,
+            self.expression,
+            old,
+        )
+        fired.append(Transition(self, old, State.TRIPPED, now))
+
+    def _fire(self, fired: list[Transition]) -> None:
+        for transition in fired:
+            if transition.new is State.TRIPPED:
+                callback = self.on_trip
+            elif transition.new is State.STANDBY:
+                callback = self.on_standby
+            else:
+                continue
+            if callback is None:
+                continue
+            try:
+                callback(transition)
+            except Exception:
+                # A broken callback must not fail the request that caused the transition.
+                log.exception("circuit breaker %s callback %r failed", transition.new, callback)
+
+    @property
+    def state(self) -> State:
+        """The current state (time-driven transitions applied first)."""
+        fired: list[Transition] = []
+        with self._lock:
+            self._advance(self.clock(), fired)
+            state = self._state
+        self._fire(fired)
+        return state
+
+    def _admit(self, now: float) -> tuple[bool, float]:
+        """Whether to pass this request on, and the Retry-After hint if not."""
+        fired: list[Transition] = []
+        with self._lock:
+            self._advance(now, fired)
+            state = self._state
+            if state is State.STANDBY:
+                admitted, wait = True, 0.0
+            elif state is State.TRIPPED:
+                admitted, wait = False, self._until - now
+            else:
+                ratio = self._ratio
+                admitted, wait = (ratio is None or ratio.allow(now)), 1.0
+        self._fire(fired)
+        return admitted, wait
+
+    def _settle(self, status: int, latency: float, network_error: bool) -> None:
+        self.metrics.record(status, latency, network_error)
+        fired: list[Transition] = []
+        with self._lock:
+            now = self.clock()
+            if self._next_check is not None and now < self._next_check:
+                return
+            self._next_check = now + self.check_period
+            self._advance(now, fired)
+            if self._state is not State.TRIPPED and self.predicate(self.metrics):
+                self._trip(now, fired)
+        self._fire(fired)
+
+    # -- WSGI ---------------------------------------------------------------------
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self.skip is not None and self.skip(environ):
+            return self.next_app(environ, start_response)
+        started = self.clock()
+        admitted, wait = self._admit(started)
+        if not admitted:
+            if self.fallback is not None:
+                return self.fallback(environ, start_response)
+            retry_after = str(max(1, math.ceil(wait)))
+            exc = CircuitOpen(headers=[("Retry-After", retry_after)])
+            return respond_error(self.error_handler, environ, start_response, exc)
+
+        exchanges = environ.setdefault(keys.EXCHANGES, [])
+        outcome = _Outcome(self, exchanges, len(exchanges), started)
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            outcome.status = int(status[:3])
+            return start_response(status, headers, exc_info)
+
+        try:
+            body = self.next_app(environ, capture)
+        except Exception:
+            outcome.failed = True
+            outcome.settle()
+            raise
+        return _ObservedBody(body, outcome)
+
+    def __repr__(self) -> str:
+        return f"CircuitBreaker({self.expression!r}, state={self._state.value})"
+
+
+class _Outcome:
+    """What one admitted request did; recorded once, when its body is closed."""
+
+    __slots__ = ("breaker", "exchanges", "mark", "started", "status", "failed", "done")
+
+    def __init__(
+        self, breaker: CircuitBreaker, exchanges: list[Any], mark: int, started: float
+    ) -> None:
+        self.breaker = breaker
+        self.exchanges = exchanges
+        self.mark = mark
+        self.started = started
+        self.status = 0
+        self.failed = False
+        self.done = False
+
+    def settle(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        new = self.exchanges[self.mark :]
+        # The last exchange is the one whose answer the client got (Buffer may
+        # have retried past earlier failures).
+        network_error = self.failed or bool(new and new[-1].network_error)
+        status = self.status or 500
+        breaker = self.breaker
+        breaker._settle(status, breaker.clock() - self.started, network_error)
+
+
+class _ObservedBody:
+    """Passes the body through; a raising iterator marks the outcome failed."""
+
+    __slots__ = ("_iterable", "_iterator", "_outcome", "_closed")
+
+    def __init__(self, iterable: Iterable[bytes], outcome: _Outcome) -> None:
+        self._iterable = iterable
+        self._iterator: Iterator[bytes] | None = None
+        self._outcome = outcome
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._iterator is None:
+            self._iterator = iter(self._iterable)
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise
+        except Exception:
+            self._outcome.failed = True
+            raise
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            close = getattr(self._iterable, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._outcome.settle()
