@@ -50,3 +50,15 @@ CLIENT_IP = "oxypy.client_ip"
 
 #: The raw request-target as received by ``oxypy.serve`` (also ``RAW_URI``).
 RAW_URI = "RAW_URI"
+
+#: ``Rewrite``: the request keys as they were before the rewrite (a dict of the
+#: ``PATH_INFO``/``QUERY_STRING``/``RAW_URI``/``REQUEST_URI`` values present).
+REWRITE_ORIG = "oxypy.rewrite.orig"
+
+#: ``RequestID``: the incoming id header value it replaced (invalid or untrusted).
+REQUEST_ID_ORIG = "oxypy.requestid.orig"
+
+#: Optional, provided by a server: a ``() -> bool`` callable that is True once
+#: the client connection has closed.  ``Buffer`` polls it to stop retrying (and
+#: backing off) for a client that has gone.
+CLIENT_GONE = "oxypy.client_gone"

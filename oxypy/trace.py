@@ -1,0 +1,546 @@
+"""Trace: one JSON line per request, written when the response is finished.
+
+The line is built in the ``close()`` of the response iterable, so it carries
+the bytes actually handed to the server, the real duration, what happened
+upstream (from ``environ["oxypy.exchanges"]``) and why a request failed.
+Lines go through a bounded queue to a writer (green) thread: a slow sink never
+slows a request; when the queue is full a line is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+from . import environ as keys
+from ._net import TrustedProxies, normalize_ip
+from ._types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from .exceptions import ClientDisconnected, ConfigurationError, RequestError
+
+__all__ = ["Trace", "TraceSink"]
+
+log = logging.getLogger(__name__)
+
+#: A sink: a file-like object (``write``), a :class:`logging.Logger`, or ``fn(line)``.
+TraceSink = Any
+
+_TLS_NAMES = {
+    0x0300: "SSLv3",
+    0x0301: "TLSv1.0",
+    0x0302: "TLSv1.1",
+    0x0303: "TLSv1.2",
+    0x0304: "TLSv1.3",
+}
+_TLS_ALIASES = {
+    "tlsv1": "TLSv1.0",
+    "tls1.0": "TLSv1.0",
+    "tlsv1.0": "TLSv1.0",
+    "tls1.1": "TLSv1.1",
+    "tlsv1.1": "TLSv1.1",
+    "tls1.2": "TLSv1.2",
+    "tlsv1.2": "TLSv1.2",
+    "tls1.3": "TLSv1.3",
+    "tlsv1.3": "TLSv1.3",
+    "sslv3": "SSLv3",
+}
+_STOP = object()
+
+
+def tls_version_name(value: Any) -> str | None:
+    """Normalize a TLS version (``"TLSv1.3"``, ``"TLS1.3"``, ``0x0304``, ``"772"``)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        number = int(value)
+        return _TLS_NAMES.get(number, f"unknown:{number:#06x}")
+    text = str(value).strip()
+    return _TLS_ALIASES.get(text.lower().replace(" ", ""), text)
+
+
+def tls_info(environ: WSGIEnvironment) -> dict[str, str] | None:
+    """TLS version and cipher, from whatever the server exposes.
+
+    Apache mod_ssl / mod_wsgi and uWSGI style ``SSL_PROTOCOL`` and
+    ``SSL_CIPHER`` keys first, then an :class:`ssl.SSLSocket` the server puts
+    in the environ (``gunicorn.socket``, ``oxypy.socket``).
+    """
+    version = environ.get("SSL_PROTOCOL")
+    cipher = environ.get("SSL_CIPHER")
+    if not version:
+        sock = environ.get("oxypy.socket") or environ.get("gunicorn.socket")
+        get_version = getattr(sock, "version", None)
+        if get_version is not None:
+            try:
+                version = get_version()
+                found = sock.cipher()  # type: ignore[union-attr]
+                cipher = found[0] if found else cipher
+            except (OSError, ValueError, AttributeError):
+                version = None
+    name = tls_version_name(version)
+    if name is None:
+        return None
+    info = {"version": name}
+    if cipher:
+        info["cipher"] = str(cipher)
+    return info
+
+
+def _header_key(name: str) -> str:
+    upper = name.upper().replace("-", "_")
+    return upper if upper in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + upper
+
+
+def _kind(exc: BaseException) -> str:
+    return exc.kind if isinstance(exc, RequestError) else type(exc).__name__
+
+
+def _timestamp(epoch: float) -> str:
+    stamp = datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+class _Writer:
+    """The bounded queue and the thread that drains it into the sink."""
+
+    def __init__(self, sink: TraceSink, size: int) -> None:
+        if isinstance(sink, logging.Logger):
+            logger = sink
+            self.emit: Callable[[str], Any] = logger.info
+        elif hasattr(sink, "write"):
+            self.emit = self._file_emitter(sink)
+        elif callable(sink):
+            self.emit = sink
+        else:
+            raise ConfigurationError("sink must be a file-like, a logging.Logger or a callable")
+        self.size = size
+        self.lock = threading.Lock()
+        self.queue: queue.Queue[Any] = queue.Queue(size)
+        self.thread: threading.Thread | None = None
+        self.pid = 0
+        self.dropped = 0
+        self.failed = 0
+
+    @staticmethod
+    def _file_emitter(stream: Any) -> Callable[[str], None]:
+        flush = getattr(stream, "flush", None)
+
+        def emit(line: str) -> None:
+            stream.write(line + "\n")
+            if flush is not None:
+                flush()
+
+        return emit
+
+    def _ensure_thread(self) -> None:
+        # Started lazily, and again after a fork (gunicorn --preload): a
+        # thread does not survive into the child.
+        thread = self.thread
+        if thread is not None and self.pid == os.getpid() and thread.is_alive():
+            return
+        with self.lock:
+            thread = self.thread
+            if thread is not None and self.pid == os.getpid() and thread.is_alive():
+                return
+            if self.pid != os.getpid():
+                self.queue = queue.Queue(self.size)
+            self.pid = os.getpid()
+            self.thread = threading.Thread(target=self._run, name="oxypy-trace", daemon=True)
+            self.thread.start()
+
+    def put(self, line: str) -> None:
+        self._ensure_thread()
+        try:
+            self.queue.put_nowait(line)
+        except queue.Full:
+            with self.lock:
+                self.dropped += 1
+
+    def _run(self) -> None:
+        q = self.queue
+        while True:
+            line = q.get()
+            try:
+                if line is _STOP:
+                    return
+                self.emit(line)
+            except Exception:  # noqa: BLE001 - a broken sink must not kill the writer
+                with self.lock:
+                    self.failed += 1
+                log.warning("trace sink failed", exc_info=True)
+            finally:
+                q.task_done()
+
+    def close(self, timeout: float) -> None:
+        thread = self.thread
+        if thread is None or not thread.is_alive() or self.pid != os.getpid():
+            return
+        try:
+            self.queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            return
+        thread.join(timeout)
+
+
+class _CountingInput:
+    """``wsgi.input`` wrapper counting the request bytes the app reads."""
+
+    __slots__ = ("stream", "count")
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.count = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        data: bytes = self.stream.read() if size is None else self.stream.read(size)
+        self.count += len(data)
+        return data
+
+    def read1(self, size: int = -1) -> bytes:
+        read1 = getattr(self.stream, "read1", None)
+        data: bytes = read1(size) if read1 is not None else self.stream.read(size)
+        self.count += len(data)
+        return data
+
+    def readline(self, size: int | None = -1) -> bytes:
+        data: bytes = self.stream.readline() if size is None else self.stream.readline(size)
+        self.count += len(data)
+        return data
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        return list(iter(self.readline, b""))
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.readline, b"")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+class _Request:
+    """Per-request state, alive from the call until the iterable closes."""
+
+    __slots__ = (
+        "trace",
+        "environ",
+        "record",
+        "started",
+        "status",
+        "headers",
+        "sent",
+        "exhausted",
+        "error",
+        "input",
+        "log",
+        "log_start",
+        "error_before",
+        "closed",
+        "server_start",
+    )
+
+    def __init__(
+        self,
+        trace: Trace,
+        environ: WSGIEnvironment,
+        record: dict[str, Any],
+        server_start: StartResponse,
+    ) -> None:
+        self.trace = trace
+        self.server_start = server_start
+        self.environ = environ
+        self.record = record
+        self.started = trace.clock()
+        self.status: int | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.sent = 0
+        self.exhausted = False
+        self.error: BaseException | None = None
+        self.input: _CountingInput | None = None
+        self.log: list[Any] = environ.setdefault(keys.EXCHANGES, [])
+        self.log_start = len(self.log)
+        self.error_before = environ.get(keys.ERROR)
+        self.closed = False
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], object]:
+        self.status = int(status[:3]) if status[:3].isdigit() else None
+        self.headers = headers
+        write = (
+            self.server_start(status, headers, exc_info)
+            if exc_info is not None
+            else self.server_start(status, headers)
+        )
+
+        def counting_write(data: bytes) -> object:
+            self.sent += len(data)
+            return write(data)
+
+        return counting_write
+
+    def body(self, iterable: Iterable[bytes]) -> Iterator[bytes]:
+        try:
+            for chunk in iterable:
+                self.sent += len(chunk)
+                yield chunk
+        except BaseException as exc:
+            self.error = exc
+            raise
+        self.exhausted = True
+
+    def finish(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.trace.emit(self.build())
+        except Exception:  # noqa: BLE001 - tracing must never break a response
+            log.warning("could not build the trace record", exc_info=True)
+
+    def build(self) -> dict[str, Any]:
+        trace, environ, record = self.trace, self.environ, self.record
+        record["duration_ms"] = round((trace.clock() - self.started) * 1000.0, 3)
+        if keys.REQUEST_ID in environ:
+            record["request_id"] = environ[keys.REQUEST_ID]
+        if self.input is not None:
+            record["request_bytes"] = self.input.count
+        record["response_bytes"] = self.sent
+        if trace.response_headers:
+            record["response_headers"] = self.pick_headers()
+        exchanges = self.log[self.log_start :]
+        error: BaseException | None = self.error
+        if error is None:
+            found = environ.get(keys.ERROR)
+            if found is not None and found is not self.error_before:
+                error = found
+        if error is None and exchanges:
+            error = exchanges[-1].error  # an earlier attempt's error was retried away
+        status = self.status
+        if self.status is not None and not self.exhausted and self.error is None:
+            # The server stopped reading the body: the client went away.
+            error = error if isinstance(error, ClientDisconnected) else ClientDisconnected()
+        if isinstance(error, ClientDisconnected):
+            if status is not None and status != 499:
+                record["status_sent"] = status
+            status = 499
+        if status is None:
+            status = 500  # the app raised before start_response: the server answers 500
+        record["status"] = status
+        if error is not None:
+            record["error"] = _kind(error)
+        if exchanges:
+            record["upstream"] = [
+                {
+                    "target": ex.target,
+                    "status": ex.status,
+                    "duration_ms": round(((ex.ended or ex.started) - ex.started) * 1000.0, 3),
+                    "bytes": ex.bytes_received,
+                    **({"error": ex.error.kind} if ex.error is not None else {}),
+                }
+                for ex in exchanges
+            ]
+            record["target"] = exchanges[-1].target
+        record["attempts"] = len(exchanges)
+        if keys.ATTEMPT in environ:
+            record["attempt"] = environ[keys.ATTEMPT]
+        return record
+
+    def pick_headers(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        wanted = self.trace.response_headers
+        for name, value in self.headers:
+            lower = name.lower()
+            if lower in wanted:
+                out.setdefault(lower, []).append(value)
+        return out
+
+
+class _TraceBody:
+    """The response iterable: counts bytes, writes the record once on close."""
+
+    __slots__ = ("request", "iterable", "iterator")
+
+    def __init__(self, request: _Request, iterable: Iterable[bytes]) -> None:
+        self.request = request
+        self.iterable = iterable
+        self.iterator: Iterator[bytes] | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.iterator is None:
+            self.iterator = self.request.body(self.iterable)
+        return self.iterator
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.iterable, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.request.finish()
+
+
+class Trace:
+    """Write one JSON line per request when its response iterable closes.
+
+    Fields: ``time`` (request start, RFC 3339 UTC), ``request_id`` (from
+    ``RequestID``), ``client_ip``, ``method``, ``url`` (path and query as
+    received: ``RAW_URI``/``REQUEST_URI`` when the server provides them),
+    ``host``, ``proto``, ``request_headers``/``response_headers`` (only the
+    configured names, lower-cased, values always lists: a request header
+    appears as the server joined it), ``status``, ``request_bytes`` (counted
+    as the app reads ``wsgi.input``), ``response_bytes`` (counted as the body
+    passes, never taken from ``Content-Length``), ``duration_ms``,
+    ``upstream`` (one entry per ``Forward`` exchange: target, status,
+    duration, bytes, error kind), ``target`` (the last one), ``attempts``,
+    ``attempt`` (when Trace runs below ``Buffer``), ``tls`` (``version``,
+    ``cipher``) and ``error`` (``upstream_timeout``, ``client_disconnected``...).
+    Bodies are never logged.
+
+    Status rules: a response cut short because the client went away is
+    recorded as ``499`` with ``status_sent`` holding what the head said; a body
+    whose iterator raised keeps the status sent plus ``error`` and the
+    exception propagates; an app that raised before ``start_response`` is
+    recorded as ``500``.
+
+    TLS: ``SSL_PROTOCOL``/``SSL_CIPHER`` environ keys (mod_ssl, mod_wsgi,
+    uWSGI), else ``version()``/``cipher()`` of an ``ssl.SSLSocket`` found in
+    ``environ["gunicorn.socket"]`` or ``environ["oxypy.socket"]``; TLS 1.3 is
+    reported as ``TLSv1.3``.  Absent when the server exposes nothing.
+
+    Lines are queued (``queue_size``) and written by a writer thread (a
+    greenlet under gevent), so a slow sink never blocks a request; when the
+    queue is full the line is dropped and :attr:`dropped` counts it.
+    :meth:`close` flushes the queue.
+
+    :param sink: ``sys.stderr`` by default; a file-like (``write`` +
+        ``flush``), a :class:`logging.Logger` (``info``), or ``fn(line)``.
+    :param request_headers: request header names to record.
+    :param response_headers: response header names to record.
+    :param trusted_proxies: CIDRs whose ``X-Forwarded-For`` gives the client
+        ip (default: ``environ["oxypy.client_ip"]`` when a block resolved it,
+        else the peer address).
+    :param queue_size: lines waiting for the sink before new ones are dropped.
+    :param clock: monotonic seconds, for ``duration_ms``.
+    :param wall_clock: epoch seconds, for ``time``.
+    :param skip: ``skip(environ) -> bool``; True: no line for this request.
+
+    Example::
+
+        import logging
+        from oxypy import Forward, RequestID, Trace
+        app = Trace(RequestID(Forward("http://127.0.0.1:9000")),
+                    sink=logging.getLogger("access"), response_headers=["Content-Type"])
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        next_app: WSGIApplication,
+        /,
+        *,
+        sink: TraceSink = None,
+        request_headers: Iterable[str] = (),
+        response_headers: Iterable[str] = (),
+        trusted_proxies: Iterable[str] | None = None,
+        queue_size: int = 1024,
+        clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
+        skip: Skip | None = None,
+    ) -> None:
+        if isinstance(request_headers, str) or isinstance(response_headers, str):
+            raise ConfigurationError("request_headers/response_headers must be lists of names")
+        if queue_size < 1:
+            raise ConfigurationError("queue_size must be >= 1")
+        self.next_app = next_app
+        self.request_headers = tuple(
+            (name.lower(), _header_key(name)) for name in _names(request_headers)
+        )
+        self.response_headers = frozenset(name.lower() for name in _names(response_headers))
+        self.trusted = TrustedProxies(trusted_proxies) if trusted_proxies is not None else None
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.skip = skip
+        self._writer = _Writer(sys.stderr if sink is None else sink, queue_size)
+
+    @property
+    def dropped(self) -> int:
+        """Lines dropped because the queue was full."""
+        return self._writer.dropped
+
+    @property
+    def failed(self) -> int:
+        """Lines the sink raised on (logged at WARNING on ``oxypy.trace``)."""
+        return self._writer.failed
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write every queued line, then stop the writer (it restarts on demand)."""
+        self._writer.close(timeout)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        self._writer.put(json.dumps(record, separators=(",", ":"), default=str))
+
+    def client_ip(self, environ: WSGIEnvironment) -> str | None:
+        peer = environ.get("REMOTE_ADDR")
+        if self.trusted is not None:
+            return self.trusted.client_ip(peer, environ.get("HTTP_X_FORWARDED_FOR"))
+        cached = environ.get(keys.CLIENT_IP)
+        return str(cached) if cached else normalize_ip(peer) or peer
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self.skip is not None and self.skip(environ):
+            return self.next_app(environ, start_response)
+        record = self.start_record(environ)
+        request = _Request(self, environ, record, start_response)
+        if "HTTP_UPGRADE" not in environ and "wsgi.input" in environ:
+            request.input = _CountingInput(environ["wsgi.input"])
+            environ["wsgi.input"] = request.input
+        try:
+            iterable = self.next_app(environ, request.start_response)
+        except BaseException as exc:
+            request.error = exc
+            request.finish()
+            raise
+        return _TraceBody(request, iterable)
+
+    def start_record(self, environ: WSGIEnvironment) -> dict[str, Any]:
+        url = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+        if not url:
+            from urllib.parse import quote
+
+            path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+            url = quote(path.encode("latin-1"), safe="/:@!$&'()*+,;=-._~") or "/"
+            if environ.get("QUERY_STRING"):
+                url += "?" + environ["QUERY_STRING"]
+        record: dict[str, Any] = {
+            "time": _timestamp(self.wall_clock()),
+            "client_ip": self.client_ip(environ),
+            "method": environ.get("REQUEST_METHOD"),
+            "url": url,
+            "host": environ.get("HTTP_HOST") or environ.get("SERVER_NAME"),
+            "proto": environ.get("SERVER_PROTOCOL"),
+        }
+        if self.request_headers:
+            record["request_headers"] = {
+                name: [environ[key]] for name, key in self.request_headers if key in environ
+            }
+        tls = tls_info(environ)
+        if tls is not None:
+            record["tls"] = tls
+        return record
+
+
+def _names(names: Iterable[str]) -> list[str]:
+    out = []
+    for name in names:
+        if not isinstance(name, str) or not name or any(c in name for c in " \t\r\n:"):
+            raise ConfigurationError(f"invalid header name {name!r}")
+        out.append(name)
+    return out
