@@ -200,7 +200,7 @@ class UpstreamResponse:
     def _recv(self) -> bytes:
         try:
             data: bytes = self.sock.recv(RECV_SIZE)
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout("upstream timed out") from exc
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamConnectError("upstream connection reset") from exc
@@ -275,7 +275,7 @@ class UpstreamResponse:
 
 def _connect(pool: HTTPConnectionPool, pool_timeout: float | None) -> tuple[Any, bool]:
     try:
-        conn = pool._get_conn(timeout=pool_timeout)
+        conn: Any = pool._get_conn(timeout=pool_timeout)
     except EmptyPoolError as exc:
         raise UpstreamConnectError("no upstream connection available") from exc
     reused = conn.sock is not None
@@ -411,7 +411,7 @@ def _send(
         tail = b"0\r\n\r\n" if chunked else b""
         if pending or tail:
             sock.sendall(pending + tail)
-    except socket.timeout as exc:
+    except TimeoutError as exc:
         raise UpstreamTimeout("upstream timed out receiving the request") from exc
     except (OSError, ssl.SSLError) as exc:
         # The upstream may have answered early (413, 401) and closed: read it.

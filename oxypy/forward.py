@@ -313,6 +313,10 @@ class Forward:
                 forwarded=self.forwarded,
                 via=self.via,
             )
+            if upgrade and "wsgi.websocket" in environ:
+                # gevent-websocket answered the handshake itself: relay messages,
+                # so no extension the relay cannot decode may be negotiated.
+                headers = [h for h in headers if h[0] != "Sec-Websocket-Extensions"]
             path = request_target(environ, target.base_path)
             if self.modify_request is not None:
                 outgoing = OutgoingRequest(method, target.url, path, headers)

@@ -254,7 +254,7 @@ class _Connection:
     def _recv(self) -> bytes:
         try:
             data: bytes = self.sock.recv(RECV_SIZE)
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             raise _ClientGone("timeout") from exc
         except OSError as exc:
             raise _ClientGone() from exc

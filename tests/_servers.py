@@ -143,10 +143,47 @@ def proxy_server(app: WSGIApp, lint: bool = True) -> Server:
     return Server(wrapped, "127.0.0.1:0", graceful_timeout=2).start()
 
 
-def raw_request(url: str, data: bytes, *, timeout: float = 5.0, read_all: bool = True) -> bytes:
-    """Send raw bytes to ``url`` and return everything received until close/timeout."""
-    host, port = url.split("//", 1)[1].split(":")
-    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+class _ResponseEnd:
+    """Tells when one HTTP response has fully arrived (llhttp, client side)."""
+
+    def __init__(self, head_request: bool) -> None:
+        import httptools
+
+        self.done = False
+        self.parser = httptools.HttpResponseParser(self)
+        self.head_request = head_request
+        self.head_done = False
+
+    def on_headers_complete(self) -> None:
+        if self.parser.get_status_code() >= 200 or self.parser.get_status_code() == 101:
+            self.head_done = True
+
+    def on_message_complete(self) -> None:
+        if self.head_done:
+            self.done = True
+
+    def feed(self, data: bytes) -> None:
+        import httptools
+
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.done = True
+        except httptools.HttpParserError:
+            self.done = True
+        if self.head_request and self.head_done:
+            self.done = True
+
+
+def raw_request(url: str, data: bytes, *, timeout: float = 5.0, until: str = "response") -> bytes:
+    """Send raw bytes to ``url``; return what came back.
+
+    ``until="response"`` stops after one complete response (or at close),
+    ``until="close"`` reads until the server closes the connection.
+    """
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    ender = _ResponseEnd(data.startswith(b"HEAD ")) if until == "response" else None
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
         sock.sendall(data)
         chunks = []
         try:
@@ -155,8 +192,10 @@ def raw_request(url: str, data: bytes, *, timeout: float = 5.0, read_all: bool =
                 if not piece:
                     break
                 chunks.append(piece)
-                if not read_all:
-                    break
+                if ender is not None:
+                    ender.feed(piece)
+                    if ender.done:
+                        break
         except socket.timeout:
             pass
         return b"".join(chunks)
