@@ -27,6 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, NamedTuple, Protocol
 
 from ._net import TrustedProxies
@@ -172,6 +173,12 @@ class MemoryStore:
 
     def _insert(self, key: str, buckets: dict[Rate, float], now: float) -> None:
         self._drop_idle(now)
+        if len(self._buckets) >= self.capacity:
+            # Prefer a full bucket among the coldest few over the coldest one.
+            for cold_key in list(islice(self._buckets, 16)):
+                if _idle(self._buckets[cold_key], now):
+                    del self._buckets[cold_key]
+                    break
         while len(self._buckets) >= self.capacity:
             old_key, old = self._buckets.popitem(last=False)
             if not _idle(old, now):
