@@ -1,0 +1,578 @@
+"""Buffer: read whole bodies with limits, then optionally retry the request.
+
+The request body is read into memory up to a threshold and then into an
+anonymous temp file, and sent upstream with a definite ``Content-Length``
+(chunked uploads become fixed-length).  Each attempt's response is captured
+the same way and only sent once the retry predicate has decided; the last
+attempt's response is the one the client gets.  ``text/event-stream`` and
+``101`` upgrades pass straight through.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import select
+import socket
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+
+from . import environ as keys
+from ._buffer_store import CHUNK, Overflow, SpillBuffer
+from ._forwarding import check_framing
+from ._iterables import ClosingIterable
+from ._types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from .errors import ErrorHandler, default_error_handler, respond_error
+from .exceptions import (
+    BodyTooLarge,
+    ClientDisconnected,
+    ConfigurationError,
+    RequestError,
+    ResponseTooLarge,
+)
+from .predicate import Func, Predicate, compile_predicate
+
+__all__ = ["Attempt", "Buffer", "NoResponse", "RETRY_FUNCS", "should_retry"]
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class NoResponse(RequestError):
+    """The wrapped app returned a body without ever calling ``start_response`` (502)."""
+
+    status = 502
+    reason = "the wrapped application sent no response status"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The outcome of one attempt, as the retry predicate sees it."""
+
+    attempt: int
+    status: int
+    network_error: bool
+    method: str
+
+
+#: The functions a Buffer retry predicate may call.
+RETRY_FUNCS: dict[str, Func] = {
+    "IsNetworkError": Func(lambda a: a.network_error, returns=bool),
+    "Attempts": Func(lambda a: a.attempt, returns=int),
+    "ResponseCode": Func(lambda a: a.status, returns=int),
+    "RequestMethod": Func(lambda a: a.method, returns=str),
+}
+
+
+def should_retry(
+    predicate: Predicate | None,
+    outcome: Attempt,
+    *,
+    max_attempts: int,
+    client_gone: bool,
+    replayable: bool,
+) -> bool:
+    """The one retry decision: the predicate, under every hard rule that overrides it."""
+    if predicate is None or client_gone or not replayable:
+        return False
+    if outcome.attempt >= max_attempts:
+        return False
+    return predicate(outcome)
+
+
+class _Capture:
+    """``start_response`` for one attempt: records the head, or streams when it must."""
+
+    __slots__ = ("status", "headers", "body", "passthrough", "_start", "_stream_early")
+
+    def __init__(self, body: SpillBuffer, start: StartResponse | None) -> None:
+        self.status: str | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.body = body
+        self.passthrough: Callable[[bytes], object] | None = None
+        self._start = start  # None: never pass through (the request may still retry)
+        self._stream_early = start is not None
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], object]:
+        if exc_info is not None:
+            try:
+                if self.passthrough is not None and self._start is not None:
+                    return self._start(status, headers, exc_info)
+            finally:
+                exc_info = None
+            self.body.reset()
+        elif self.status is not None:
+            raise AssertionError("start_response called twice without exc_info")
+        self.status, self.headers = status, list(headers)
+        if self._start is not None and _streams(status, headers):
+            self.passthrough = self._start(status, headers)
+            return self.passthrough
+        return self.write
+
+    def write(self, data: bytes) -> None:
+        self.body.write(data)
+
+    @property
+    def code(self) -> int:
+        if self.status is None:
+            return 0
+        return int(self.status[:3])
+
+
+def _streams(status: str, headers: list[tuple[str, str]]) -> bool:
+    if status[:3] == "101":
+        return True
+    for name, value in headers:
+        if name.lower() == "content-type" and value.split(";")[0].strip().lower() == (
+            "text/event-stream"
+        ):
+            return True
+    return False
+
+
+class Buffer:
+    """Buffer request and response bodies (bounded, spilling to disk) and retry.
+
+    **Reads** the request head and ``wsgi.input``; ``oxypy.exchanges`` recorded
+    below it (to tell a network error from an upstream that answered 502).
+    **Writes** a fresh environ copy per attempt with ``oxypy.attempt`` = 1, 2, ...,
+    ``CONTENT_LENGTH`` set and ``Transfer-Encoding`` removed, ``wsgi.input`` a
+    replayable reader at position 0; creates ``oxypy.tried_targets`` (a set a
+    balancer fills) and ``oxypy.exchanges`` once per client request.
+    **Buffers** both bodies (each can be turned off); ``text/event-stream`` and
+    ``101`` responses stream through.  Sets ``Content-Length`` on what it sends.
+
+    Failures: ambiguous request framing 400; request body over the maximum 413
+    (``Content-Length`` is checked before reading); client gone while uploading
+    499; response body over the maximum 502; an app that never called
+    ``start_response`` 502.
+
+    Retries: after each attempt the ``retry`` predicate is evaluated over that
+    attempt (``IsNetworkError()``, ``Attempts()``, ``ResponseCode()``,
+    ``RequestMethod()``).  A request is never retried once the client has gone,
+    nor when its body was not buffered, nor past ``max_attempts`` in total.
+
+    :param retry: predicate string, e.g. ``"IsNetworkError() && Attempts() < 2"``.
+    :param max_request_body_bytes: 413 above this (None: unlimited).
+    :param mem_request_body_bytes: bytes kept in memory before spilling (1 MiB).
+    :param max_response_body_bytes: 502 above this (None: unlimited).
+    :param mem_response_body_bytes: likewise for responses (1 MiB).
+    :param max_attempts: hard cap on calls to ``next`` (11: oxy's first try + 10).
+    :param buffer_request: read the request body first (needed to retry one).
+    :param buffer_response: capture responses before sending (else the retry
+        decision is made on the response head and the body streams).
+    :param retry_backoff: ``(base, max)`` seconds: sleep a random time in
+        ``[0, min(max, base * 2**(n-1))]`` before retry n (full jitter).
+    :param sleep: how to wait (``gevent.sleep``); tests inject a fake.
+    :param error_handler: ``(environ, start_response, exc)`` for request errors.
+    :param skip: ``callable(environ) -> bool``; True passes the request straight on.
+
+    Example::
+
+        from oxypy import Buffer, Forward, RoundRobin, serve
+        lb = RoundRobin(Forward(), ["http://127.0.0.1:9001", "http://127.0.0.1:9002"])
+        app = Buffer(lb, retry="IsNetworkError() && Attempts() < 2")
+        serve(app, "127.0.0.1:8080")
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        next_app: WSGIApplication,
+        /,
+        *,
+        retry: str | None = None,
+        max_request_body_bytes: int | None = None,
+        mem_request_body_bytes: int = MiB,
+        max_response_body_bytes: int | None = None,
+        mem_response_body_bytes: int = MiB,
+        max_attempts: int = 11,
+        buffer_request: bool = True,
+        buffer_response: bool = True,
+        retry_backoff: tuple[float, float] | None = None,
+        sleep: Callable[[float], object] = gevent.sleep,
+        error_handler: ErrorHandler = default_error_handler,
+        skip: Skip | None = None,
+    ) -> None:
+        if not callable(next_app):
+            raise ConfigurationError("Buffer needs the next WSGI app as first argument")
+        for name, value in (
+            ("max_request_body_bytes", max_request_body_bytes),
+            ("max_response_body_bytes", max_response_body_bytes),
+        ):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigurationError(f"{name} must be a positive int or None")
+        for name, value in (
+            ("mem_request_body_bytes", mem_request_body_bytes),
+            ("mem_response_body_bytes", mem_response_body_bytes),
+        ):
+            if not isinstance(value, int) or value < 0:
+                raise ConfigurationError(f"{name} must be an int >= 0")
+        if not isinstance(max_attempts, int) or max_attempts < 1:
+            raise ConfigurationError("max_attempts must be an int >= 1")
+        if retry_backoff is not None:
+            if len(retry_backoff) != 2 or not all(
+                isinstance(v, (int, float)) and v >= 0 for v in retry_backoff
+            ):
+                raise ConfigurationError("retry_backoff must be (base, max) seconds >= 0")
+            if retry_backoff[0] > retry_backoff[1]:
+                raise ConfigurationError("retry_backoff base must not exceed max")
+        if retry is not None and not isinstance(retry, str):
+            raise ConfigurationError("retry must be a predicate string or None")
+        self.next_app = next_app
+        self.retry: Predicate | None = (
+            compile_predicate(retry, RETRY_FUNCS) if retry is not None else None
+        )
+        self.max_request = max_request_body_bytes
+        self.mem_request = mem_request_body_bytes
+        self.max_response = max_response_body_bytes
+        self.mem_response = mem_response_body_bytes
+        self.max_attempts = max_attempts
+        self.buffer_request = buffer_request
+        self.buffer_response = buffer_response
+        self.retry_backoff = retry_backoff
+        self.sleep = sleep
+        self.error_handler = error_handler
+        self.skip = skip
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self.skip is not None and self.skip(environ):
+            return self.next_app(environ, start_response)
+        if not self.buffer_request and not self.buffer_response and self.retry is None:
+            return self.next_app(environ, start_response)
+        body: SpillBuffer | None = None
+        try:
+            base = dict(environ)
+            replayable = True
+            if self.buffer_request:
+                body = self._read_request(environ)
+                if body is not None:
+                    base["CONTENT_LENGTH"] = str(body.size)
+                    base.pop("HTTP_TRANSFER_ENCODING", None)
+                    base["wsgi.input_terminated"] = True
+            else:
+                cl = environ.get("CONTENT_LENGTH")
+                replayable = cl in (None, "", "0") and "HTTP_TRANSFER_ENCODING" not in environ
+        except RequestError as exc:
+            if body is not None:
+                body.close()
+            return respond_error(self.error_handler, environ, start_response, exc)
+        except BaseException:
+            if body is not None:
+                body.close()
+            raise
+        log_list = environ.setdefault(keys.EXCHANGES, [])
+        base[keys.EXCHANGES] = log_list
+        base[keys.TRIED_TARGETS] = environ.setdefault(keys.TRIED_TARGETS, set())
+        try:
+            result = self._attempts(environ, base, start_response, body, replayable, log_list)
+        except BaseException:
+            if body is not None:
+                body.close()
+            raise
+        if body is None:
+            return result
+        return ClosingIterable(result, body.close)
+
+    # -- request --------------------------------------------------------------
+    def _read_request(self, environ: WSGIEnvironment) -> SpillBuffer | None:
+        framing = check_framing(environ)
+        if not framing.has_body:
+            return None
+        length = framing.length
+        if length is not None and self.max_request is not None and length > self.max_request:
+            raise BodyTooLarge(f"request body of {length} bytes is over the limit")
+        store = SpillBuffer(self.mem_request, self.max_request)
+        stream = environ["wsgi.input"]
+        read = getattr(stream, "read1", None) or stream.read
+        remaining = length
+        try:
+            while remaining is None or remaining > 0:
+                want = CHUNK if remaining is None else min(CHUNK, remaining)
+                try:
+                    data = read(want)
+                except (OSError, ValueError) as exc:
+                    raise ClientDisconnected("client went away during the upload") from exc
+                if not data:
+                    if remaining is None:
+                        break
+                    raise ClientDisconnected("client sent a short request body")
+                if remaining is not None:
+                    remaining -= len(data)
+                store.write(data)
+        except Overflow:
+            store.close()
+            raise BodyTooLarge("request body is over the limit") from None
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    # -- attempts -------------------------------------------------------------
+    def _attempts(
+        self,
+        environ: WSGIEnvironment,
+        base: WSGIEnvironment,
+        start_response: StartResponse,
+        body: SpillBuffer | None,
+        replayable: bool,
+        log_list: list[Any],
+    ) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        attempt = 0
+        while True:
+            attempt += 1
+            env = dict(base)
+            env[keys.ATTEMPT] = attempt
+            if body is not None:
+                env["wsgi.input"] = body.reader()
+            before = len(log_list)
+            if self.buffer_response:
+                outcome = self._buffered(env, start_response)
+            else:
+                outcome = self._head_only(env, start_response)
+            if isinstance(outcome, _Final):
+                return outcome.body
+            new = log_list[before:]
+            gone = any(isinstance(x.error, ClientDisconnected) for x in new)
+            if new:
+                network = any(x.network_error for x in new)
+            else:
+                network = outcome.code in (502, 504)
+            ctx = Attempt(attempt, outcome.code, network, method)
+            retry = should_retry(
+                self.retry,
+                ctx,
+                max_attempts=self.max_attempts,
+                client_gone=gone,
+                replayable=replayable,
+            )
+            if retry:
+                retry = self._wait(attempt, environ)
+            if not retry:
+                return outcome.send(environ, start_response)
+            log.info("retrying %s %s (attempt %d)", method, environ.get("PATH_INFO"), attempt + 1)
+            outcome.discard()
+
+    def _wait(self, attempt: int, environ: WSGIEnvironment) -> bool:
+        """Back off before the next attempt; False if the client left meanwhile."""
+        probe = _client_probe(environ)
+        if self.retry_backoff is not None:
+            low, high = self.retry_backoff
+            delay = random.uniform(0.0, min(high, low * 2 ** (attempt - 1)))
+            while delay > 0:
+                if probe is not None and probe():
+                    return False
+                step = min(delay, 0.05)
+                self.sleep(step)
+                delay -= step
+        return not (probe is not None and probe())
+
+    def _buffered(self, env: WSGIEnvironment, start_response: StartResponse) -> _Captured | _Final:
+        store = SpillBuffer(self.mem_response, self.max_response)
+        capture = _Capture(store, start_response)
+        try:
+            result = self.next_app(env, capture.start_response)
+        except BaseException:
+            store.close()
+            raise
+        iterator: Iterator[bytes] | None = None
+        try:
+            iterator = iter(result)
+            for chunk in iterator:
+                if capture.passthrough is not None:
+                    return _Final(self._stream(store, [chunk], iterator, result))
+                if chunk and capture.status is None:
+                    raise NoResponse()
+                store.write(chunk)
+            if capture.passthrough is not None:
+                return _Final(self._stream(store, [], iterator, result))
+            if capture.status is None:
+                raise NoResponse()
+        except Overflow:
+            _close(result)
+            store.close()
+            exc: RequestError = ResponseTooLarge(
+                f"upstream response is over {self.max_response} bytes"
+            )
+            return _Final(respond_error(self.error_handler, env, start_response, exc))
+        except NoResponse as exc:
+            _close(result)
+            store.close()
+            return _Final(respond_error(self.error_handler, env, start_response, exc))
+        except BaseException:
+            _close(result)
+            store.close()
+            raise
+        _close(result)
+        return _Captured(capture, store)
+
+    def _stream(
+        self,
+        store: SpillBuffer,
+        first: list[bytes],
+        iterator: Iterator[bytes],
+        result: Iterable[bytes],
+    ) -> Iterable[bytes]:
+        """Pass the rest of an SSE/upgrade response through untouched."""
+        pending = list(store.chunks()) + first
+        store.close()
+
+        def gen() -> Iterator[bytes]:
+            yield from pending
+            yield from iterator
+
+        return ClosingIterable(gen(), lambda: _close(result))
+
+    def _head_only(self, env: WSGIEnvironment, start_response: StartResponse) -> _Captured | _Final:
+        store = SpillBuffer(self.mem_response, None)
+        capture = _Capture(store, None)
+        result = self.next_app(env, capture.start_response)
+        try:
+            iterator = iter(result)
+            first: list[bytes] = []
+            while capture.status is None:
+                chunk = next(iterator, None)
+                if chunk is None:
+                    break
+                if chunk and capture.status is None:
+                    raise NoResponse()
+                first.append(chunk)
+            if capture.status is None:
+                raise NoResponse()
+        except NoResponse as exc:
+            _close(result)
+            store.close()
+            return _Final(respond_error(self.error_handler, env, start_response, exc))
+        except BaseException:
+            _close(result)
+            store.close()
+            raise
+        return _Captured(capture, store, _Streaming(first, iterator, result))
+
+
+@dataclass
+class _Streaming:
+    first: list[bytes]
+    iterator: Iterator[bytes]
+    result: Iterable[bytes]
+
+
+class _Final:
+    """An attempt that ended the request (error or pass-through): no retry."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, body: Iterable[bytes]) -> None:
+        self.body = body
+
+
+class _Captured:
+    """A finished attempt: its head, and its body (buffered, or ready to stream)."""
+
+    __slots__ = ("capture", "store", "streaming")
+
+    def __init__(
+        self, capture: _Capture, store: SpillBuffer, streaming: _Streaming | None = None
+    ) -> None:
+        self.capture = capture
+        self.store = store
+        self.streaming = streaming
+
+    @property
+    def code(self) -> int:
+        return self.capture.code
+
+    def discard(self) -> None:
+        if self.streaming is not None:
+            _close(self.streaming.result)
+        self.store.close()
+
+    def send(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        capture, store = self.capture, self.store
+        status = capture.status
+        assert status is not None  # _Captured is only built once a status exists
+        streaming = self.streaming
+        if streaming is not None:
+            # Head-only mode: what write() received, then the body as it streams.
+            try:
+                write = start_response(status, capture.headers)
+                for data in store.chunks():
+                    write(data)
+            except BaseException:
+                self.discard()
+                raise
+            store.close()
+
+            def gen() -> Iterator[bytes]:
+                yield from streaming.first
+                yield from streaming.iterator
+
+            return ClosingIterable(gen(), lambda: _close(streaming.result))
+        headers = capture.headers
+        code = capture.code
+        no_body = code < 200 or code in _NO_BODY_STATUS or environ.get("REQUEST_METHOD") == "HEAD"
+        if not no_body:
+            headers = [
+                (n, v)
+                for n, v in headers
+                if n.lower() not in ("content-length", "transfer-encoding")
+            ]
+            headers.append(("Content-Length", str(store.size)))
+        try:
+            start_response(status, headers)
+        except BaseException:
+            store.close()
+            raise
+        if no_body or store.size == 0:
+            store.close()
+            return [b""] if no_body else []
+        if not store.on_disk:
+            data = b"".join(store.chunks(store.size))
+            store.close()
+            return [data]
+        return ClosingIterable(store.chunks(), store.close)
+
+
+def _close(result: Iterable[bytes]) -> None:
+    close = getattr(result, "close", None)
+    if close is not None:
+        close()
+
+
+def _client_probe(environ: WSGIEnvironment) -> Callable[[], bool] | None:
+    """A ``() -> bool`` telling whether the client connection has closed, if knowable.
+
+    A server may provide ``environ["oxypy.client_gone"]``; for oxypy's own
+    server the connection socket is peeked without blocking.
+    """
+    provided = environ.get(keys.CLIENT_GONE)
+    if callable(provided):
+        return provided  # type: ignore[no-any-return]
+    stream = environ.get("wsgi.input")
+    for _ in range(4):  # look through wrappers such as werkzeug's lint InputStream
+        if stream is None or hasattr(stream, "_conn"):
+            break
+        stream = getattr(stream, "_stream", None)
+    sock = getattr(getattr(stream, "_conn", None), "sock", None)
+    if sock is None or not hasattr(sock, "fileno"):
+        return None
+
+    def gone() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if not readable:
+                return False
+            return bool(sock.recv(1, socket.MSG_PEEK) == b"")
+        except (OSError, ValueError):
+            return True
+
+    return gone
