@@ -1,0 +1,404 @@
+"""Health: active checks (one greenlet, no leaks) and passive outlier ejection."""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import gevent
+import pytest
+import urllib3
+from gevent.pywsgi import WSGIServer
+from werkzeug.middleware.lint import LintMiddleware
+from werkzeug.test import EnvironBuilder
+
+from oxypy import environ as keys
+from oxypy._balancer import ServerState
+from oxypy.exceptions import ClientDisconnected, ConfigurationError, UpstreamConnectError
+from oxypy.forward import Exchange, Forward
+from oxypy.health import HealthCheck, OutlierDetection
+from oxypy.leastrequest import LeastRequest
+from oxypy.roundrobin import RoundRobin
+from oxypy.sticky import StickySession
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def live_greenlets() -> int:
+    return sum(1 for o in gc.get_objects() if isinstance(o, gevent.Greenlet) and not o.dead)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        gevent.sleep(0.01)
+
+
+# -- tier 1: configuration and ejection rules ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"path": "healthz"}, id="relative-path"),
+        pytest.param({"path": "/a b"}, id="space-in-path"),
+        pytest.param({"interval": 0}, id="interval"),
+        pytest.param({"timeout": -1}, id="timeout"),
+        pytest.param({"healthy_threshold": 0}, id="healthy-threshold"),
+        pytest.param({"unhealthy_threshold": 1.5}, id="unhealthy-threshold"),
+        pytest.param({"expect_status": 99}, id="status-range"),
+        pytest.param({"expect_status": []}, id="status-empty"),
+        pytest.param({"expect_status": "200"}, id="status-string"),
+    ],
+)
+def test_health_check_configuration_errors(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        HealthCheck(**options)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"consecutive_errors": 0}, id="consecutive"),
+        pytest.param({"consecutive_errors": None}, id="nothing-enabled"),
+        pytest.param({"failure_ratio": 1.5}, id="ratio-over-1"),
+        pytest.param({"window": 0}, id="window"),
+        pytest.param({"base_ejection_time": 0}, id="base-time"),
+        pytest.param({"max_ejection_percent": 101}, id="percent"),
+    ],
+)
+def test_outlier_configuration_errors(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        OutlierDetection(**options)
+
+
+def test_balancer_rejects_wrong_option_types() -> None:
+    with pytest.raises(ConfigurationError):
+        RoundRobin(lambda e, s: [], [], health_check=OutlierDetection())  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        RoundRobin(lambda e, s: [], [], sticky="lb")  # type: ignore[arg-type]
+
+
+def servers(n: int) -> list[ServerState]:
+    return [ServerState(f"http://s{i}", f"http://s{i}:80/", 1) for i in range(n)]
+
+
+def feed(od: OutlierDetection, pool: list[ServerState], results: str, now: float = 0.0) -> list:
+    """Feed ``results`` ('x' failure, '.' success) for pool[0]; return the events."""
+    events: list[tuple[str, str]] = []
+    for ch in results:
+        od._record(pool[0], ch == "x", now, pool, events)
+    return events
+
+
+@pytest.mark.parametrize(
+    ("options", "results", "ejected"),
+    [
+        pytest.param({"consecutive_errors": 3}, "xx", False, id="below-consecutive"),
+        pytest.param({"consecutive_errors": 3}, "xxx", True, id="consecutive"),
+        pytest.param({"consecutive_errors": 3}, "xx.xx", False, id="success-resets"),
+        pytest.param(
+            {"consecutive_errors": None, "failure_ratio": 0.5, "window": 4},
+            "x.x",
+            False,
+            id="ratio-window-not-full",
+        ),
+        pytest.param(
+            {"consecutive_errors": None, "failure_ratio": 0.5, "window": 4},
+            "x.x.",
+            True,
+            id="ratio-reached",
+        ),
+        pytest.param(
+            {"consecutive_errors": None, "failure_ratio": 0.5, "window": 4},
+            "x...x...x",
+            False,
+            id="ratio-slides",
+        ),
+    ],
+)
+def test_ejection_rules(options: dict[str, Any], results: str, ejected: bool) -> None:
+    pool = servers(4)
+    events = feed(OutlierDetection(**options), pool, results)
+    assert (pool[0].ejected_until is not None) is ejected
+    assert events == ([("http://s0", "ejected")] if ejected else [])
+
+
+def test_max_ejection_percent_caps_the_pool() -> None:
+    od = OutlierDetection(consecutive_errors=1, max_ejection_percent=50)
+    pool = servers(4)
+    events: list[tuple[str, str]] = []
+    for server in pool:
+        od._record(server, True, 0.0, pool, events)
+    assert [s.ejected_until is not None for s in pool] == [True, True, False, False]
+    single = servers(1)
+    assert feed(od, single, "xxxx") == []  # a lone server is never ejected at 50 %
+
+
+def test_ejection_time_grows_and_decays() -> None:
+    od = OutlierDetection(consecutive_errors=1, base_ejection_time=30, max_ejection_time=100)
+    pool = servers(2)
+    s = pool[0]
+    expected_durations = [30, 60, 90, 100]
+    now = 0.0
+    events: list[tuple[str, str]] = []
+    for duration in expected_durations:
+        od._record(s, True, now, pool, events)
+        assert s.ejected_until == now + duration
+        now = s.ejected_until
+        s.ejected_until, s.returned_at = None, now  # what the pool does on return
+        now += 1  # fails again right after returning
+    # Staying in for as long as the last ejection lasted resets the multiplier.
+    od._record(s, True, now + 100, pool, events)
+    assert s.ejected_until == now + 100 + 30
+    # Results of requests still in flight while ejected are ignored.
+    od._record(s, True, now + 101, pool, events)
+    assert s.ejected_until == now + 100 + 30 and s.ejections == 1
+
+
+def test_health_check_thresholds() -> None:
+    hc = HealthCheck(healthy_threshold=2, unhealthy_threshold=3)
+    (s,) = servers(1)
+    events: list[tuple[str, str]] = []
+    for passed in [False, False, True, False, False, False, True, True]:
+        hc._apply(s, passed, events)
+    assert events == [("http://s0", "unhealthy"), ("http://s0", "healthy")]
+    assert s.healthy
+
+
+# -- tier 1b: the balancer's passive path, in process, with made-up exchanges ----------
+
+
+def fake_forward(outcomes: dict[str, list[str]]) -> Callable[..., Iterable[bytes]]:
+    """Records an Exchange per call: 'x' a network error, 'd' client gone, else 200."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        target = environ[keys.TARGET]
+        record = Exchange(target, "GET", time.monotonic())
+        kind = outcomes[target].pop(0) if outcomes.get(target) else "."
+        if kind == "x":
+            record.error = UpstreamConnectError(target=target)
+        elif kind == "d":
+            record.status, record.error = 200, ClientDisconnected()
+        else:
+            record.status = 200
+        environ[keys.EXCHANGES].append(record)
+        body = target.encode()
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+def call(app: Any, cookie: str | None = None) -> tuple[str, list[tuple[str, str]], bytes]:
+    env = EnvironBuilder(path="/", headers={"Cookie": cookie} if cookie else {}).get_environ()
+    seen: dict[str, Any] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc: Any = None) -> Any:
+        seen["status"], seen["headers"] = status, headers
+        return lambda data: None
+
+    result = LintMiddleware(app)(env, start_response)
+    try:
+        body = b"".join(result)
+    finally:
+        result.close()  # type: ignore[attr-defined]
+    return seen["status"], seen["headers"], body
+
+
+@pytest.mark.parametrize("balancer", [RoundRobin, LeastRequest])
+def test_passive_ejection_and_return_with_clock(balancer: Any) -> None:
+    clock = FakeClock()
+    events: list[tuple[str, str]] = []
+    outcomes = {"http://b": list("xdxx")}  # the client-gone exchange counts as nothing
+    lb = balancer(
+        fake_forward(outcomes),
+        ["http://a", "http://b"],
+        outlier_detection=OutlierDetection(consecutive_errors=3, base_ejection_time=30),
+        on_change=lambda url, ev: events.append((url, ev)),
+        clock=clock,
+    )
+    bodies = [call(lb)[2] for _ in range(20)]
+    assert bodies.count(b"http://b") == 4 and outcomes["http://b"] == []
+    assert events == [("http://a", "added"), ("http://b", "added"), ("http://b", "ejected")]
+    assert bodies[-8:] == [b"http://a"] * 8
+    clock.now += 29.9
+    assert {call(lb)[2] for _ in range(10)} == {b"http://a"}
+    clock.now += 0.1
+    assert {call(lb)[2] for _ in range(10)} == {b"http://a", b"http://b"}
+    assert events[-1] == ("http://b", "returned")
+
+
+def test_all_ejected_is_503() -> None:
+    clock = FakeClock()
+    lb = RoundRobin(
+        fake_forward({"http://a": ["x"], "http://b": ["x"]}),
+        ["http://a", "http://b"],
+        outlier_detection=OutlierDetection(consecutive_errors=1, max_ejection_percent=100),
+        clock=clock,
+    )
+    call(lb), call(lb)
+    status, _, body = call(lb)
+    assert (status, body) == ("503 Service Unavailable", b"no healthy upstream server\n")
+    clock.now += 30
+    assert call(lb)[0] == "200 OK"
+
+
+def test_sticky_cookie_to_ejected_server_falls_back() -> None:
+    clock = FakeClock()
+    lb = RoundRobin(
+        fake_forward({"http://a": list("xx")}),
+        ["http://a", "http://b"],
+        sticky=StickySession("lb", secret="k"),
+        outlier_detection=OutlierDetection(consecutive_errors=2),
+        clock=clock,
+    )
+    _, headers, body = call(lb)
+    assert body == b"http://a"
+    cookie = dict(headers)["Set-Cookie"].split(";")[0]
+    assert call(lb, cookie)[2] == b"http://a"  # second failure: ejected
+    _, headers, body = call(lb, cookie)
+    assert body == b"http://b" and dict(headers)["Set-Cookie"].split(";")[0] != cookie
+
+
+# -- tier 2: real servers ---------------------------------------------------------------
+
+
+@pytest.fixture
+def http() -> Any:
+    pool = urllib3.PoolManager(retries=False, timeout=10)
+    yield pool
+    pool.clear()
+
+
+def health_app(name: str, healthy: Callable[[], bool]) -> Callable[..., Iterable[bytes]]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ["PATH_INFO"] == "/healthz":
+            status = "200 OK" if healthy() else "503 Service Unavailable"
+            start_response(status, [("Content-Length", "0")])
+            return [b""]
+        body = name.encode()
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
+
+    return app
+
+
+def test_active_check_takes_out_and_readmits(pywsgi: Any, proxy: Any, http: Any) -> None:
+    state = {"b": True}
+    a = pywsgi(health_app("a", lambda: True))
+    b = pywsgi(health_app("b", lambda: state["b"]))
+    events: list[tuple[str, str]] = []
+    rr = RoundRobin(
+        Forward(),
+        [a, b],
+        health_check=HealthCheck(interval=0.02, timeout=1, healthy_threshold=2),
+        on_change=lambda url, ev: events.append((url, ev)),
+    )
+    try:
+        url = proxy(rr)
+        assert {http.request("GET", url).data for _ in range(4)} == {b"a", b"b"}
+        state["b"] = False
+        wait_for(lambda: (b, "unhealthy") in events)
+        assert {http.request("GET", url).data for _ in range(10)} == {b"a"}
+        state["b"] = True
+        wait_for(lambda: (b, "healthy") in events)
+        assert {http.request("GET", url).data for _ in range(4)} == {b"a", b"b"}
+        assert events[2:] == [(b, "unhealthy"), (b, "healthy")]
+    finally:
+        rr.close()
+
+
+def test_active_check_dead_server_and_restart(pywsgi: Any, proxy: Any, http: Any) -> None:
+    a = pywsgi(health_app("a", lambda: True))
+    b_server = WSGIServer(("127.0.0.1", 0), health_app("b", lambda: True), log=None)
+    b_server.start()
+    port = b_server.server_port
+    b = f"http://127.0.0.1:{port}"
+    events: list[tuple[str, str]] = []
+    hc = HealthCheck(
+        interval=0.02, timeout=0.5, unhealthy_threshold=2, expect_status=range(200, 300)
+    )
+    rr = RoundRobin(
+        Forward(), [a, b], health_check=hc, on_change=lambda u, e: events.append((u, e))
+    )
+    try:
+        url = proxy(rr)
+        b_server.stop(timeout=1)
+        wait_for(lambda: (b, "unhealthy") in events)
+        assert [http.request("GET", url).status for _ in range(6)] == [200] * 6
+        b_server = WSGIServer(("127.0.0.1", port), health_app("b", lambda: True), log=None)
+        b_server.start()
+        wait_for(lambda: (b, "healthy") in events)
+        assert {http.request("GET", url).data for _ in range(4)} == {b"a", b"b"}
+    finally:
+        rr.close()
+        b_server.stop(timeout=1)
+
+
+def test_health_greenlet_stops_on_close(pywsgi: Any) -> None:
+    calls: list[str] = []
+
+    def counting(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        calls.append(environ["PATH_INFO"])
+        start_response("204 No Content", [])
+        return [b""]
+
+    a, b = pywsgi(counting), pywsgi(counting)
+    gevent.sleep(0.05)
+    before = live_greenlets()
+    rr = RoundRobin(
+        Forward(), [a, b], health_check=HealthCheck("/ping", interval=0.01, expect_status={204})
+    )
+    wait_for(lambda: len(calls) >= 6)
+    assert set(calls) == {"/ping"}
+    rr.close()
+    rr.close()  # idempotent
+    gevent.sleep(0.1)  # let the upstreams see the probe connections close
+    assert live_greenlets() == before
+    seen = len(calls)
+    gevent.sleep(0.05)
+    assert len(calls) == seen
+
+
+def test_passive_ejection_over_real_network(pywsgi: Any, proxy: Any, http: Any) -> None:
+    clock = FakeClock()
+    a = pywsgi(health_app("a", lambda: True))
+    dead = WSGIServer(("127.0.0.1", 0), health_app("b", lambda: True), log=None)
+    dead.start()
+    port = dead.server_port
+    dead.stop(timeout=1)
+    b = f"http://127.0.0.1:{port}"
+    events: list[tuple[str, str]] = []
+    rr = RoundRobin(
+        Forward(),
+        [a, b],
+        outlier_detection=OutlierDetection(consecutive_errors=3, base_ejection_time=30),
+        on_change=lambda u, e: events.append((u, e)),
+        clock=clock,
+    )
+    url = proxy(rr)
+    statuses = [http.request("GET", url).status for _ in range(6)]
+    assert statuses == [200, 502] * 3
+    assert events[-1] == (b, "ejected")
+    assert [http.request("GET", url).data for _ in range(5)] == [b"a"] * 5
+    back = WSGIServer(("127.0.0.1", port), health_app("b", lambda: True), log=None)
+    back.start()
+    try:
+        clock.now += 30
+        got = [http.request("GET", url) for _ in range(4)]
+        assert [(r.status, r.data) for r in got] == [(200, b"a"), (200, b"b")] * 2 or [
+            (r.status, r.data) for r in got
+        ] == [(200, b"b"), (200, b"a")] * 2
+        assert events[-1] == (b, "returned")
+    finally:
+        back.stop(timeout=1)
