@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import random
-import select
-import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import gevent
 
 from . import environ as keys
+from ._buffer_attempt import Capture, Captured, Final, Streaming, client_probe, close_iterable
 from ._buffer_store import CHUNK, Overflow, SpillBuffer
 from ._forwarding import check_framing
 from ._iterables import ClosingIterable
@@ -40,7 +39,6 @@ __all__ = ["Attempt", "Buffer", "NoResponse", "RETRY_FUNCS", "should_retry"]
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
-_NO_BODY_STATUS = frozenset({204, 304})
 
 
 class NoResponse(RequestError):
@@ -83,58 +81,6 @@ def should_retry(
     if outcome.attempt >= max_attempts:
         return False
     return predicate(outcome)
-
-
-class _Capture:
-    """``start_response`` for one attempt: records the head, or streams when it must."""
-
-    __slots__ = ("status", "headers", "body", "passthrough", "_start", "_stream_early")
-
-    def __init__(self, body: SpillBuffer, start: StartResponse | None) -> None:
-        self.status: str | None = None
-        self.headers: list[tuple[str, str]] = []
-        self.body = body
-        self.passthrough: Callable[[bytes], object] | None = None
-        self._start = start  # None: never pass through (the request may still retry)
-        self._stream_early = start is not None
-
-    def start_response(
-        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
-    ) -> Callable[[bytes], object]:
-        if exc_info is not None:
-            try:
-                if self.passthrough is not None and self._start is not None:
-                    return self._start(status, headers, exc_info)
-            finally:
-                exc_info = None
-            self.body.reset()
-        elif self.status is not None:
-            raise AssertionError("start_response called twice without exc_info")
-        self.status, self.headers = status, list(headers)
-        if self._start is not None and _streams(status, headers):
-            self.passthrough = self._start(status, headers)
-            return self.passthrough
-        return self.write
-
-    def write(self, data: bytes) -> None:
-        self.body.write(data)
-
-    @property
-    def code(self) -> int:
-        if self.status is None:
-            return 0
-        return int(self.status[:3])
-
-
-def _streams(status: str, headers: list[tuple[str, str]]) -> bool:
-    if status[:3] == "101":
-        return True
-    for name, value in headers:
-        if name.lower() == "content-type" and value.split(";")[0].strip().lower() == (
-            "text/event-stream"
-        ):
-            return True
-    return False
 
 
 class Buffer:
@@ -339,7 +285,7 @@ class Buffer:
                 outcome = self._buffered(env, start_response)
             else:
                 outcome = self._head_only(env, start_response)
-            if isinstance(outcome, _Final):
+            if isinstance(outcome, Final):
                 return outcome.body
             new = log_list[before:]
             gone = any(isinstance(x.error, ClientDisconnected) for x in new)
@@ -364,7 +310,7 @@ class Buffer:
 
     def _wait(self, attempt: int, environ: WSGIEnvironment) -> bool:
         """Back off before the next attempt; False if the client left meanwhile."""
-        probe = _client_probe(environ)
+        probe = client_probe(environ)
         if self.retry_backoff is not None:
             low, high = self.retry_backoff
             delay = random.uniform(0.0, min(high, low * 2 ** (attempt - 1)))
@@ -376,9 +322,9 @@ class Buffer:
                 delay -= step
         return not (probe is not None and probe())
 
-    def _buffered(self, env: WSGIEnvironment, start_response: StartResponse) -> _Captured | _Final:
+    def _buffered(self, env: WSGIEnvironment, start_response: StartResponse) -> Captured | Final:
         store = SpillBuffer(self.mem_response, self.max_response)
-        capture = _Capture(store, start_response)
+        capture = Capture(store, start_response)
         try:
             result = self.next_app(env, capture.start_response)
         except BaseException:
@@ -389,31 +335,31 @@ class Buffer:
             iterator = iter(result)
             for chunk in iterator:
                 if capture.passthrough is not None:
-                    return _Final(self._stream(store, [chunk], iterator, result))
+                    return Final(self._stream(store, [chunk], iterator, result))
                 if chunk and capture.status is None:
                     raise NoResponse()
                 store.write(chunk)
             if capture.passthrough is not None:
-                return _Final(self._stream(store, [], iterator, result))
+                return Final(self._stream(store, [], iterator, result))
             if capture.status is None:
                 raise NoResponse()
         except Overflow:
-            _close(result)
+            close_iterable(result)
             store.close()
             exc: RequestError = ResponseTooLarge(
                 f"upstream response is over {self.max_response} bytes"
             )
-            return _Final(respond_error(self.error_handler, env, start_response, exc))
+            return Final(respond_error(self.error_handler, env, start_response, exc))
         except NoResponse as exc:
-            _close(result)
+            close_iterable(result)
             store.close()
-            return _Final(respond_error(self.error_handler, env, start_response, exc))
+            return Final(respond_error(self.error_handler, env, start_response, exc))
         except BaseException:
-            _close(result)
+            close_iterable(result)
             store.close()
             raise
-        _close(result)
-        return _Captured(capture, store)
+        close_iterable(result)
+        return Captured(capture, store)
 
     def _stream(
         self,
@@ -430,11 +376,11 @@ class Buffer:
             yield from pending
             yield from iterator
 
-        return ClosingIterable(gen(), lambda: _close(result))
+        return ClosingIterable(gen(), lambda: close_iterable(result))
 
-    def _head_only(self, env: WSGIEnvironment, start_response: StartResponse) -> _Captured | _Final:
+    def _head_only(self, env: WSGIEnvironment, start_response: StartResponse) -> Captured | Final:
         store = SpillBuffer(self.mem_response, None)
-        capture = _Capture(store, None)
+        capture = Capture(store, None)
         result = self.next_app(env, capture.start_response)
         try:
             iterator = iter(result)
@@ -449,130 +395,11 @@ class Buffer:
             if capture.status is None:
                 raise NoResponse()
         except NoResponse as exc:
-            _close(result)
+            close_iterable(result)
             store.close()
-            return _Final(respond_error(self.error_handler, env, start_response, exc))
+            return Final(respond_error(self.error_handler, env, start_response, exc))
         except BaseException:
-            _close(result)
+            close_iterable(result)
             store.close()
             raise
-        return _Captured(capture, store, _Streaming(first, iterator, result))
-
-
-@dataclass
-class _Streaming:
-    first: list[bytes]
-    iterator: Iterator[bytes]
-    result: Iterable[bytes]
-
-
-class _Final:
-    """An attempt that ended the request (error or pass-through): no retry."""
-
-    __slots__ = ("body",)
-
-    def __init__(self, body: Iterable[bytes]) -> None:
-        self.body = body
-
-
-class _Captured:
-    """A finished attempt: its head, and its body (buffered, or ready to stream)."""
-
-    __slots__ = ("capture", "store", "streaming")
-
-    def __init__(
-        self, capture: _Capture, store: SpillBuffer, streaming: _Streaming | None = None
-    ) -> None:
-        self.capture = capture
-        self.store = store
-        self.streaming = streaming
-
-    @property
-    def code(self) -> int:
-        return self.capture.code
-
-    def discard(self) -> None:
-        if self.streaming is not None:
-            _close(self.streaming.result)
-        self.store.close()
-
-    def send(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        capture, store = self.capture, self.store
-        status = capture.status
-        assert status is not None  # _Captured is only built once a status exists
-        streaming = self.streaming
-        if streaming is not None:
-            # Head-only mode: what write() received, then the body as it streams.
-            try:
-                write = start_response(status, capture.headers)
-                for data in store.chunks():
-                    write(data)
-            except BaseException:
-                self.discard()
-                raise
-            store.close()
-
-            def gen() -> Iterator[bytes]:
-                yield from streaming.first
-                yield from streaming.iterator
-
-            return ClosingIterable(gen(), lambda: _close(streaming.result))
-        headers = capture.headers
-        code = capture.code
-        no_body = code < 200 or code in _NO_BODY_STATUS or environ.get("REQUEST_METHOD") == "HEAD"
-        if not no_body:
-            headers = [
-                (n, v)
-                for n, v in headers
-                if n.lower() not in ("content-length", "transfer-encoding")
-            ]
-            headers.append(("Content-Length", str(store.size)))
-        try:
-            start_response(status, headers)
-        except BaseException:
-            store.close()
-            raise
-        if no_body or store.size == 0:
-            store.close()
-            return [b""] if no_body else []
-        if not store.on_disk:
-            data = b"".join(store.chunks(store.size))
-            store.close()
-            return [data]
-        return ClosingIterable(store.chunks(), store.close)
-
-
-def _close(result: Iterable[bytes]) -> None:
-    close = getattr(result, "close", None)
-    if close is not None:
-        close()
-
-
-def _client_probe(environ: WSGIEnvironment) -> Callable[[], bool] | None:
-    """A ``() -> bool`` telling whether the client connection has closed, if knowable.
-
-    A server may provide ``environ["oxypy.client_gone"]``; for oxypy's own
-    server the connection socket is peeked without blocking.
-    """
-    provided = environ.get(keys.CLIENT_GONE)
-    if callable(provided):
-        return provided  # type: ignore[no-any-return]
-    stream = environ.get("wsgi.input")
-    for _ in range(4):  # look through wrappers such as werkzeug's lint InputStream
-        if stream is None or hasattr(stream, "_conn"):
-            break
-        stream = getattr(stream, "_stream", None)
-    sock = getattr(getattr(stream, "_conn", None), "sock", None)
-    if sock is None or not hasattr(sock, "fileno"):
-        return None
-
-    def gone() -> bool:
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            if not readable:
-                return False
-            return bool(sock.recv(1, socket.MSG_PEEK) == b"")
-        except (OSError, ValueError):
-            return True
-
-    return gone
+        return Captured(capture, store, Streaming(first, iterator, result))
