@@ -195,7 +195,7 @@ class UpstreamResponse:
                 return
             if isinstance(exc.__context__, UpstreamProtocolError):
                 raise exc.__context__ from None
-            raise UpstreamProtocolError(f"invalid response from upstream: {exc}") from exc
+            raise UpstreamProtocolError() from exc  # the parser's detail stays in the log
 
     def _recv(self) -> bytes:
         try:

@@ -54,8 +54,9 @@ def respond_error(
 ) -> Iterable[bytes]:
     """Record ``exc`` on the environ and let ``handler`` answer it."""
     environ[keys.ERROR] = exc
-    if exc.status >= 500:
-        log.warning("%s %s: %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), exc)
-    else:
-        log.info("%s %s: %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"), exc)
+    level = logging.WARNING if exc.status >= 500 else logging.INFO
+    if log.isEnabledFor(level):
+        cause = f" [{exc.__cause__!r}]" if exc.__cause__ is not None else ""
+        method, path = environ.get("REQUEST_METHOD"), environ.get("PATH_INFO")
+        log.log(level, "%s %s: %s%s", method, path, exc, cause)
     return handler(environ, start_response, exc)
