@@ -290,6 +290,8 @@ class _Request:
             for chunk in iterable:
                 self.sent += len(chunk)
                 yield chunk
+        except GeneratorExit:  # the consumer dropped us: not an app error
+            raise
         except BaseException as exc:
             self.error = exc
             raise

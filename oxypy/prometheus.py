@@ -1,0 +1,357 @@
+"""Prometheus metrics for a chain, and a ``/metrics`` WSGI endpoint.
+
+``PrometheusMetrics`` counts requests by status class, times them, tracks
+requests in flight, and reads ``environ["oxypy.exchanges"]`` for per-target
+counts and upstream errors by kind.  ``prometheus_client`` is an optional
+extra (``pip install oxypy[prometheus]``), imported only when used.
+Not to be confused with :mod:`oxypy.metrics`, the in-memory rolling metrics
+that CircuitBreaker and the Rebalancer use.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from . import environ as keys
+from ._types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from .exceptions import ConfigurationError, RequestError
+
+__all__ = ["BreakerStateGauge", "PrometheusMetrics", "metrics_app"]
+
+#: Latency buckets in seconds: 5 ms to 30 s, suited to a gateway.
+DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BREAKER_STATES = ("standby", "tripped", "recovering")
+
+
+def _require() -> Any:
+    try:
+        import prometheus_client
+    except ImportError as exc:
+        raise ConfigurationError(
+            "prometheus metrics need the prometheus_client package: pip install 'oxypy[prometheus]'"
+        ) from exc
+    return prometheus_client
+
+
+def _registry(pc: Any, registry: Any) -> Any:
+    return pc.REGISTRY if registry is None else registry
+
+
+def _code_class(status: int | None) -> str:
+    if not status:
+        return "none"
+    return f"{status // 100}xx"
+
+
+def _check_namespace(namespace: str) -> None:
+    if not namespace.replace("_", "a").isalnum() or namespace[0].isdigit():
+        raise ConfigurationError(f"namespace must be a Prometheus name prefix: {namespace!r}")
+
+
+class PrometheusMetrics:
+    """Export Prometheus metrics about the requests passing through.
+
+    Metrics (``<ns>`` is ``namespace``):
+
+    * ``<ns>_requests_total{method,code_class}``: finished requests; a
+      response cut short because the client went away counts as ``4xx``
+      (499); an app that raised before answering as ``5xx``.
+    * ``<ns>_request_duration_seconds{code_class}``: histogram, from the call
+      to the ``close()`` of the response (the whole body streamed).
+    * ``<ns>_requests_in_flight``: gauge (``livesum`` in multi-process mode).
+    * ``<ns>_upstream_requests_total{target,code_class}``: one per
+      ``Forward`` exchange below (retries count); ``code_class="none"`` when
+      the upstream never answered.
+    * ``<ns>_upstream_errors_total{target,kind}``: exchanges that failed, by
+      error kind (``upstream_connect_error``, ``upstream_timeout``,
+      ``client_disconnected``...).
+    * ``<ns>_errors_total{kind}``: request errors any oxypy block answered
+      (``rate_limited``, ``circuit_open``...), from ``environ["oxypy.error"]``.
+
+    Targets beyond ``max_targets`` distinct URLs are counted as ``"other"``
+    so a dynamic ``oxypy.target`` cannot explode the label set.  Breaker state:
+    see :class:`BreakerStateGauge`.  Streams; never answers by itself.
+
+    Under gunicorn with several workers set ``PROMETHEUS_MULTIPROC_DIR``
+    before the workers start and serve :func:`metrics_app`; add
+    ``prometheus_client.multiprocess.mark_process_dead(worker.pid)`` to
+    gunicorn's ``child_exit`` hook.
+
+    :param registry: a ``prometheus_client.CollectorRegistry`` (default: the
+        global ``REGISTRY``); one PrometheusMetrics per namespace per registry.
+    :param namespace: metric name prefix (default ``"oxypy"``).
+    :param buckets: histogram buckets in seconds.
+    :param max_targets: distinct ``target`` label values kept (default 256).
+    :param clock: monotonic seconds, for the latency.
+    :param skip: ``skip(environ) -> bool``; True: not counted.
+    :raises ConfigurationError: prometheus_client missing, or metrics with
+        these names already registered.
+
+    Example::
+
+        from werkzeug.middleware.dispatcher import DispatcherMiddleware
+        from oxypy import Forward
+        from oxypy.prometheus import PrometheusMetrics, metrics_app
+        app = DispatcherMiddleware(PrometheusMetrics(Forward("http://127.0.0.1:9000")),
+                                   {"/metrics": metrics_app()})
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        next_app: WSGIApplication,
+        /,
+        *,
+        registry: Any = None,
+        namespace: str = "oxypy",
+        buckets: Sequence[float] = DEFAULT_BUCKETS,
+        max_targets: int = 256,
+        clock: Clock = time.monotonic,
+        skip: Skip | None = None,
+    ) -> None:
+        pc = _require()
+        _check_namespace(namespace)
+        if max_targets < 1:
+            raise ConfigurationError("max_targets must be >= 1")
+        registry = _registry(pc, registry)
+        try:
+            self.requests = pc.Counter(
+                "requests",
+                "Requests finished, by method and status class.",
+                ["method", "code_class"],
+                namespace=namespace,
+                registry=registry,
+            )
+            self.duration = pc.Histogram(
+                "request_duration_seconds",
+                "Time from the call to the end of the response body.",
+                ["code_class"],
+                namespace=namespace,
+                buckets=tuple(buckets),
+                registry=registry,
+            )
+            self.in_flight = pc.Gauge(
+                "requests_in_flight",
+                "Requests being served.",
+                namespace=namespace,
+                registry=registry,
+                multiprocess_mode="livesum",
+            )
+            self.upstream = pc.Counter(
+                "upstream_requests",
+                "Upstream requests made by Forward, by target and status class.",
+                ["target", "code_class"],
+                namespace=namespace,
+                registry=registry,
+            )
+            self.upstream_errors = pc.Counter(
+                "upstream_errors",
+                "Upstream requests that failed, by target and error kind.",
+                ["target", "kind"],
+                namespace=namespace,
+                registry=registry,
+            )
+            self.errors = pc.Counter(
+                "errors",
+                "Request errors answered by oxypy blocks, by kind.",
+                ["kind"],
+                namespace=namespace,
+                registry=registry,
+            )
+        except ValueError as exc:  # "Duplicated timeseries in CollectorRegistry"
+            raise ConfigurationError(
+                f"metrics for namespace {namespace!r} are already registered: use another "
+                "namespace or registry"
+            ) from exc
+        self.next_app = next_app
+        self.clock = clock
+        self.skip = skip
+        self.max_targets = max_targets
+        self._lock = threading.Lock()
+        self._targets: set[str] = set()
+
+    def _target_label(self, target: str) -> str:
+        with self._lock:
+            if target in self._targets:
+                return target
+            if len(self._targets) < self.max_targets:
+                self._targets.add(target)
+                return target
+        return "other"
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self.skip is not None and self.skip(environ):
+            return self.next_app(environ, start_response)
+        state = _Observed(self, environ)
+        self.in_flight.inc()
+
+        def observed_start(
+            status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Callable[[bytes], object]:
+            state.status = int(status[:3]) if status[:3].isdigit() else None
+            if exc_info is not None:
+                return start_response(status, headers, exc_info)
+            return start_response(status, headers)
+
+        try:
+            iterable = self.next_app(environ, observed_start)
+        except BaseException:
+            state.raised = True
+            state.finish()
+            raise
+        return _ObservedBody(state, iterable)
+
+
+class _Observed:
+    __slots__ = (
+        "metrics",
+        "environ",
+        "started",
+        "status",
+        "raised",
+        "exhausted",
+        "log",
+        "start",
+        "error_before",
+    )
+
+    def __init__(self, metrics: PrometheusMetrics, environ: WSGIEnvironment) -> None:
+        self.metrics = metrics
+        self.environ = environ
+        self.started = metrics.clock()
+        self.status: int | None = None
+        self.raised = False
+        self.exhausted = False
+        self.log: list[Any] = environ.setdefault(keys.EXCHANGES, [])
+        self.start = len(self.log)
+        self.error_before = environ.get(keys.ERROR)
+
+    def finish(self) -> None:
+        m = self.metrics
+        m.in_flight.dec()
+        status = self.status
+        if status is None:
+            status = 500
+        elif not self.exhausted and not self.raised:
+            status = 499  # the server stopped reading the body: the client left
+        code_class = _code_class(status)
+        m.requests.labels(self.environ.get("REQUEST_METHOD", ""), code_class).inc()
+        m.duration.labels(code_class).observe(max(0.0, m.clock() - self.started))
+        for ex in self.log[self.start :]:
+            target = m._target_label(ex.target or "none")
+            m.upstream.labels(target, _code_class(ex.status)).inc()
+            if ex.error is not None:
+                m.upstream_errors.labels(target, ex.error.kind).inc()
+        error = self.environ.get(keys.ERROR)
+        if isinstance(error, RequestError) and error is not self.error_before:
+            m.errors.labels(error.kind).inc()
+
+
+class _ObservedBody:
+    __slots__ = ("state", "iterable", "closed")
+
+    def __init__(self, state: _Observed, iterable: Iterable[bytes]) -> None:
+        self.state = state
+        self.iterable = iterable
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            yield from self.iterable
+        except GeneratorExit:  # the consumer dropped us: not an app error
+            raise
+        except BaseException:
+            self.state.raised = True
+            raise
+        self.state.exhausted = True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            close = getattr(self.iterable, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.state.finish()
+
+
+class BreakerStateGauge:
+    """``<ns>_circuit_breaker_state{name,state}``: 1 for a breaker's current state.
+
+    Wire it to a :class:`~oxypy.CircuitBreaker` through its callbacks::
+
+        states = BreakerStateGauge(registry=registry)
+        hook = states.callback("api")           # sets "standby" now
+        breaker = CircuitBreaker(next_app, "NetworkErrorRatio() > 0.5",
+                                 on_trip=hook, on_standby=hook)
+
+    The callback takes the breaker's transition (anything with ``.new``) or a
+    state name.  The breaker only reports trips and returns to standby, so the
+    gauge shows ``tripped`` through the recovery ramp.  In multi-process mode
+    the value is the maximum over live workers (``livemax``).
+
+    :param registry: as for :class:`PrometheusMetrics`.
+    :param namespace: metric name prefix.
+    """
+
+    def __init__(self, *, registry: Any = None, namespace: str = "oxypy") -> None:
+        pc = _require()
+        _check_namespace(namespace)
+        try:
+            self.gauge = pc.Gauge(
+                "circuit_breaker_state",
+                "1 for the current state of each circuit breaker, 0 for the others.",
+                ["name", "state"],
+                namespace=namespace,
+                registry=_registry(pc, registry),
+                multiprocess_mode="livemax",
+            )
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"circuit_breaker_state for namespace {namespace!r} is already registered"
+            ) from exc
+
+    def set(self, name: str, state: Any) -> None:
+        """Record ``state`` (a name, a State, or a transition) for breaker ``name``."""
+        value = str(getattr(state, "new", state)).lower()
+        if value not in _BREAKER_STATES:
+            raise ValueError(f"unknown circuit breaker state {value!r}")
+        for each in _BREAKER_STATES:
+            self.gauge.labels(name, each).set(1 if each == value else 0)
+
+    def callback(self, name: str) -> Callable[[Any], None]:
+        """A hook for ``on_trip``/``on_standby``; the gauge starts at ``standby``."""
+        self.set(name, "standby")
+
+        def hook(transition: Any) -> None:
+            self.set(name, transition)
+
+        return hook
+
+
+def metrics_app(registry: Any = None) -> WSGIApplication:
+    """A WSGI app answering the Prometheus text format (mount it at ``/metrics``).
+
+    With ``PROMETHEUS_MULTIPROC_DIR`` set (gunicorn with several workers) it
+    aggregates every worker's metrics through
+    ``prometheus_client.multiprocess.MultiProcessCollector`` (``registry`` is
+    then ignored); otherwise it exposes ``registry`` (default: the global
+    ``REGISTRY``).
+
+    .. versionadded:: 0.1
+    """
+    pc = _require()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = pc.CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    app: WSGIApplication = pc.make_wsgi_app(_registry(pc, registry))
+    return app
