@@ -68,7 +68,7 @@ def main() -> None:
     print(f"Histogram.record (oxypy)       {per_call_us(own_hist):6.2f} µs/record")
     print(f"RollingHistogram.record        {per_call_us(own_rolling):6.2f} µs/record")
     try:
-        from hdrh.histogram import HdrHistogram
+        from hdrh.histogram import HdrHistogram  # type: ignore[import-untyped]
     except ImportError:
         print("hdrhistogram (hdrh) not installed: no comparison")
         return
