@@ -151,6 +151,8 @@ class CircuitBreaker:
     it failed mid-body); an upstream that itself answers 502 is not one.
     **Streams**: the body passes through untouched; the outcome (status,
     latency, network error) is recorded when the response iterable is closed.
+    Latency runs from the call to ``start_response`` (the response head), so
+    long downloads, event streams and WebSocket sessions do not count as slow.
     A body iterator that raises, or a wrapped app that raises, counts as a
     network error (status 500 if no status was sent).
 
@@ -353,6 +355,8 @@ class CircuitBreaker:
 
         def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             outcome.status = int(status[:3])
+            if outcome.head_at is None:
+                outcome.head_at = self.clock()
             return start_response(status, headers, exc_info)
 
         try:
@@ -370,7 +374,7 @@ class CircuitBreaker:
 class _Outcome:
     """What one admitted request did; recorded once, when its body is closed."""
 
-    __slots__ = ("breaker", "exchanges", "mark", "started", "status", "failed", "done")
+    __slots__ = ("breaker", "exchanges", "mark", "started", "head_at", "status", "failed", "done")
 
     def __init__(
         self, breaker: CircuitBreaker, exchanges: list[Any], mark: int, started: float
@@ -379,6 +383,7 @@ class _Outcome:
         self.exchanges = exchanges
         self.mark = mark
         self.started = started
+        self.head_at: float | None = None
         self.status = 0
         self.failed = False
         self.done = False
@@ -393,7 +398,10 @@ class _Outcome:
         network_error = self.failed or bool(new and new[-1].network_error)
         status = self.status or 500
         breaker = self.breaker
-        breaker._settle(status, breaker.clock() - self.started, network_error)
+        # Latency is time to the response head: a long download, an event
+        # stream or a WebSocket session is not a slow upstream.
+        ended = self.head_at if self.head_at is not None else breaker.clock()
+        breaker._settle(status, ended - self.started, network_error)
 
 
 class _ObservedBody:
