@@ -1,0 +1,138 @@
+"""Router: send each request to an app chosen by host and path prefix.
+
+A small alternative to werkzeug's ``DispatcherMiddleware`` that also matches
+the ``Host`` header and can strip the mount prefix before proxying.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from ._types import StartResponse, WSGIApplication, WSGIEnvironment
+from .errors import ErrorHandler, default_error_handler, respond_error
+from .exceptions import ConfigurationError, RequestError
+from .rewrite import Rewrite
+
+__all__ = ["Router"]
+
+Route = tuple[str | None, str, WSGIApplication]
+
+
+class _Compiled:
+    __slots__ = ("host", "wildcard", "prefix", "app", "mounted")
+
+    def __init__(self, host: str | None, prefix: str, app: WSGIApplication, strip: bool) -> None:
+        self.wildcard = False
+        if host is not None:
+            host = host.strip().lower()
+            if host.startswith("*."):
+                self.wildcard = True
+                host = host[1:]  # ".example.com"
+            if not host or "/" in host or " " in host:
+                raise ConfigurationError(f"Router: invalid host pattern {host!r}")
+        self.host = host
+        if not prefix.startswith("/"):
+            raise ConfigurationError(f"Router: path prefix must start with '/': {prefix!r}")
+        self.prefix = prefix.rstrip("/")
+        self.app = app
+        # strip: remove the prefix from the path entirely (the upstream sees
+        # the rest); otherwise move it to SCRIPT_NAME, as WSGI mounting does.
+        self.mounted = strip and bool(self.prefix)
+        if self.mounted:
+            self.app = Rewrite(app, strip_prefix=self.prefix)
+
+    def matches_host(self, host: str) -> bool:
+        if self.host is None:
+            return True
+        if self.wildcard:
+            return host.endswith(self.host) and len(host) > len(self.host)
+        return host == self.host
+
+    def matches_path(self, path: str) -> bool:
+        return not self.prefix or path == self.prefix or path.startswith(self.prefix + "/")
+
+
+def _request_host(environ: WSGIEnvironment) -> str:
+    host = str(environ.get("HTTP_HOST") or environ.get("SERVER_NAME") or "").lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end >= 0 else host
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
+
+
+class Router:
+    """Dispatch to the app of the most specific matching route.
+
+    A route is ``(host, path_prefix, app)``: ``host`` is an exact name
+    (``"api.example.com"``, port ignored), a wildcard (``"*.example.com"``
+    matches one or more labels in front) or None for any host;
+    ``path_prefix`` matches at a segment boundary (``"/api"`` matches
+    ``/api`` and ``/api/x``, not ``/apix``; ``"/"`` matches everything).
+    Exact-host routes are tried first, then wildcard-host routes, then
+    host-less ones; within each group the longest prefix wins, then the
+    order given.
+
+    By default the prefix moves from ``PATH_INFO`` to ``SCRIPT_NAME`` (WSGI
+    mounting, as ``DispatcherMiddleware`` does); since ``Forward`` sends
+    ``SCRIPT_NAME + PATH_INFO``, the upstream still sees the full path.  With
+    ``strip=True`` the prefix is removed from the path and the raw URI (via
+    :class:`~oxypy.Rewrite`), so ``/api/x`` reaches the upstream as ``/x``.
+
+    No matching route and no ``default``: 404 through ``error_handler``.
+
+    :param routes: a sequence of ``(host_or_None, path_prefix, app)``.
+    :param default: the app for requests no route matches.
+    :param strip: remove route prefixes instead of mounting them.
+    :param error_handler: answers the 404.
+
+    Example::
+
+        from oxypy import Forward
+        from oxypy.router import Router
+        app = Router([("api.example.com", "/", Forward("http://127.0.0.1:9001")),
+                      (None, "/static", Forward("http://127.0.0.1:9002"))], strip=True)
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        routes: Sequence[Route],
+        /,
+        default: WSGIApplication | None = None,
+        *,
+        strip: bool = False,
+        error_handler: ErrorHandler = default_error_handler,
+    ) -> None:
+        compiled = []
+        for route in routes:
+            if not (isinstance(route, tuple) and len(route) == 3 and callable(route[2])):
+                raise ConfigurationError("Router: each route is (host_or_None, prefix, app)")
+            host, prefix, app = route
+            if not isinstance(prefix, str) or not (host is None or isinstance(host, str)):
+                raise ConfigurationError("Router: host and prefix must be strings")
+            compiled.append(_Compiled(host, prefix, app, strip))
+        if not compiled and default is None:
+            raise ConfigurationError("Router needs routes or a default app")
+        # Stable sort: exact hosts, wildcard hosts, any host; then longer
+        # prefixes; then the order given.
+        compiled.sort(key=lambda r: (r.host is None, r.wildcard, -len(r.prefix)))
+        self.routes = compiled
+        self.default = default
+        self.error_handler = error_handler
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        host = _request_host(environ)
+        path = environ.get("PATH_INFO", "")
+        for route in self.routes:
+            if route.matches_host(host) and route.matches_path(path):
+                if route.prefix and not route.mounted:
+                    environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + route.prefix
+                    environ["PATH_INFO"] = path[len(route.prefix) :]
+                return route.app(environ, start_response)
+        if self.default is not None:
+            return self.default(environ, start_response)
+        exc = RequestError("no route for this request", status=404)
+        return respond_error(self.error_handler, environ, start_response, exc)

@@ -1,0 +1,106 @@
+"""Router: host and path-prefix dispatch, in-process tables and through Forward."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from _servers import RawUpstream
+from werkzeug.middleware.lint import LintMiddleware
+from werkzeug.test import Client
+
+from oxypy import Forward
+from oxypy.exceptions import ConfigurationError
+from oxypy.router import Router
+
+
+def named(name: str) -> Callable[..., Any]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        body = json.dumps(
+            {"app": name, "script": environ["SCRIPT_NAME"], "path": environ["PATH_INFO"]}
+        ).encode()
+        start_response(
+            "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        )
+        return [body]
+
+    return app
+
+
+ROUTER = Router(
+    [
+        (None, "/api", named("api")),
+        (None, "/api/v2", named("api-v2")),
+        ("admin.example.com", "/", named("admin")),
+        ("*.example.com", "/api", named("wild-api")),
+        (None, "/", named("root")),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("host", "path", "app", "script", "rest"),
+    [
+        pytest.param("x.org", "/api/users", "api", "/api", "/users", id="prefix"),
+        pytest.param("x.org", "/api", "api", "/api", "", id="prefix-exact"),
+        pytest.param("x.org", "/apix", "root", "", "/apix", id="segment-boundary"),
+        pytest.param("x.org", "/api/v2/a", "api-v2", "/api/v2", "/a", id="longest-prefix"),
+        pytest.param("admin.example.com:8080", "/api/x", "admin", "", "/api/x", id="host-wins"),
+        pytest.param("ADMIN.example.com", "/", "admin", "", "/", id="host-case"),
+        pytest.param("a.b.example.com", "/api/q", "wild-api", "/api", "/q", id="wildcard"),
+        pytest.param("example.com", "/api/q", "api", "/api", "/q", id="wildcard-not-apex"),
+        pytest.param("x.org", "/", "root", "", "/", id="root"),
+    ],
+)
+def test_dispatch_table(host: str, path: str, app: str, script: str, rest: str) -> None:
+    resp = Client(LintMiddleware(ROUTER)).get(path, headers={"Host": host}, buffered=True)
+    assert resp.status_code == 200
+    assert resp.json == {"app": app, "script": script, "path": rest}
+
+
+def test_no_route_is_404_or_default() -> None:
+    router = Router([("only.example.com", "/", named("only"))])
+    resp = Client(LintMiddleware(router)).get("/", headers={"Host": "x"}, buffered=True)
+    assert resp.status_code == 404
+    assert resp.data == b"no route for this request\n"
+    with_default = Router([("only.example.com", "/", named("only"))], named("fallback"))
+    resp = Client(LintMiddleware(with_default)).get("/z", buffered=True)
+    assert resp.json == {"app": "fallback", "script": "", "path": "/z"}
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        pytest.param([(None, "api", named("a"))], id="prefix-no-slash"),
+        pytest.param([("bad host", "/", named("a"))], id="bad-host"),
+        pytest.param([(None, "/")], id="not-a-triple"),
+        pytest.param([(None, "/", "not-callable")], id="not-callable"),
+        pytest.param([], id="empty"),
+    ],
+)
+def test_configuration_errors(routes: Any) -> None:
+    with pytest.raises(ConfigurationError):
+        Router(routes)
+
+
+def test_forward_mounted_full_path_or_stripped(proxy: Any) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+    upstream = RawUpstream(lambda sock, data: sock.sendall(answer))
+    try:
+        mounted = proxy(Router([(None, "/api", Forward(upstream.url))], named("home")))
+        stripped = proxy(Router([(None, "/api", Forward(upstream.url))], strip=True))
+        got = []
+        for url, target in [(mounted, "/api/a%2Fb?q=1"), (stripped, "/api/a%2Fb?q=1")]:
+            host, port = url.split("//", 1)[1].split(":")
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            conn.request("GET", target)
+            resp = conn.getresponse()
+            assert (resp.status, resp.read()) == (200, b"ok")
+            conn.close()
+            got.append(upstream.requests[-1].split(b"\r\n", 1)[0])
+        assert got == [b"GET /api/a%2Fb?q=1 HTTP/1.1", b"GET /a%2Fb?q=1 HTTP/1.1"]
+    finally:
+        upstream.stop()
