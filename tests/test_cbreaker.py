@@ -678,3 +678,30 @@ def test_circuit_open_exception_is_what_the_error_handler_gets(proxy: Any) -> No
     r = get(url)
     assert (r.status, r.data) == (503, b"shed")
     assert isinstance(seen[0], CircuitOpen) and seen[0].status == 503
+
+
+def test_buffer_retry_past_a_network_error_is_not_counted(proxy: Any, echo_upstream: str) -> None:
+    # The last exchange is what the client got: a failure Buffer retried away
+    # from does not count; a request whose every attempt failed does.
+    from oxypy.buffer import Buffer
+    from oxypy.roundrobin import RoundRobin
+
+    dead = refused_url()
+    lb = RoundRobin(Forward(), [dead, echo_upstream])
+    buf = Buffer(lb, retry="IsNetworkError() && Attempts() < 2")
+    cb = CircuitBreaker(buf, "RequestThreshold() > 99", clock=FakeClock(), check_period=0)
+    url = proxy(cb)
+    for _ in range(4):
+        assert get(url).status == 200
+    eventually(lambda: cb.metrics.total_count() == 4)
+    assert cb.metrics.network_error_count() == 0
+
+    only_dead = CircuitBreaker(
+        Buffer(RoundRobin(Forward(), [dead]), retry="IsNetworkError() && Attempts() < 2"),
+        "RequestThreshold() > 99",
+        clock=FakeClock(),
+    )
+    dead_url = proxy(only_dead)
+    assert get(dead_url).status == 502
+    eventually(lambda: only_dead.metrics.total_count() == 1)
+    assert only_dead.metrics.network_error_count() == 1
