@@ -51,11 +51,11 @@ def stop_pid(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
 class RedisServer:
     """``redis-server`` on 127.0.0.1:<free port> with no persistence."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int | None = None) -> None:
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not on PATH")
         self.dir = tempfile.mkdtemp(prefix="oxypy-redis-")
-        self.port = free_port()
+        self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] = subprocess.Popen(
             [
                 REDIS_SERVER,
@@ -129,9 +129,9 @@ def _main(argv: list[str]) -> None:
 
     monkey.patch_all()
 
+    from oxypy._redis import RedisStore
     from oxypy.ratelimit import Rate, RateLimit
     from oxypy.server import Server
-    from oxypy._redis import RedisStore
 
     def hello(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "3")])
