@@ -1,7 +1,7 @@
 """LeastRequest: send each request to a server with few requests in flight.
 
 Power of two choices (Envoy's ``LEAST_REQUEST`` default): draw
-``choice_count`` servers at random, weighted by their weights, and take the
+``choice_count`` distinct servers at random, weighted by their weights, and take the
 one with the fewest in-flight requests per unit of weight.  With no load
 the picks follow the weights exactly; under load a slow server, whose
 requests pile up, is drawn but rarely chosen.
@@ -94,13 +94,27 @@ class LeastRequest(Balancer):
             return None if found is None else found.in_flight
 
     def _choose(self, candidates: list[ServerState]) -> ServerState:
-        first = candidates[0].weight
-        if all(s.weight == first for s in candidates):
-            drawn = self._rng.choices(candidates, k=self.choice_count)
-        else:
-            drawn = self._rng.choices(
-                candidates, [s.weight for s in candidates], k=self.choice_count
-            )
+        # Draw without replacement (with replacement, two servers would be
+        # compared only half the time), each draw weighted by weight.
+        rng = self._rng
+        pool = list(candidates)
+        equal = all(s.weight == pool[0].weight for s in pool)
+        total = sum(s.weight for s in pool)
+        drawn: list[ServerState] = []
+        for _ in range(min(self.choice_count, len(pool))):
+            if equal:
+                index = rng.randrange(len(pool))
+            else:
+                point = rng.random() * total
+                index = len(pool) - 1
+                for i, server in enumerate(pool):
+                    point -= server.weight
+                    if point < 0:
+                        index = i
+                        break
+            server = pool.pop(index)
+            total -= server.weight
+            drawn.append(server)
         # Fewest in flight per unit of weight; ties keep the first draw, so an
         # idle pool is picked exactly in proportion to the weights.
         best = drawn[0]
