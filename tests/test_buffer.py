@@ -57,7 +57,8 @@ def balancer(app: App, targets: list[str], seen: list[tuple[int, str]]) -> App:
         env = dict(environ)
         env[keys.TARGET] = target
         seen.append((env.get(keys.ATTEMPT, 0), target))
-        return app(env, start_response)
+        result: Iterable[bytes] = app(env, start_response)
+        return result
 
     return wsgi
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -308,9 +309,13 @@ def comparisons(draw: st.DrawFn) -> tuple[str, Any]:
             call, getter = "Ratio()", (lambda c: c.ratio)
         else:
             q = draw(NUMS)
-            call, getter = f"Plus({_num_literal(q)})", (lambda c, q=q: c.attempt + q)
+            call, getter = f"Plus({_num_literal(q)})", _plus(q)
     text = f"{lit} {FLIP[op]} {call}" if flip else f"{call} {op} {lit}"
     return text, ("cmp", getter, op, value)
+
+
+def _plus(q: float) -> Callable[[Ctx], float]:
+    return lambda c: c.attempt + q
 
 
 def _leaf(draw: st.DrawFn) -> tuple[str, Any]:
