@@ -367,12 +367,13 @@ class _Request:
 class _TraceBody:
     """The response iterable: counts bytes, writes the record once on close."""
 
-    __slots__ = ("request", "iterable", "iterator")
+    __slots__ = ("request", "iterable", "iterator", "closed")
 
     def __init__(self, request: _Request, iterable: Iterable[bytes]) -> None:
         self.request = request
         self.iterable = iterable
         self.iterator: Iterator[bytes] | None = None
+        self.closed = False
 
     def __iter__(self) -> Iterator[bytes]:
         if self.iterator is None:
@@ -380,6 +381,9 @@ class _TraceBody:
         return self.iterator
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         try:
             close = getattr(self.iterable, "close", None)
             if close is not None:

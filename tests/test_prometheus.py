@@ -95,8 +95,11 @@ def test_in_flight_and_client_abort_counts() -> None:
         yield b"a"
         yield b"b"
 
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        return None
+
     metrics = PrometheusMetrics(app, registry=registry)
-    body = metrics({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, lambda s, h, e=None: None)
+    body = metrics({"REQUEST_METHOD": "GET", "PATH_INFO": "/"}, start_response)
     assert next(iter(body)) == b"a"
     assert registry.get_sample_value("oxypy_requests_in_flight") == 1
     body.close()  # type: ignore[attr-defined]
