@@ -5,7 +5,9 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -559,7 +561,22 @@ def test_50_mib_upload_spills_to_disk(proxy: Any, pywsgi: Any) -> None:
         expected.update(block)
     gc.collect()
     proc = psutil.Process()
-    fds_before = proc.num_fds()
+    tmp = tempfile.gettempdir()
+
+    def temp_files() -> set[str]:
+        found = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                path = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if path.startswith(tmp + "/"):
+                found.add(f"{fd}:{path}")
+        return found
+
+    temps_before = temp_files()
+    temps_during: set[str] = set()
+    listing_before = set(os.listdir(tmp))
     rss_before = proc.memory_info().rss
     peak = [rss_before]
     done = gevent.event.Event()
@@ -567,6 +584,7 @@ def test_50_mib_upload_spills_to_disk(proxy: Any, pywsgi: Any) -> None:
     def sample() -> None:
         while not done.is_set():
             peak[0] = max(peak[0], proc.memory_info().rss)
+            temps_during.update(temp_files() - temps_before)
             gevent.sleep(0.02)
 
     sampler = gevent.spawn(sample)
@@ -593,7 +611,9 @@ def test_50_mib_upload_spills_to_disk(proxy: Any, pywsgi: Any) -> None:
     assert json.loads(body) == {"len": len(block) * count, "sha": expected.hexdigest()}
     assert peak[0] - rss_before < 10 * 1024 * 1024, (peak[0] - rss_before) / 2**20
     gevent.sleep(0.1)
-    assert proc.num_fds() <= fds_before
+    assert temps_during, "the body never went to a temp file"
+    assert temp_files() == temps_before
+    assert set(os.listdir(tmp)) - listing_before == set()
 
 
 def test_body_too_large_is_exported() -> None:
