@@ -194,12 +194,18 @@ class _Connection:
         self.busy = False
         self.closing = False
         self.body_done = False
+        self.pending_error: _BadRequest | None = None
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._in_trailers = False
         host, port = addr[0], addr[1]
         self.base_environ = server.base_environ(host, port)
+        version = getattr(sock, "version", None)
+        if version is not None:  # TLS: what Trace and apps may want to know
+            cipher = sock.cipher()
+            self.base_environ["SSL_PROTOCOL"] = version() or ""
+            self.base_environ["SSL_CIPHER"] = cipher[0] if cipher else ""
 
     # -- llhttp callbacks -----------------------------------------------------
     def on_message_begin(self) -> None:
@@ -262,6 +268,8 @@ class _Connection:
 
     def _fill(self) -> bool:
         """Feed one recv to the parser; False on EOF."""
+        if self.pending_error is not None:
+            raise self.pending_error
         if self.upgraded:
             return False
         data = self._recv()
@@ -275,9 +283,16 @@ class _Connection:
             self.leftover = data[offset:]
         except httptools.HttpParserError as exc:
             cause = exc.__context__
-            if isinstance(cause, _BadRequest):
-                raise cause from None
-            raise _BadRequest(str(exc) or "malformed request") from exc
+            error = (
+                cause
+                if isinstance(cause, _BadRequest)
+                else _BadRequest(str(exc) or "malformed request")
+            )
+            if not self.events:
+                raise error from None
+            # Requests queued before the fault are answered first; the fault
+            # ends the connection as soon as the queue reaches it.
+            self.pending_error = error
         return True
 
     def body_piece(self) -> bytes:
@@ -397,6 +412,8 @@ class _Connection:
             raise _BadRequest("HTTP version not supported", "505 HTTP Version Not Supported")
         if method == "CONNECT":
             raise _BadRequest("CONNECT is not supported", "405 Method Not Allowed")
+        if self.pending_error is not None and not any(e[0] == _END for e in self.events):
+            raise self.pending_error  # this request's own body is malformed
         environ = self.build_environ(url, raw_headers, method, version)
         if upgrade and self.upgraded:
             environ["wsgi.input"] = _RawInput(self, False)
@@ -628,6 +645,11 @@ class _ResponseWriter:
                     if close is not None:
                         close()
         except _ClientGone:
+            return False
+        except _BadRequest as exc:
+            # The body turned out malformed while the app was reading it.
+            if not self.head_sent:
+                self.conn.reject(exc)
             return False
         except Exception:
             if self.head_sent:
