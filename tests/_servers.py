@@ -196,7 +196,7 @@ def raw_request(url: str, data: bytes, *, timeout: float = 5.0, until: str = "re
                     ender.feed(piece)
                     if ender.done:
                         break
-        except socket.timeout:
+        except TimeoutError:
             pass
         return b"".join(chunks)
 

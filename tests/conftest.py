@@ -9,6 +9,7 @@ from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
+
 from _servers import echo_app, start_pywsgi, url_of  # noqa: E402
 
 logging.getLogger("oxypy").setLevel(logging.DEBUG)

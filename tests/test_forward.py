@@ -15,9 +15,10 @@ import gevent
 import pytest
 import urllib3
 
-from _servers import RawUpstream, raw_request, read_exact_body
 from oxypy import Forward, OutgoingRequest, ResponseHead
 from oxypy.environ import EXCHANGES
+
+from _servers import RawUpstream, raw_request, read_exact_body
 
 HTTP = urllib3.PoolManager(retries=False, timeout=10)
 
@@ -177,7 +178,9 @@ def test_hop_by_hop_request_headers_removed_and_forwarding_headers_added(proxy: 
 
 
 def forwarding(raw: bytes) -> dict[str, str]:
-    return {n.lower(): v for n, v in header_lines(raw) if n.lower().startswith(("x-", "forw", "via"))}
+    return {
+        n.lower(): v for n, v in header_lines(raw) if n.lower().startswith(("x-", "forw", "via"))
+    }
 
 
 SPOOFED = (
@@ -458,7 +461,7 @@ def test_compressed_response_passes_through_undecoded(proxy: Any, pywsgi: Any) -
     [
         pytest.param(b"HEAD", 200, b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", id="head"),
         pytest.param(b"GET", 204, b"HTTP/1.1 204 No Content\r\n\r\n", id="204"),
-        pytest.param(b"GET", 304, b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n", id="304"),
+        pytest.param(b"GET", 304, b'HTTP/1.1 304 Not Modified\r\nETag: "x"\r\n\r\n', id="304"),
     ],
 )
 def test_no_body_responses(proxy: Any, method: bytes, status: int, answer: bytes) -> None:

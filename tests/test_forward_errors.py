@@ -12,11 +12,12 @@ import gevent
 import psutil
 import pytest
 import urllib3
-from _servers import RawUpstream, raw_request, url_of
 from gevent.pywsgi import WSGIServer
 
 from oxypy import Forward, RequestError
 from oxypy.environ import ERROR, EXCHANGES
+
+from _servers import RawUpstream, raw_request, url_of
 
 HTTP = urllib3.PoolManager(retries=False, timeout=10)
 
@@ -107,7 +108,9 @@ def test_custom_error_handler(proxy: Any) -> None:
         ),
         pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok", id="nul"),
         pytest.param(b"HTTP/1.1 200 OK\r\nX-A: a\rb\r\nContent-Length: 2\r\n\r\nok", id="bare-cr"),
-        pytest.param(b"HTTP/1.1 200 OK\r\nX-A : b\r\nContent-Length: 2\r\n\r\nok", id="space-colon"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nX-A : b\r\nContent-Length: 2\r\n\r\nok", id="space-colon"
+        ),
         pytest.param(b"FOO BAR BAZ\r\n\r\n", id="garbage-status-line"),
         pytest.param(b"hello world\r\n\r\n", id="http09"),
         pytest.param(b"HTTP/1.1 99 Low\r\nContent-Length: 0\r\n\r\n", id="status-99"),
@@ -151,7 +154,9 @@ def test_upstream_dying_mid_body_aborts_client(
 ) -> None:
     up = answering(response)
     try:
-        out = raw_request(proxy(Forward(up.url)), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", until="close")
+        out = raw_request(
+            proxy(Forward(up.url)), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", until="close"
+        )
         head, _, body = out.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 OK")
         assert body.startswith(expect_prefix)
@@ -190,9 +195,7 @@ SMUGGLING = [
         b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
         id="te-list",
     ),
-    pytest.param(
-        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello", id="signed-cl"
-    ),
+    pytest.param(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello", id="signed-cl"),
     pytest.param(
         b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
         id="duplicate-cl",
@@ -207,7 +210,9 @@ SMUGGLING = [
         for p in SMUGGLING
     ],
 )
-def test_forward_rejects_ambiguous_framing_under_pywsgi(request_bytes: bytes, visible: bool) -> None:
+def test_forward_rejects_ambiguous_framing_under_pywsgi(
+    request_bytes: bytes, visible: bool
+) -> None:
     """gevent.pywsgi is lenient; Forward must not rely on the server in front.
 
     Where the environ still shows the ambiguity (obfuscated or listed
@@ -236,11 +241,15 @@ def test_forward_rejects_ambiguous_framing_under_pywsgi(request_bytes: bytes, vi
 
 
 @pytest.mark.parametrize("request_bytes", SMUGGLING)
-def test_oxypy_server_rejects_ambiguous_framing_and_closes(proxy: Any, request_bytes: bytes) -> None:
+def test_oxypy_server_rejects_ambiguous_framing_and_closes(
+    proxy: Any, request_bytes: bytes
+) -> None:
     up = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     try:
         out = raw_request(proxy(Forward(up.url)), request_bytes, until="close", timeout=3)
-        assert out.startswith((b"HTTP/1.1 400 Bad Request\r\n", b"HTTP/1.1 501 Not Implemented\r\n"))
+        assert out.startswith(
+            (b"HTTP/1.1 400 Bad Request\r\n", b"HTTP/1.1 501 Not Implemented\r\n")
+        )
         assert out.count(b"HTTP/1.1 ") == 1  # nothing after it was read as a request
         assert b"Connection: close" in out
         assert up.requests == []

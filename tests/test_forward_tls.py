@@ -13,8 +13,9 @@ import trustme
 import urllib3
 from gevent.pywsgi import WSGIServer
 
-from _servers import echo_app
 from oxypy import Forward, Server
+
+from _servers import echo_app
 
 HTTP = urllib3.PoolManager(retries=False, timeout=10)
 
@@ -80,7 +81,9 @@ def test_client_certificate(proxy: Any, ca: trustme.CA, tmp_path: Path) -> None:
     client.private_key_pem.write_to_path(str(key_file))
     url = f"https://127.0.0.1:{server.address[1]}"
     try:
-        with_cert = Forward(url, ca_certs=str(ca_file), cert_file=str(cert_file), key_file=str(key_file))
+        with_cert = Forward(
+            url, ca_certs=str(ca_file), cert_file=str(cert_file), key_file=str(key_file)
+        )
         assert HTTP.request("GET", proxy(with_cert) + "/").status == 200
         without = Forward(url, ca_certs=str(ca_file))
         assert HTTP.request("GET", proxy(without) + "/").status == 502
@@ -88,7 +91,9 @@ def test_client_certificate(proxy: Any, ca: trustme.CA, tmp_path: Path) -> None:
         server.stop(timeout=1)
 
 
-def test_https_front_sets_forwarded_proto(ca: trustme.CA, echo_upstream: str, tmp_path: Path) -> None:
+def test_https_front_sets_forwarded_proto(
+    ca: trustme.CA, echo_upstream: str, tmp_path: Path
+) -> None:
     cert = ca.issue_cert("127.0.0.1")
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     cert.configure_cert(ctx)

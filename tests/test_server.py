@@ -19,7 +19,6 @@ import pytest
 import urllib3
 
 from _servers import raw_request
-from oxypy.server import Server
 
 HTTP = urllib3.PoolManager(retries=False, timeout=10)
 
