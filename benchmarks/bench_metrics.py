@@ -20,6 +20,7 @@ if "--gevent" in sys.argv:
 import random  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 from oxypy.metrics import Histogram, RollingHistogram, RoundTripMetrics  # noqa: E402
 
@@ -64,7 +65,32 @@ def main() -> None:
         for k in range(n):
             rec(values_us[k & 1023])
 
+    from oxypy.cbreaker import CircuitBreaker
+
+    def app(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    ignore: Any = lambda s, h, e=None: None  # noqa: E731
+
+    def bare(n: int) -> None:
+        for _ in range(n):
+            body = app({}, ignore)
+            for _chunk in body:
+                pass
+
+    breaker = CircuitBreaker(app, "NetworkErrorRatio() > 0.5 && RequestThreshold() >= 20")
+
+    def through_breaker(n: int) -> None:
+        for _ in range(n):
+            body: Any = breaker({"REQUEST_METHOD": "GET"}, ignore)
+            for _chunk in body:
+                pass
+            body.close()
+
     print(f"RoundTripMetrics.record        {per_call_us(record):6.2f} µs/record")
+    overhead = per_call_us(through_breaker, N // 4) - per_call_us(bare, N // 4)
+    print(f"CircuitBreaker per request     {overhead:6.2f} µs overhead (in-process, no HTTP)")
     print(f"Histogram.record (oxypy)       {per_call_us(own_hist):6.2f} µs/record")
     print(f"RollingHistogram.record        {per_call_us(own_rolling):6.2f} µs/record")
     try:

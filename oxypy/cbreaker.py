@@ -309,6 +309,9 @@ class CircuitBreaker:
 
     def _admit(self, now: float) -> tuple[bool, float]:
         """Whether to pass this request on, and the Retry-After hint if not."""
+        state = self._state
+        if state is State.STANDBY:
+            return True, 0.0  # fast path: standby has no time-driven edge
         fired: list[Transition] = []
         with self._lock:
             self._advance(now, fired)
@@ -325,9 +328,11 @@ class CircuitBreaker:
 
     def _settle(self, status: int, latency: float, network_error: bool) -> None:
         self.metrics.record(status, latency, network_error)
+        now = self.clock()
+        if self._next_check is not None and now < self._next_check:
+            return  # fast path; re-checked under the lock below
         fired: list[Transition] = []
         with self._lock:
-            now = self.clock()
             if self._next_check is not None and now < self._next_check:
                 return
             self._next_check = now + self.check_period
