@@ -20,7 +20,7 @@ from .exceptions import ConfigurationError
 
 __all__ = ["RedirectFallback", "ResponseFallback", "Webhook"]
 
-log = logging.getLogger("oxypy.cbreaker")
+log = logging.getLogger(__name__)
 
 
 def _check_http_url(url: str, what: str) -> None:
