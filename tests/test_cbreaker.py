@@ -14,7 +14,6 @@ import gevent
 import gevent.event
 import pytest
 import urllib3
-from _servers import RawUpstream, raw_request
 from werkzeug.test import create_environ
 
 from oxypy import CircuitOpen, ConfigurationError, Forward, PredicateError
@@ -30,6 +29,8 @@ from oxypy.cbreaker import (
 )
 from oxypy.metrics import RoundTripMetrics
 from oxypy.predicate import compile_predicate
+
+from _servers import RawUpstream, raw_request
 
 TRIGGER = "NetworkErrorRatio() > 0.5"
 
