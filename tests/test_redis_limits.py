@@ -9,7 +9,6 @@ from typing import Any
 
 import gevent
 import pytest
-from _redis import REDIS_SERVER, RedisServer, start_proxy_process, stop_pid
 from werkzeug.middleware.lint import LintMiddleware
 from werkzeug.test import Client, EnvironBuilder
 
@@ -17,6 +16,8 @@ from oxypy._redis import RedisConnStore, RedisStore
 from oxypy.connlimit import ConnLimit
 from oxypy.exceptions import ConfigurationError
 from oxypy.ratelimit import Rate, RateLimit
+
+from _redis import REDIS_SERVER, RedisServer, start_proxy_process, stop_pid
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not on PATH")
 
