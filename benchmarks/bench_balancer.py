@@ -3,8 +3,10 @@
 Each proxy runs in its own process pinned to CPU 0 (``taskset -c 0``) on
 oxypy's Server; wrk runs pinned to CPU 1 with 64 connections; the two
 upstreams (gevent pywsgi apps answering 1 KiB with TCP_NODELAY) share CPU 1
-with wrk.  Rounds are interleaved (bare, roundrobin, leastrequest, bare, ...)
-and medians reported with the throughput ratio to bare Forward and the cost
+with wrk.  Rounds are interleaved (bare, roundrobin1, roundrobin, leastrequest,
+bare, ...); ``roundrobin1`` balances over the bare run's single upstream, which
+separates the balancer's own cost from the two-upstream topology.  Medians are
+reported with the throughput ratio to bare Forward and the cost
 per request in microseconds::
 
     cost = (1 / rps_balanced - 1 / rps_bare) * 1e6
@@ -28,9 +30,10 @@ from typing import Any
 
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
-VARIANTS = ("bare", "roundrobin", "leastrequest")
+VARIANTS = ("bare", "roundrobin1", "roundrobin", "leastrequest")
 NAMES = {
     "bare": "Forward (1 upstream)",
+    "roundrobin1": "RoundRobin + Forward (same 1 upstream)",
     "roundrobin": "RoundRobin + Forward (2 upstreams)",
     "leastrequest": "LeastRequest + Forward (2 upstreams)",
 }
@@ -116,6 +119,8 @@ def _serve_proxy(variant: str, up1: str, up2: str) -> None:
     app: Any
     if variant == "bare":
         app = Forward(up1)
+    elif variant == "roundrobin1":
+        app = RoundRobin(Forward(), [up1])
     elif variant == "roundrobin":
         app = RoundRobin(Forward(), [up1, up2])
     else:
