@@ -2,12 +2,12 @@
 
 Each proxy runs in its own process pinned to CPU 0 (``taskset -c 0``) on
 oxypy's Server; wrk runs pinned to CPU 1 with 64 connections; the two
-upstreams (gevent pywsgi apps answering 1 KiB with TCP_NODELAY) share CPU 1
-with wrk.  Rounds are interleaved (bare, roundrobin1, roundrobin, leastrequest,
-bare, ...); ``roundrobin1`` balances over the bare run's single upstream, which
-separates the balancer's own cost from the two-upstream topology.  Medians are
-reported with the throughput ratio to bare Forward and the cost
-per request in microseconds::
+upstreams (gevent pywsgi servers answering 1 KiB with TCP_NODELAY, both in
+one process) share CPU 1 with wrk.  Rounds are interleaved (bare,
+roundrobin1, roundrobin, leastrequest, bare, ...); ``roundrobin1`` balances
+over the bare run's single upstream, which separates the balancer's own cost
+from the two-upstream topology.  Medians are reported with the throughput
+ratio to bare Forward and the cost per request in microseconds::
 
     cost = (1 / rps_balanced - 1 / rps_bare) * 1e6
 
@@ -46,14 +46,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _start(argv: list[str]) -> tuple[subprocess.Popen[bytes], int]:
+def _start(argv: list[str]) -> tuple[subprocess.Popen[bytes], list[int]]:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=_env(), cwd=ROOT)
     assert proc.stdout is not None
     line = proc.stdout.readline().decode()
     if not line.startswith("READY "):
         _stop(proc)
         raise RuntimeError(f"{argv} did not start: {line!r}")
-    return proc, int(line.split()[1])
+    return proc, [int(p) for p in line.split()[1:]]
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -101,10 +101,15 @@ def _serve_upstream() -> None:
         )
         return [BODY]
 
-    server = WSGIServer(("127.0.0.1", 0), app, log=None, error_log=None, handler_class=NoDelay)
-    server.start()
-    print(f"READY {server.address[1]}", flush=True)
-    server.serve_forever()
+    # Two upstream servers in one process: two processes sharing CPU 1 with wrk
+    # would wait on each other's time slices and measure the scheduler instead.
+    servers = []
+    for _ in range(2):
+        server = WSGIServer(("127.0.0.1", 0), app, log=None, error_log=None, handler_class=NoDelay)
+        server.start()
+        servers.append(server)
+    print("READY " + " ".join(str(s.address[1]) for s in servers), flush=True)
+    servers[0].serve_forever()
 
 
 def _serve_proxy(variant: str, up1: str, up2: str) -> None:
@@ -139,14 +144,12 @@ def main() -> None:
 
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        upstreams = []
-        for _ in range(2):
-            up, up_port = _start(["taskset", "-c", "1", sys.executable, HERE, "upstream"])
-            procs.append(up)
-            upstreams.append(f"http://127.0.0.1:{up_port}")
+        up, up_ports = _start(["taskset", "-c", "1", sys.executable, HERE, "upstream"])
+        procs.append(up)
+        upstreams = [f"http://127.0.0.1:{port}" for port in up_ports]
         ports = {}
         for variant in VARIANTS:
-            proc, port = _start(
+            proc, (port,) = _start(
                 ["taskset", "-c", "0", sys.executable, HERE, "proxy", variant, *upstreams]
             )
             procs.append(proc)
