@@ -46,11 +46,17 @@ def _first_line(argv: Sequence[str]) -> str:
 
 
 def tool_versions() -> dict[str, str]:
-    return {
-        "go": _first_line(["go", "version"]),
-        "wrk": _first_line(["wrk", "-v"]),
-        "curl": _first_line(["curl", "--version"]),
-    }
+    go = _first_line(["go", "version"]).removeprefix("go version ")
+    wrk = _first_line(["wrk", "-v"]).split(" Copyright")[0].removeprefix("wrk ")
+    curl = " ".join(_first_line(["curl", "--version"]).split()[1:2])
+    return {"go": go, "wrk": wrk, "curl": curl}
+
+
+def git_revision() -> str:
+    """HEAD of the repository under test, with "+dirty" when oxypy/ has local changes."""
+    head = _first_line(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
+    dirty = _first_line(["git", "-C", ROOT, "status", "--porcelain", "--", "oxypy"])
+    return head + ("+dirty" if dirty not in ("", "unknown") else "")
 
 
 def build_go(workdir: str) -> tuple[str, str]:

@@ -162,6 +162,7 @@ class Bench:
         self.wsload = wsload
         self.res = Results(settings.rounds)
         self.upload_file = os.path.join(workdir, "upload.bin")
+        self.loads: list[float] = []  # 1-minute load average at the start of each round
 
     # processes
     def start(self, target: Target) -> h.Proc | None:
@@ -376,6 +377,7 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[dist] = "not installed"
     out.update(h.tool_versions())
+    out["oxypy"] = "git " + h.git_revision()
     return out
 
 
@@ -635,6 +637,7 @@ def main(argv: Sequence[str]) -> int:
         for rnd in range(s.rounds):
             shift = rnd % len(s.targets)
             order = s.targets[shift:] + s.targets[:shift]
+            bench.loads.append(os.getloadavg()[0])
             print(f"## round {rnd + 1}/{s.rounds}: {', '.join(t.name for t in order)}", flush=True)
             for target in order:
                 bench.run_target(target, rnd)
@@ -646,7 +649,12 @@ def main(argv: Sequence[str]) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     assert bench is not None
     body = tables(s, bench.res)
-    body.append(f"Total wall time: {time.monotonic() - started:.0f} s")
+    body.append(
+        f"Total wall time: {time.monotonic() - started:.0f} s; 1-minute load average at the "
+        f"start of each round: {', '.join(f'{x:.2f}' for x in bench.loads)}, at the end: "
+        f"{os.getloadavg()[0]:.2f} (anything above ~2 means other processes shared the two "
+        "cores: absolute figures drift, same-round ratios hold better)."
+    )
     text = "\n".join(head + body) + "\n"
     print("\n" + "\n".join(body), flush=True)
     out_dir = os.path.join(h.HERE, "results")
