@@ -85,7 +85,11 @@ def relay_upgrade(
         # gunicorn's signal that the app took the connection over.
         raise StopIteration()
 
-    start_response("101 Switching Protocols", headers)
+    write = start_response("101 Switching Protocols", headers)
+    # Servers send the head with the first non-empty body piece, but a WebSocket
+    # client waits for the 101 before it says anything: flush it now through the
+    # write() callable (PEP 3333), which pywsgi and oxypy.serve honour at once.
+    write(b"")
     source = environ["wsgi.input"]
     read = getattr(source, "read1", None) or source.read
     return _Tunnel(read, upstream, leftover, record)

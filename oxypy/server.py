@@ -24,6 +24,7 @@ unframed, as under ``gevent.pywsgi``.
 from __future__ import annotations
 
 import logging
+import select
 import signal
 import socket
 import sys
@@ -201,6 +202,7 @@ class _Connection:
         self._in_trailers = False
         host, port = addr[0], addr[1]
         self.base_environ = server.base_environ(host, port)
+        self.base_environ["oxypy.client_gone"] = self.client_gone
         version = getattr(sock, "version", None)
         if version is not None:  # TLS: what Trace and apps may want to know
             cipher = sock.cipher()
@@ -251,6 +253,22 @@ class _Connection:
         self.events.append((_END,))
 
     # -- socket I/O -----------------------------------------------------------
+    def client_gone(self) -> bool:
+        """True when the client has closed its side (polled without blocking).
+
+        Exposed as ``environ["oxypy.client_gone"]`` so a block that waits
+        between attempts (Buffer's retries) stops when nobody is left to answer.
+        """
+        if self.events or self.leftover:
+            return False
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            if not readable:
+                return False
+            return self.sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     def send(self, data: bytes) -> None:
         try:
             self.sock.sendall(data)
