@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import logging
 
+from ._redis import RedisConnStore, RedisStore
+from .buffer import Buffer, NoResponse
+from .cbreaker import CircuitBreaker, RedirectFallback, ResponseFallback, Webhook
+from .connlimit import ConnLimit
 from .errors import ErrorHandler, default_error_handler
 from .exceptions import (
     BadRequest,
@@ -31,7 +35,18 @@ from .exceptions import (
     UpstreamTimeout,
 )
 from .forward import Exchange, Forward, OutgoingRequest, ResponseHead
+from .health import HealthCheck, OutlierDetection
+from .leastrequest import LeastRequest
+from .predicate import Func, Predicate, compile_predicate
+from .ratelimit import Rate, RateLimit
+from .rebalancer import Rebalancer
+from .requestid import RequestID
+from .rewrite import Rewrite
+from .roundrobin import RoundRobin
+from .router import Router
 from .server import Server, serve
+from .sticky import StickySession
+from .trace import Trace
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -39,7 +54,32 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     # building blocks
+    "Buffer",
+    "CircuitBreaker",
+    "ConnLimit",
     "Forward",
+    "LeastRequest",
+    "RateLimit",
+    "Rebalancer",
+    "RequestID",
+    "Rewrite",
+    "RoundRobin",
+    "Router",
+    "Trace",
+    # their options
+    "HealthCheck",
+    "OutlierDetection",
+    "Rate",
+    "RedirectFallback",
+    "RedisConnStore",
+    "RedisStore",
+    "ResponseFallback",
+    "StickySession",
+    "Webhook",
+    # the predicate language
+    "Func",
+    "Predicate",
+    "compile_predicate",
     # serving
     "Server",
     "serve",
@@ -56,6 +96,7 @@ __all__ = [
     "ClientDisconnected",
     "ConfigurationError",
     "ConnLimitReached",
+    "NoResponse",
     "NoServers",
     "NoTarget",
     "OxypyError",

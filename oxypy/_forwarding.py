@@ -198,7 +198,7 @@ def build_headers(
         client = trusted.client_ip(peer, xff) if peer_trusted else peer_ip
         headers.append(("X-Real-Ip", client or peer_ip))
     if forwarded:
-        element = f"for={_forwarded_node(normalize_ip(peer))};host=\"{client_host}\";proto={scheme}"
+        element = f'for={_forwarded_node(normalize_ip(peer))};host="{client_host}";proto={scheme}'
         previous = environ.get("HTTP_FORWARDED") if peer_trusted else None
         headers = [h for h in headers if h[0] != "Forwarded"]
         headers.append(("Forwarded", f"{previous}, {element}" if previous else element))

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 __all__ = [
     "ATTEMPT",
+    "CLIENT_GONE",
     "CLIENT_IP",
     "ERROR",
     "EXCHANGES",
     "RAW_URI",
     "REQUEST_ID",
+    "REQUEST_ID_ORIG",
+    "REWRITE_ORIG",
     "TARGET",
     "TRIED_TARGETS",
 ]

@@ -259,13 +259,14 @@ class _Connection:
         Exposed as ``environ["oxypy.client_gone"]`` so a block that waits
         between attempts (Buffer's retries) stops when nobody is left to answer.
         """
-        if self.events or self.leftover:
+        if self.upgraded:
             return False
         try:
             readable, _, _ = select.select([self.sock], [], [], 0)
             if not readable:
                 return False
-            return self.sock.recv(1, socket.MSG_PEEK) == b""
+            peeked: bytes = self.sock.recv(1, socket.MSG_PEEK)
+            return peeked == b""
         except (OSError, ValueError):
             return True
 

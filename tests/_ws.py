@@ -52,7 +52,9 @@ class WSEchoUpstream:
                         self.requests.append(event)
                         sub = event.subprotocols[0] if event.subprotocols else None
                         sock.sendall(
-                            ws.send(AcceptConnection(subprotocol=sub, extensions=[PerMessageDeflate()]))
+                            ws.send(
+                                AcceptConnection(subprotocol=sub, extensions=[PerMessageDeflate()])
+                            )
                         )
                     elif isinstance(event, TextMessage):
                         if event.data == "close-me":
@@ -65,12 +67,16 @@ class WSEchoUpstream:
                         else:
                             sock.sendall(
                                 ws.send(
-                                    Message(data=event.data, message_finished=event.message_finished)
+                                    Message(
+                                        data=event.data, message_finished=event.message_finished
+                                    )
                                 )
                             )
                     elif isinstance(event, BytesMessage):
                         sock.sendall(
-                            ws.send(Message(data=event.data, message_finished=event.message_finished))
+                            ws.send(
+                                Message(data=event.data, message_finished=event.message_finished)
+                            )
                         )
                     elif isinstance(event, Ping):
                         sock.sendall(ws.send(event.response()))

@@ -16,12 +16,13 @@ import gevent
 import psutil
 import pytest
 import urllib3
-from _servers import RawUpstream, raw_request, read_exact_body
 
 from oxypy import BodyTooLarge, ConfigurationError, Forward, PredicateError, RequestError
 from oxypy import environ as keys
 from oxypy.buffer import RETRY_FUNCS, Attempt, Buffer, should_retry
 from oxypy.predicate import compile_predicate
+
+from _servers import RawUpstream, raw_request, read_exact_body
 
 HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=20))
 App = Callable[..., Any]

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import urllib3
-from _servers import RawUpstream
 from werkzeug.middleware.dispatcher import DispatcherMiddleware
 from werkzeug.middleware.lint import LintMiddleware
 from werkzeug.test import Client
@@ -17,6 +16,8 @@ from oxypy import Forward
 from oxypy.environ import REWRITE_ORIG
 from oxypy.exceptions import ConfigurationError
 from oxypy.rewrite import Rewrite
+
+from _servers import RawUpstream
 
 HTTP = urllib3.PoolManager(retries=False, timeout=10)
 

@@ -8,13 +8,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from _servers import RawUpstream
 from werkzeug.middleware.lint import LintMiddleware
 from werkzeug.test import Client
 
 from oxypy import Forward
 from oxypy.exceptions import ConfigurationError
 from oxypy.router import Router
+
+from _servers import RawUpstream
 
 
 def named(name: str) -> Callable[..., Any]:

@@ -18,9 +18,10 @@ import gevent
 import pytest
 import websocket
 
+from oxypy import Forward
+
 from _servers import raw_request
 from _ws import WSEchoUpstream
-from oxypy import Forward
 
 
 @pytest.fixture
@@ -173,7 +174,9 @@ def test_abrupt_client_close_frees_everything(proxy: Any, ws_upstream: WSEchoUps
     assert _live_greenlets() <= baseline
 
 
-def test_abrupt_upstream_close_ends_the_client_side(proxy: Any, ws_upstream: WSEchoUpstream) -> None:
+def test_abrupt_upstream_close_ends_the_client_side(
+    proxy: Any, ws_upstream: WSEchoUpstream
+) -> None:
     ws = connect(proxy(Forward(ws_upstream.url), lint=False))
     ws.send("drop-me")
     start = time.monotonic()
