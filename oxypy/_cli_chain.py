@@ -1,0 +1,248 @@
+"""Argument types and chain building for the ``oxypy`` console script.
+
+Every function here turns one command-line value into a configured object and
+raises :class:`FlagError` naming the flag when the value is wrong, so the CLI
+can exit with status 2 and a message the user can act on.  Nothing here
+touches the network at import time; the blocks are imported lazily by
+:func:`build_proxy`, after ``cli.main`` has monkey-patched the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from ._types import WSGIApplication
+    from .ratelimit import Rate
+
+__all__ = [
+    "FlagError",
+    "Proxy",
+    "build_proxy",
+    "parse_listen_flag",
+    "parse_rate",
+    "parse_upstream",
+]
+
+_UNITS = {
+    "s": 1.0,
+    "sec": 1.0,
+    "second": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "minute": 60.0,
+    "h": 3600.0,
+    "hour": 3600.0,
+}
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([a-z]+)\s*(?::\s*(\d+)\s*)?$")
+
+
+class FlagError(Exception):
+    """A command-line value is invalid; ``flag`` names the option."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(f"argument {flag}: {message}")
+        self.flag = flag
+        self.message = message
+
+
+def parse_rate(text: str) -> tuple[float, float, int | None]:
+    """``"100/s:200"`` -> ``(100.0, 1.0, 200)``: average, period seconds, burst.
+
+    Units: ``s``, ``m``, ``h`` (also ``sec``/``min``/``hour``/``second``/``minute``).
+    The burst after the colon is optional (RateLimit then uses the average).
+    Raises ValueError with a short reason.
+    """
+    m = _RATE.match(text.lower())
+    if m is None:
+        raise ValueError(f"expected N/UNIT[:BURST] such as 100/s:200, got {text!r}")
+    average = float(m.group(1))
+    unit = m.group(2)
+    if unit not in _UNITS:
+        raise ValueError(f"unknown unit {unit!r} in {text!r} (use s, m or h)")
+    if average <= 0:
+        raise ValueError(f"the rate must be above 0, got {text!r}")
+    burst = int(m.group(3)) if m.group(3) is not None else None
+    if burst is not None and burst < 1:
+        raise ValueError(f"the burst must be at least 1, got {text!r}")
+    return average, _UNITS[unit], burst
+
+
+def parse_upstream(text: str) -> str:
+    """An upstream base URL: ``http(s)://host[:port][/path]``, no query or fragment."""
+    try:
+        parts = urlsplit(text)
+        port = parts.port  # raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"invalid URL {text!r}: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"upstream must be an http:// or https:// URL, got {text!r}")
+    if not parts.hostname:
+        raise ValueError(f"upstream URL has no host: {text!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"upstream URL must not carry a query, fragment or userinfo: {text!r}")
+    del port
+    return text
+
+
+def parse_listen_flag(text: str) -> str:
+    """``host:port`` (``[::1]:port`` for IPv6); port 0 picks a free one."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:8080, got {text!r}")
+    if host.startswith("[") != host.endswith("]"):
+        raise ValueError(f"unbalanced brackets in {text!r}")
+    return text
+
+
+def argtype(fn: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """Wrap a parser for argparse: ValueError becomes ArgumentTypeError with its reason."""
+
+    def convert(text: str) -> Any:
+        try:
+            return fn(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+@dataclass
+class Proxy:
+    """The built chain and the blocks to close when the server stops."""
+
+    app: WSGIApplication
+    closers: list[Callable[[], object]] = field(default_factory=list)
+    balancer: Any = None
+    breaker: Any = None
+    trace: Any = None
+
+    def close(self) -> None:
+        # Outermost first: Trace flushes its lines last-in, balancers stop checkers.
+        for close in self.closers:
+            close()
+
+
+def _block(flag: str, make: Callable[[], Any]) -> Any:
+    from .exceptions import ConfigurationError
+
+    try:
+        return make()
+    except ConfigurationError as exc:
+        raise FlagError(flag, str(exc)) from None
+
+
+def build_proxy(
+    args: argparse.Namespace,
+    *,
+    trace_sink: Any = None,
+    fallback: WSGIApplication | None = None,
+) -> Proxy:
+    """Build Trace → RequestID → ConnLimit → RateLimit → CircuitBreaker → Buffer →
+    balancer → Forward from parsed flags.
+
+    Blocks whose flag is absent are left out; Buffer is there only with ``--retry``.
+    """
+    from . import (
+        Buffer,
+        CircuitBreaker,
+        ConnLimit,
+        Forward,
+        HealthCheck,
+        LeastRequest,
+        Rate,
+        RateLimit,
+        RequestID,
+        RoundRobin,
+        StickySession,
+        Trace,
+    )
+
+    trusted: list[str] = list(args.trusted_proxy or [])
+    timeout: float | None = args.timeout
+    fwd_options: dict[str, Any] = {
+        "trusted_proxies": trusted,
+        "pass_host_header": args.pass_host_header,
+    }
+    if timeout is not None:
+        fwd_options["read_timeout"] = timeout
+        fwd_options["connect_timeout"] = min(5.0, timeout)
+    fwd = _block("--trusted-proxy", lambda: Forward(**fwd_options))
+    proxy = Proxy(app=fwd)
+
+    sticky = None
+    if args.sticky is not None:
+        secret = args.sticky_secret or os.environ.get("OXYPY_STICKY_SECRET") or None
+        sticky = _block("--sticky", lambda: StickySession(args.sticky, secret=secret))
+    health = None
+    if args.health_check is not None:
+        health = _block(
+            "--health-check",
+            lambda: HealthCheck(args.health_check, interval=args.health_interval),
+        )
+    balancer_cls: Any = LeastRequest if args.least_request else RoundRobin
+    # Validate everything that starts no greenlet before the balancer starts its checker.
+    rates: list[Rate] = []
+    for text in args.rate or []:
+        average, period, burst = text
+        rates.append(_block("--rate", lambda: Rate(average, period, burst=burst)))  # noqa: B023
+
+    balancer = _block(
+        "UPSTREAM",
+        lambda: balancer_cls(fwd, args.upstreams, sticky=sticky, health_check=health),
+    )
+    proxy.balancer = balancer
+    proxy.closers.append(balancer.close)
+    app: WSGIApplication = balancer
+    try:
+        if args.retry is not None:
+            inner = app
+            app = _block("--retry", lambda: Buffer(inner, retry=args.retry))
+        if args.breaker is not None:
+            inner = app
+            cb_options: dict[str, Any] = {}
+            if fallback is not None:
+                cb_options["fallback"] = fallback
+            if args.breaker_duration is not None:
+                cb_options["fallback_duration"] = args.breaker_duration
+                cb_options["recovery_duration"] = args.breaker_duration
+            app = _block("--breaker", lambda: CircuitBreaker(inner, args.breaker, **cb_options))
+            proxy.breaker = app
+        if rates:
+            inner = app
+            app = _block(
+                "--rate",
+                lambda: RateLimit(inner, rates=rates, source="client.ip", trusted_proxies=trusted),
+            )
+        if args.conn_limit is not None:
+            inner = app
+            app = _block(
+                "--conn-limit",
+                lambda: ConnLimit(
+                    inner, max_conns=args.conn_limit, source="client.ip", trusted_proxies=trusted
+                ),
+            )
+        if args.request_id:
+            app = RequestID(app)
+        if args.trace or trace_sink is not None:
+            inner = app
+            sink = trace_sink if trace_sink is not None else sys.stderr
+            trace = _block(
+                "--trace", lambda: Trace(inner, sink=sink, trusted_proxies=trusted or None)
+            )
+            proxy.trace = trace
+            proxy.closers.insert(0, trace.close)
+            app = trace
+    except BaseException:
+        proxy.close()
+        raise
+    proxy.app = app
+    return proxy

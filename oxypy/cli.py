@@ -1,0 +1,285 @@
+"""The ``oxypy`` console script: a ready-made gateway, any WSGI app, a demo.
+
+``oxypy proxy`` builds Trace → ConnLimit → RateLimit → CircuitBreaker →
+Buffer → balancer → Forward from flags and serves it; ``oxypy serve
+module:app`` serves any WSGI application on the embedded server; ``oxypy
+demo`` runs two local upstreams (one flaky) behind the full chain.  Bad
+flags, URLs or predicates exit with status 2 and a message naming the flag.
+
+The process cooperates with gevent: :func:`main` monkey-patches it before
+anything opens a socket.  When ``ssl`` was already imported unpatched (the
+package's ``__init__`` pulls in urllib3), the process re-executes itself with
+the patch applied first, keeping its PID, so upstream TLS stays cooperative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ._cli_chain import FlagError, argtype, parse_listen_flag, parse_rate, parse_upstream
+
+__all__ = ["main", "make_parser"]
+
+PROG = "oxypy"
+_REEXEC_ENV = "OXYPY_CLI_PATCHED"
+_BOOT = (
+    "from gevent import monkey; monkey.patch_all()\n"
+    "import sys\n"
+    "from oxypy.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+_EPILOG = """\
+examples:
+  oxypy proxy --listen 127.0.0.1:8080 http://127.0.0.1:9001 http://127.0.0.1:9002 \\
+        --retry 'IsNetworkError() && Attempts() < 3' \\
+        --breaker 'NetworkErrorRatio() > 0.5' --rate 100/s:200 --trace
+  oxypy serve mygateway:app --listen 0.0.0.0:8080
+  oxypy demo
+"""
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``oxypy`` command (all subcommands)."""
+    return _make_parsers()[0]
+
+
+def _make_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="oxypy: a composable WSGI reverse proxy and gateway on gevent.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    listen = argtype(parse_listen_flag, "HOST:PORT")
+
+    p = sub.add_parser(
+        "proxy",
+        help="reverse-proxy to one or more upstreams through the full chain",
+        description="Serve Trace -> ConnLimit -> RateLimit -> CircuitBreaker -> Buffer -> "
+        "balancer -> Forward; blocks whose flag is absent are left out.",
+    )
+    p.add_argument(
+        "upstreams",
+        metavar="UPSTREAM",
+        nargs="+",
+        type=argtype(parse_upstream, "URL"),
+        help="upstream base URL, e.g. http://127.0.0.1:9001",
+    )
+    _common(p, listen)
+    _chain_flags(p)
+
+    s = sub.add_parser(
+        "serve",
+        help="serve any WSGI app (module:app or module:factory()) on the embedded server",
+        description="Serve a WSGI application on oxypy's server (WebSockets, graceful stop). "
+        "The current directory is importable.",
+    )
+    s.add_argument("target", metavar="APP", help="module:attribute, or module:factory() to call")
+    _common(s, listen)
+
+    d = sub.add_parser(
+        "demo",
+        help="two local demo upstreams (one flaky) behind the full chain",
+        description="Start two demo upstreams in this process, the full chain in front, "
+        "and generate a little traffic to show balancing, retries and the breaker.",
+    )
+    _common(d, listen)
+    d.add_argument(
+        "--no-traffic", action="store_true", help="do not generate traffic; only answer curl"
+    )
+    d.add_argument("--trace", action="store_true", help="print every Trace JSON line")
+    d.add_argument(
+        "--interval", type=_positive, default=3.0, metavar="SECONDS", help="summary every N s (3)"
+    )
+    return parser, {"proxy": p, "serve": s, "demo": d}
+
+
+def _common(p: argparse.ArgumentParser, listen: Any) -> None:
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        type=listen,
+        metavar="HOST:PORT",
+        help="address to listen on (default 127.0.0.1:8080; port 0 picks a free one)",
+    )
+    p.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, let in-flight requests finish for up to N s (10)",
+    )
+
+
+def _chain_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retry", metavar="EXPR", help="Buffer retry predicate")
+    p.add_argument("--breaker", metavar="EXPR", help="CircuitBreaker trigger predicate")
+    p.add_argument(
+        "--breaker-duration",
+        type=float,
+        metavar="SECONDS",
+        help="seconds the breaker stays open and ramps back (default 10)",
+    )
+    p.add_argument(
+        "--rate",
+        action="append",
+        type=argtype(parse_rate, "RATE"),
+        metavar="N/UNIT[:BURST]",
+        help="rate limit per client ip, e.g. 100/s:200, 600/m, 1000/h (repeatable)",
+    )
+    p.add_argument(
+        "--conn-limit", type=_non_negative, metavar="N", help="requests in flight per client ip"
+    )
+    p.add_argument("--trace", action="store_true", help="JSON lines to stderr, one per request")
+    p.add_argument(
+        "--request-id", action="store_true", help="keep or mint X-Request-Id (shown by --trace)"
+    )
+    p.add_argument("--sticky", metavar="COOKIE_NAME", help="sticky sessions with this cookie")
+    p.add_argument(
+        "--sticky-secret",
+        metavar="SECRET",
+        help="HMAC key of sticky cookies (default: $OXYPY_STICKY_SECRET, else random)",
+    )
+    p.add_argument("--health-check", metavar="PATH", help="active health check path, e.g. /healthz")
+    p.add_argument(
+        "--health-interval",
+        type=_positive,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between health check rounds (10)",
+    )
+    p.add_argument(
+        "--trusted-proxy",
+        action="append",
+        metavar="CIDR",
+        help="believe X-Forwarded-* from these peers (repeatable)",
+    )
+    p.add_argument(
+        "--least-request", action="store_true", help="balance by requests in flight (P2C)"
+    )
+    p.add_argument(
+        "--timeout", type=_positive, metavar="SECONDS", help="upstream read timeout (default 60)"
+    )
+    p.add_argument(
+        "--pass-host-header", action="store_true", help="send the client's Host upstream"
+    )
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
+
+
+def _patch() -> None:
+    """Monkey-patch with gevent, re-executing first if ssl was imported unpatched."""
+    from gevent import monkey
+
+    if monkey.is_module_patched("socket"):
+        return
+    if "ssl" in sys.modules and os.environ.get(_REEXEC_ENV) != "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        env = dict(os.environ, **{_REEXEC_ENV: "1"})
+        os.execve(sys.executable, [sys.executable, "-c", _BOOT, *sys.argv[1:]], env)
+    monkey.patch_all()
+
+
+def load_app(target: str) -> Any:
+    """``module:attr`` (``module`` alone means ``module:app``); ``module:factory()`` calls it."""
+    module_name, _, attr = target.partition(":")
+    attr = attr or "app"
+    call = attr.endswith("()")
+    if call:
+        attr = attr[:-2]
+    if not module_name or not attr.replace(".", "").replace("_", "").isalnum():
+        raise FlagError("APP", f"expected module:attribute or module:factory(), got {target!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise FlagError("APP", f"cannot import {module_name!r}: {exc}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise FlagError("APP", f"module {module_name!r} has no attribute {attr!r}") from None
+    if call:
+        obj = obj()
+    if not callable(obj):
+        raise FlagError("APP", f"{target!r} is not a WSGI application (not callable)")
+    return obj
+
+
+def _serve(app: Any, args: argparse.Namespace, banner: str) -> None:
+    from .server import Server
+
+    server = Server(app, args.listen, graceful_timeout=args.graceful_timeout).start()
+    print(f"oxypy: {banner} on {server.url} (Ctrl-C to stop)", flush=True)
+    server.serve_forever()
+    print("oxypy: stopped", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``oxypy`` command; returns the exit status (2 for usage errors)."""
+    if argv is None:
+        _patch()
+        argv = sys.argv[1:]
+    else:
+        from gevent import monkey
+
+        if not monkey.is_module_patched("socket"):
+            monkey.patch_all()
+    parser, subparsers = _make_parsers()
+    args = parser.parse_args(list(argv))
+    try:
+        if args.command == "proxy":
+            from ._cli_chain import build_proxy
+
+            proxy = build_proxy(args)
+            try:
+                _serve(proxy.app, args, f"proxying to {', '.join(args.upstreams)}")
+            finally:
+                proxy.close()
+        elif args.command == "serve":
+            _serve(load_app(args.target), args, f"serving {args.target}")
+        else:
+            from ._cli_demo import run_demo
+
+            run_demo(args)
+    except FlagError as exc:
+        subparsers[args.command].error(str(exc))  # exits with status 2
+    except OSError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
