@@ -1,0 +1,459 @@
+"""The ``oxypy`` console script: flag parsing, and every subcommand as a real process.
+
+Subcommands run as ``python -m oxypy ...`` subprocesses listening on port 0
+(the banner names the bound URL), in front of real pywsgi upstreams started
+in this process, and are stopped with SIGTERM by PID: exit status 0 within a
+bounded time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import urllib3
+
+from oxypy import __version__
+from oxypy._cli_chain import parse_rate
+from oxypy.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+BANNER = re.compile(r" on (https?://[\w.\[\]:]+)")
+HTTP = urllib3.PoolManager(retries=False, timeout=10.0)
+
+
+def dead_url() -> str:
+    """A 127.0.0.1 URL where nothing listens (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+class Running:
+    """An ``oxypy`` subprocess with its output in files (no pipe can fill up)."""
+
+    def __init__(self, args: list[str], tmp: Path, cwd: Path = REPO) -> None:
+        self.out_path = tmp / f"out-{time.monotonic_ns()}.txt"
+        self.err_path = tmp / f"err-{time.monotonic_ns()}.txt"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(cwd)]))
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "oxypy", *args], stdout=out, stderr=err, cwd=cwd, env=env
+            )
+        self.url = self._wait_banner()
+
+    def _wait_banner(self) -> str:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            m = BANNER.search(self.stdout())
+            if m:
+                return m.group(1)
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exited {self.proc.returncode}: {self.stderr()}")
+            time.sleep(0.05)
+        raise AssertionError(f"no banner: {self.stdout()!r} {self.stderr()!r}")
+
+    def stdout(self) -> str:
+        return self.out_path.read_text()
+
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def get(self, path: str = "/", **kw: Any) -> urllib3.BaseHTTPResponse:
+        return HTTP.request("GET", self.url + path, **kw)
+
+    def stop(self) -> None:
+        """SIGTERM by PID; the process must exit 0 within a few seconds."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"died early ({self.proc.returncode}): {self.stderr()}")
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError("did not stop within 10 s of SIGTERM") from None
+        assert code == 0, self.stderr()
+        assert time.monotonic() - started < 5
+
+
+@pytest.fixture
+def oxypy(tmp_path: Path) -> Iterator[Callable[..., Running]]:
+    running: list[Running] = []
+
+    def start(*args: str, cwd: Path = REPO) -> Running:
+        r = Running(list(args), tmp_path, cwd)
+        running.append(r)
+        return r
+
+    try:
+        yield start
+    finally:
+        for r in running:
+            if r.proc.poll() is None:
+                r.proc.kill()
+                r.proc.wait()
+
+
+def named(name: bytes, health: str = "200 OK") -> Any:
+    """An upstream answering its ``name``; ``/healthz`` answers ``health``."""
+
+    def wsgi(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if environ["PATH_INFO"] == "/healthz":
+            start_response(health, [("Content-Length", "0")])
+            return [b""]
+        start_response("200 OK", [("Content-Length", str(len(name)))])
+        return [name]
+
+    return wsgi
+
+
+def port_of(response: urllib3.BaseHTTPResponse) -> str:
+    """Which echo upstream answered: the Host it saw (Forward sends the target's)."""
+    return str(json.loads(response.data)["headers"]["host"]).rsplit(":", 1)[1]
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("100/s:200", (100.0, 1.0, 200), id="per-second-burst"),
+        pytest.param("100/s", (100.0, 1.0, None), id="no-burst"),
+        pytest.param("600/m", (600.0, 60.0, None), id="per-minute"),
+        pytest.param("1000/h:50", (1000.0, 3600.0, 50), id="per-hour"),
+        pytest.param("2.5/sec", (2.5, 1.0, None), id="fraction-long-unit"),
+        pytest.param("10/minute:1", (10.0, 60.0, 1), id="minute-word"),
+        pytest.param(" 5 / S : 7 ", (5.0, 1.0, 7), id="spaces-case"),
+    ],
+)
+def test_rate_parsing(text: str, expected: tuple[float, float, int | None]) -> None:
+    assert parse_rate(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("100", id="no-unit"),
+        pytest.param("100/d", id="bad-unit"),
+        pytest.param("0/s", id="zero"),
+        pytest.param("-1/s", id="negative"),
+        pytest.param("10/s:0", id="zero-burst"),
+        pytest.param("10/s:", id="empty-burst"),
+        pytest.param("ten/s", id="words"),
+        pytest.param("10/s:2.5", id="fractional-burst"),
+    ],
+)
+def test_rate_parsing_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_rate(text)
+
+
+UP = "http://127.0.0.1:9"
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag", "detail"),
+    [
+        pytest.param(["proxy", UP, "--retry", "Attempts() <"], "--retry", "^", id="retry"),
+        pytest.param(["proxy", UP, "--retry", "Nope()"], "--retry", "Nope", id="retry-func"),
+        pytest.param(
+            ["proxy", UP, "--breaker", "NetworkErrorRatio() >> 1"], "--breaker", "^", id="breaker"
+        ),
+        pytest.param(
+            ["proxy", UP, "--breaker", "IsNetworkError()"], "--breaker", "IsNetworkError", id="bf"
+        ),
+        pytest.param(["proxy", UP, "--rate", "10/d"], "--rate", "unit", id="rate-unit"),
+        pytest.param(["proxy", UP, "--rate", "fast"], "--rate", "N/UNIT", id="rate-shape"),
+        pytest.param(["proxy", UP, "--conn-limit", "-1"], "--conn-limit", "0 or more", id="conn"),
+        pytest.param(["proxy", UP, "--conn-limit", "x"], "--conn-limit", "integer", id="conn-nan"),
+        pytest.param(["proxy", UP, "--timeout", "0"], "--timeout", "above 0", id="timeout"),
+        pytest.param(["proxy", UP, "--listen", "8080"], "--listen", "HOST:PORT", id="listen"),
+        pytest.param(["proxy", "ftp://h"], "UPSTREAM", "http://", id="scheme"),
+        pytest.param(["proxy", "http://"], "UPSTREAM", "no host", id="no-host"),
+        pytest.param(["proxy", "http://h:99999"], "UPSTREAM", "invalid URL", id="bad-port"),
+        pytest.param(["proxy", "http://h/?q=1"], "UPSTREAM", "query", id="query"),
+        pytest.param(["proxy"], "UPSTREAM", "required", id="no-upstream"),
+        pytest.param(
+            ["proxy", UP, "--trusted-proxy", "not-a-cidr"], "--trusted-proxy", "", id="cidr"
+        ),
+        pytest.param(["proxy", UP, "--sticky", "bad name"], "--sticky", "", id="sticky"),
+        pytest.param(["proxy", UP, "--nope"], "--nope", "unrecognized", id="unknown-flag"),
+        pytest.param(["serve", "no_such_module_xyz:app"], "APP", "cannot import", id="import"),
+        pytest.param(["serve", "os:no_such_attr"], "APP", "no attribute", id="attr"),
+        pytest.param(["serve", "os:sep"], "APP", "not callable", id="not-callable"),
+        pytest.param(["serve", ":app"], "APP", "module:attribute", id="shape"),
+        pytest.param(["frobnicate"], "COMMAND", "invalid choice", id="command"),
+        pytest.param([], "COMMAND", "required", id="no-command"),
+    ],
+)
+def test_bad_flags_exit_2_naming_the_flag(
+    argv: list[str], flag: str, detail: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err
+    assert detail in err
+    assert "Traceback" not in err
+
+
+def test_predicate_error_shows_its_caret_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["proxy", UP, "--retry", "IsNetworkError() && && Attempts() < 2"])
+    err = capsys.readouterr().err
+    assert "argument --retry:" in err
+    lines = err.splitlines()
+    expr = next(i for i, line in enumerate(lines) if line.strip().startswith("IsNetworkError()"))
+    caret = lines[expr + 1]
+    assert caret.strip() == "^"
+    assert lines[expr][caret.index("^")] == "&"
+    assert caret.index("^") == lines[expr].index("&& &&") + 3
+
+
+def test_version_help_and_a_bad_flag_as_processes() -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "oxypy", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=REPO,
+        )
+
+    version = run("--version")
+    assert (version.returncode, version.stdout.strip()) == (0, f"oxypy {__version__}")
+    helptext = run("--help")
+    assert helptext.returncode == 0
+    for word in ("proxy", "serve", "demo", "--version"):
+        assert word in helptext.stdout
+    proxy_help = run("proxy", "--help").stdout
+    for flag in ("--retry", "--breaker", "--rate", "--conn-limit", "--trace", "--sticky"):
+        assert flag in proxy_help
+    bad = run("proxy", UP, "--breaker", "NetworkErrorRatio() >")
+    assert bad.returncode == 2
+    assert "argument --breaker:" in bad.stderr
+    assert "^" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert "MonkeyPatchWarning" not in bad.stderr
+
+
+# --------------------------------------------------------------------------- proxy
+
+
+def test_proxy_full_chain_balances_and_traces(
+    oxypy: Callable[..., Running], pywsgi: Callable[[Any], str]
+) -> None:
+    from _servers import echo_app
+
+    up1, up2 = pywsgi(echo_app), pywsgi(echo_app)
+    ports = {up1.rsplit(":", 1)[1], up2.rsplit(":", 1)[1]}
+    gw = oxypy(
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        up1,
+        up2,
+        "--retry",
+        "IsNetworkError() && Attempts() < 2",
+        "--breaker",
+        "NetworkErrorRatio() > 0.5",
+        "--rate",
+        "100/s:200",
+        "--conn-limit",
+        "10",
+        "--trace",
+        "--request-id",
+    )
+    try:
+        seen = []
+        for i in range(4):
+            r = gw.get(f"/p/{i}?q={i}", headers={"X-Request-Id": f"rid-{i}"})
+            assert r.status == 200
+            assert r.headers["X-Request-Id"] == f"rid-{i}"
+            doc = json.loads(r.data)
+            assert (doc["path"], doc["query"]) == (f"/p/{i}", f"q={i}")
+            assert doc["headers"]["x-request-id"] == f"rid-{i}"
+            seen.append(port_of(r))
+        assert set(seen) == ports
+        assert seen[0] != seen[1]
+    finally:
+        gw.stop()
+    lines = [json.loads(x) for x in gw.stderr().splitlines() if x.startswith("{")]
+    assert [(x["status"], x["url"], x["request_id"]) for x in lines] == [
+        (200, f"/p/{i}?q={i}", f"rid-{i}") for i in range(4)
+    ]
+    assert {x["target"] for x in lines} == {up1, up2}
+
+
+def test_retry_makes_a_dead_live_pair_succeed(
+    oxypy: Callable[..., Running], echo_upstream: str
+) -> None:
+    dead = dead_url()
+    without = oxypy("proxy", "--listen", "127.0.0.1:0", dead, echo_upstream)
+    with_retry = oxypy(
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        dead,
+        echo_upstream,
+        "--retry",
+        "IsNetworkError() && Attempts() < 2",
+    )
+    try:
+        assert sorted(without.get(f"/{i}").status for i in range(4)) == [200, 200, 502, 502]
+        for i in range(4):
+            r = with_retry.get(f"/{i}")
+            assert r.status == 200
+            assert json.loads(r.data)["path"] == f"/{i}"
+    finally:
+        without.stop()
+        with_retry.stop()
+
+
+def test_rate_and_conn_limit(oxypy: Callable[..., Running], echo_upstream: str) -> None:
+    rated = oxypy("proxy", "--listen", "127.0.0.1:0", echo_upstream, "--rate", "1/m:2")
+    capped = oxypy("proxy", "--listen", "127.0.0.1:0", echo_upstream, "--conn-limit", "0")
+    try:
+        assert [rated.get("/").status for _ in range(2)] == [200, 200]
+        limited = rated.get("/")
+        assert limited.status == 429
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert capped.get("/").status == 429
+    finally:
+        rated.stop()
+        capped.stop()
+
+
+def test_sticky_least_request_and_pass_host_header(
+    oxypy: Callable[..., Running], pywsgi: Callable[[Any], str], echo_upstream: str
+) -> None:
+    sticky = oxypy(
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        pywsgi(named(b"one")),
+        pywsgi(named(b"two")),
+        "--sticky",
+        "lb",
+        "--sticky-secret",
+        "s3cret",
+        "--least-request",
+        "--timeout",
+        "5",
+    )
+    host = oxypy("proxy", "--listen", "127.0.0.1:0", echo_upstream, "--pass-host-header")
+    try:
+        first = sticky.get("/")
+        assert first.status == 200
+        cookie = first.headers["Set-Cookie"]
+        assert cookie.startswith("lb=")
+        pair = cookie.split(";", 1)[0]
+        for _ in range(6):
+            r = sticky.get("/", headers={"Cookie": pair})
+            assert (r.status, r.data) == (200, first.data)
+            assert "Set-Cookie" not in r.headers
+        r = host.get("/", headers={"Host": "example.test"})
+        assert json.loads(r.data)["headers"]["host"] == "example.test"
+    finally:
+        sticky.stop()
+        host.stop()
+
+
+def test_health_check_takes_a_sick_upstream_out(
+    oxypy: Callable[..., Running], pywsgi: Callable[[Any], str]
+) -> None:
+    good = pywsgi(named(b"good"))
+    sick = pywsgi(named(b"sick", "500 Internal Server Error"))
+    gw = oxypy(
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        good,
+        sick,
+        "--health-check",
+        "/healthz",
+        "--health-interval",
+        "0.1",
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if {gw.get("/").data for _ in range(4)} == {b"good"}:
+                break
+            time.sleep(0.1)
+        assert {gw.get("/").data for _ in range(6)} == {b"good"}
+    finally:
+        gw.stop()
+
+
+# --------------------------------------------------------------------------- serve, demo
+
+GATEWAY = """
+import os
+from oxypy import Forward, RequestID
+
+app = RequestID(Forward(os.environ["CLI_TEST_UPSTREAM"]))
+
+def make():
+    return Forward(os.environ["CLI_TEST_UPSTREAM"], via="factory")
+"""
+
+
+@pytest.mark.parametrize("target", ["gw_mod:app", "gw_mod:make()"])
+def test_serve_module_app(
+    target: str,
+    oxypy: Callable[..., Running],
+    echo_upstream: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "gw_mod.py").write_text(GATEWAY)
+    monkeypatch.setenv("CLI_TEST_UPSTREAM", echo_upstream)
+    gw = oxypy("serve", target, "--listen", "127.0.0.1:0", cwd=tmp_path)
+    try:
+        r = gw.get("/served?x=1")
+        assert r.status == 200
+        doc = json.loads(r.data)
+        assert (doc["path"], doc["query"]) == ("/served", "x=1")
+        if target.endswith("()"):
+            assert doc["headers"]["via"] == "1.1 factory"
+        else:
+            assert "x-request-id" in doc["headers"]
+    finally:
+        gw.stop()
+
+
+def test_demo_balances_retries_and_reports(oxypy: Callable[..., Running]) -> None:
+    demo = oxypy("demo", "--listen", "127.0.0.1:0", "--interval", "0.3")
+    try:
+        bodies = []
+        for i in range(6):
+            r = demo.get(f"/hello/{i}")
+            assert r.status == 200
+            bodies.append(r.data.decode())
+        assert any("upstream A" in b for b in bodies)
+        assert any("upstream B" in b for b in bodies)
+        deadline = time.monotonic() + 10
+        while "saved by a retry: 0 " in demo.stdout() or "responses" not in demo.stdout():
+            assert time.monotonic() < deadline, demo.stdout()
+            time.sleep(0.1)
+        assert "breaker: standby" in demo.stdout()
+        assert "curl -i " + demo.url in demo.stdout()
+    finally:
+        demo.stop()
+    assert demo.stdout().rstrip().endswith("oxypy demo: stopped")
