@@ -50,6 +50,8 @@ def check_framing(environ: WSGIEnvironment) -> Framing:
     plain decimal number (``+5``, ``5, 6``), or a Transfer-Encoding other than
     exactly ``chunked`` is a smuggling attempt or a broken client: 400.
     """
+    if environ.get("REQUEST_METHOD") == "CONNECT":
+        raise RequestError("CONNECT is not supported by a reverse proxy", status=405)
     te = environ.get("HTTP_TRANSFER_ENCODING")
     cl = environ.get("CONTENT_LENGTH")
     if te is not None:

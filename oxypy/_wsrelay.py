@@ -133,8 +133,12 @@ def relay_messages(
             opcode, payload = reader.message()
             record.bytes_received += len(payload)
             if opcode == OP_CLOSE:
-                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1000
-                ws.close(code, payload[2:])
+                # gevent-websocket's close() drops its code argument and
+                # stringifies bytes: send the close frame (code + reason) as is.
+                try:
+                    ws.send_frame(payload, ws.OPCODE_CLOSE)
+                finally:
+                    ws.closed = True
                 break
             if opcode == OP_TEXT:
                 ws.send(payload.decode("utf-8", "replace"))

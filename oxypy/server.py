@@ -48,6 +48,8 @@ __all__ = ["Server", "serve"]
 log = logging.getLogger(__name__)
 
 RECV_SIZE = 65536
+#: How long a rejected connection is drained before it is closed.
+LINGER_SECONDS = 1.0
 _HEAD, _BODY, _END = 0, 1, 2
 _NO_BODY_STATUS = frozenset({204, 304})
 _HOP = frozenset(
@@ -412,13 +414,25 @@ class _Connection:
             pass
 
     def reject(self, exc: _BadRequest) -> None:
+        """Answer a short error and close with a lingering close (as nginx does).
+
+        Closing with unread request bytes makes the kernel send a reset that can
+        destroy the answer in flight; so the write side is shut first and what
+        the client still sends is read and dropped for a short while.
+        """
         body = (exc.reason + "\n").encode("latin-1", "replace")
         head = (
             f"HTTP/1.1 {exc.status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode("latin-1")
+        sock = self.sock
         try:
-            self.sock.sendall(head + body)
+            sock.sendall(head + body)
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(LINGER_SECONDS)
+            deadline = time.monotonic() + LINGER_SECONDS
+            while time.monotonic() < deadline and sock.recv(RECV_SIZE):
+                pass
         except OSError:
             pass
 

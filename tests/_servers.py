@@ -184,7 +184,10 @@ def raw_request(url: str, data: bytes, *, timeout: float = 5.0, until: str = "re
     host, port = url.split("//", 1)[1].rsplit(":", 1)
     ender = _ResponseEnd(data.startswith(b"HEAD ")) if until == "response" else None
     with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
-        sock.sendall(data)
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass  # the server may have answered and closed before reading it all
         chunks = []
         try:
             while True:
@@ -196,8 +199,8 @@ def raw_request(url: str, data: bytes, *, timeout: float = 5.0, until: str = "re
                     ender.feed(piece)
                     if ender.done:
                         break
-        except TimeoutError:
-            pass
+        except (TimeoutError, ConnectionResetError):
+            pass  # a reset after the answer (unread request bytes) ends the read
         return b"".join(chunks)
 
 

@@ -1,0 +1,22 @@
+"""WSGI apps for the gunicorn subprocess tests (imported by gunicorn, not by pytest).
+
+``forward`` proxies to ``$OXYPY_TEST_UPSTREAM``; ``trivial`` answers 200 with
+the request body length, to observe what gunicorn's own parser accepts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from oxypy import Forward
+
+forward = Forward(os.environ.get("OXYPY_TEST_UPSTREAM") or "http://127.0.0.1:9")
+
+
+def trivial(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    length = environ.get("CONTENT_LENGTH")
+    body = environ["wsgi.input"].read(int(length)) if length else environ["wsgi.input"].read()
+    out = b"seen %s %d" % (environ["PATH_INFO"].encode("latin-1"), len(body))
+    start_response("200 OK", [("Content-Length", str(len(out)))])
+    return [out]
