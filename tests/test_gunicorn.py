@@ -122,7 +122,7 @@ def test_http_and_websocket_through_gunicorn(
         assert resp.status == 200 and doc["path"] == "/through" and doc["query"] == "x=1"
 
         ws = websocket.create_connection(
-            "ws://127.0.0.1:%d/ws" % ws_server.port, timeout=5, subprotocols=["chat"]
+            f"ws://127.0.0.1:{ws_server.port}/ws", timeout=5, subprotocols=["chat"]
         )
         try:
             assert ws.subprotocol == "chat"
@@ -156,7 +156,7 @@ def test_refused_upgrade_under_gunicorn(worker: str, pywsgi: Any) -> None:
     server = Gunicorn(worker, "forward", pywsgi(no_ws))
     try:
         with pytest.raises(websocket.WebSocketBadStatusException) as info:
-            websocket.create_connection("ws://127.0.0.1:%d/ws" % server.port, timeout=5)
+            websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws", timeout=5)
         assert info.value.status_code == 403 and info.value.resp_body == b"nope"
     finally:
         server.stop()
