@@ -1,0 +1,1 @@
+"""A one-view Django project whose WSGI application is wrapped in oxypy blocks."""
