@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from functools import lru_cache
 
 from .exceptions import ConfigurationError
 
@@ -44,6 +45,7 @@ def parse_ip(value: str) -> IPAddress | None:
     return addr
 
 
+@lru_cache(maxsize=4096)
 def normalize_ip(value: str | None) -> str | None:
     """The canonical text of an address, or None when ``value`` is not one."""
     if value is None:

@@ -40,6 +40,7 @@ import httptools
 from gevent.event import Event
 from gevent.server import StreamServer
 
+from ._io import send_all
 from ._types import WSGIApplication
 from .exceptions import ConfigurationError
 
@@ -274,7 +275,7 @@ class _Connection:
 
     def send(self, data: bytes) -> None:
         try:
-            self.sock.sendall(data)
+            send_all(self.sock, data)
         except OSError as exc:
             raise _ClientGone() from exc
 
