@@ -1,4 +1,4 @@
-"""A gateway composed in code: every oxypy block nested by hand, served by oxypy.
+r"""A gateway composed in code: every oxypy block nested by hand, served by oxypy.
 
 Run it in front of two upstreams::
 

@@ -1,4 +1,4 @@
-"""A Flask app wrapped in oxypy blocks, with ``/api/*`` proxied to an upstream.
+r"""A Flask app wrapped in oxypy blocks, with ``/api/*`` proxied to an upstream.
 
 Run it (Flask installed; an upstream listening on the URL you give)::
 

@@ -1,4 +1,4 @@
-"""The WSGI gateway that ``gunicorn.conf.py`` serves (HTTP and WebSockets).
+r"""The WSGI gateway that ``gunicorn.conf.py`` serves (HTTP and WebSockets).
 
 Run it with gunicorn's gevent worker, from this directory::
 

@@ -1,4 +1,4 @@
-"""gunicorn settings for ``gateway_app:app`` with the gevent worker (WebSockets work).
+r"""gunicorn settings for ``gateway_app:app`` with the gevent worker (WebSockets work).
 
 Run from this directory::
 

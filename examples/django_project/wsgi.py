@@ -1,4 +1,4 @@
-"""Django's WSGI application wrapped in oxypy blocks, with ``/api/*`` proxied.
+r"""Django's WSGI application wrapped in oxypy blocks, with ``/api/*`` proxied.
 
 Run it from the ``examples`` directory with oxypy's server (or gunicorn)::
 
