@@ -457,3 +457,39 @@ def test_demo_balances_retries_and_reports(oxypy: Callable[..., Running]) -> Non
     finally:
         demo.stop()
     assert demo.stdout().rstrip().endswith("oxypy demo: stopped")
+
+
+def test_proxy_tunnels_websockets_through_the_full_chain(oxypy: Callable[..., Running]) -> None:
+    websocket = pytest.importorskip("websocket")
+    from _ws import WSEchoUpstream
+
+    ws_up = WSEchoUpstream()
+    gw = None
+    try:
+        gw = oxypy(
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            ws_up.url,
+            "--retry",
+            "IsNetworkError() && Attempts() < 2",
+            "--breaker",
+            "NetworkErrorRatio() > 0.5",
+            "--rate",
+            "10/s",
+            "--conn-limit",
+            "5",
+            "--trace",
+        )
+        client = websocket.create_connection(gw.url.replace("http", "ws") + "/chat", timeout=10)
+        try:
+            client.send("through every block")
+            assert client.recv() == "through every block"
+        finally:
+            client.close()
+    finally:
+        if gw is not None:
+            gw.stop()
+        ws_up.stop()
+    line = json.loads(gw.stderr().splitlines()[-1])
+    assert (line["status"], line["url"], line["target"]) == (101, "/chat", ws_up.url)
