@@ -8,14 +8,13 @@ whether the client connection has closed, so retries stop for a gone client.
 
 from __future__ import annotations
 
-import select
-import socket
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from . import environ as keys
 from ._buffer_store import SpillBuffer
+from ._io import peer_closed
 from ._iterables import ClosingIterable
 from ._types import StartResponse, WSGIEnvironment
 
@@ -168,28 +167,14 @@ def close_iterable(result: Iterable[bytes]) -> None:
 def client_probe(environ: WSGIEnvironment) -> Callable[[], bool] | None:
     """A ``() -> bool`` telling whether the client connection has closed, if knowable.
 
-    A server may provide ``environ["oxypy.client_gone"]``; for oxypy's own
-    server the connection socket is peeked without blocking.
+    ``oxypy.serve`` provides ``environ["oxypy.client_gone"]``; under gunicorn
+    the client socket it exposes is peeked without blocking.  Other servers
+    give no way to know: then only Forward's ``ClientDisconnected`` tells.
     """
     provided = environ.get(keys.CLIENT_GONE)
     if callable(provided):
         return provided  # type: ignore[no-any-return]
-    stream = environ.get("wsgi.input")
-    for _ in range(4):  # look through wrappers such as werkzeug's lint InputStream
-        if stream is None or hasattr(stream, "_conn"):
-            break
-        stream = getattr(stream, "_stream", None)
-    sock = getattr(getattr(stream, "_conn", None), "sock", None)
+    sock = environ.get("gunicorn.socket") or environ.get("gunicorn.sock")
     if sock is None or not hasattr(sock, "fileno"):
         return None
-
-    def gone() -> bool:
-        try:
-            readable, _, _ = select.select([sock], [], [], 0)
-            if not readable:
-                return False
-            return bool(sock.recv(1, socket.MSG_PEEK) == b"")
-        except (OSError, ValueError):
-            return True
-
-    return gone
+    return lambda: peer_closed(sock, data_is_fine=True)

@@ -22,16 +22,19 @@ def send_all(sock: Any, data: bytes) -> None:
         sock.sendall(memoryview(data)[sent:])
 
 
-def peer_closed(sock: Any) -> bool:
-    """True when an idle pooled connection was closed (or got junk) from the other side.
+def peer_closed(sock: Any, *, data_is_fine: bool = False) -> bool:
+    """True when the other side closed ``sock`` (polled without blocking).
 
-    One non-blocking peek on the real socket: no poll object, no greenlet switch.
+    One non-blocking peek on the real socket: no poll object, no greenlet
+    switch.  For an idle pooled upstream connection unexpected bytes are as bad
+    as a close; for a client connection (``data_is_fine``) they are a
+    pipelined request.
     """
     raw = getattr(sock, "_sock", sock)
     try:
-        raw.recv(1, _PEEK)
+        data = raw.recv(1, _PEEK)
     except BlockingIOError:
-        return False  # alive and quiet: the only good answer
+        return False  # alive and quiet
     except (OSError, ValueError):
         return True
-    return True  # EOF, or bytes nobody asked for
+    return not (data and data_is_fine)

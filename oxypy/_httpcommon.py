@@ -1,0 +1,44 @@
+"""Constants and internal signals shared by the embedded server's modules."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BODY",
+    "END",
+    "HEAD",
+    "BadRequest",
+    "ClientGone",
+    "HOP",
+    "LINGER_SECONDS",
+    "NO_BODY_STATUS",
+    "RECV_SIZE",
+]
+
+RECV_SIZE = 65536
+#: How long a rejected connection is drained before it is closed.
+LINGER_SECONDS = 1.0
+#: Parser events queued by a connection: a head, a body piece, the end.
+HEAD, BODY, END = 0, 1, 2
+NO_BODY_STATUS = frozenset({204, 304})
+HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+    }
+)
+
+
+class BadRequest(Exception):
+    def __init__(self, reason: str, status: str = "400 Bad Request") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class ClientGone(Exception):
+    pass
