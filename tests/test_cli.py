@@ -73,12 +73,12 @@ class Running:
     def get(self, path: str = "/", **kw: Any) -> urllib3.BaseHTTPResponse:
         return HTTP.request("GET", self.url + path, **kw)
 
-    def stop(self) -> None:
-        """SIGTERM by PID; the process must exit 0 within a few seconds."""
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Signal by PID (SIGTERM); the process must exit 0 within a few seconds."""
         if self.proc.poll() is not None:
             raise AssertionError(f"died early ({self.proc.returncode}): {self.stderr()}")
         started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
+        self.proc.send_signal(sig)
         try:
             code = self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -455,7 +455,7 @@ def test_demo_balances_retries_and_reports(oxypy: Callable[..., Running]) -> Non
         assert "breaker: standby" in demo.stdout()
         assert "curl -i " + demo.url in demo.stdout()
     finally:
-        demo.stop()
+        demo.stop(signal.SIGINT)  # Ctrl-C
     assert demo.stdout().rstrip().endswith("oxypy demo: stopped")
 
 
@@ -493,3 +493,21 @@ def test_proxy_tunnels_websockets_through_the_full_chain(oxypy: Callable[..., Ru
         ws_up.stop()
     line = json.loads(gw.stderr().splitlines()[-1])
     assert (line["status"], line["url"], line["target"]) == (101, "/chat", ws_up.url)
+
+
+def test_sigterm_lets_an_in_flight_request_finish(
+    oxypy: Callable[..., Running], pywsgi: Callable[[Any], str]
+) -> None:
+    import gevent
+
+    def slow(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        gevent.sleep(1.0)
+        start_response("200 OK", [("Content-Length", "4")])
+        return [b"done"]
+
+    gw = oxypy("proxy", "--listen", "127.0.0.1:0", pywsgi(slow), "--graceful-timeout", "5")
+    pending = gevent.spawn(gw.get, "/slow")
+    time.sleep(0.3)  # the request is in flight upstream
+    gw.stop()
+    response = pending.get(timeout=5)
+    assert (response.status, response.data) == (200, b"done")
