@@ -272,7 +272,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 proxy.close()
         elif args.command == "serve":
-            _serve(load_app(args.target), args, f"serving {args.target}")
+            app = load_app(args.target)
+            try:
+                _serve(app, args, f"serving {args.target}")
+            finally:
+                close = getattr(app, "close", None)
+                if callable(close):
+                    close()  # flush a Trace queue, stop health checks
         else:
             from ._cli_demo import run_demo
 

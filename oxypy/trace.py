@@ -510,6 +510,14 @@ class Trace:
             environ["wsgi.input"] = request.input
         try:
             iterable = self.next_app(environ, request.start_response)
+        except StopIteration:
+            # gunicorn's signal that the app took the connection over (Forward's
+            # WebSocket tunnel under -k gevent): the session ended normally.
+            if request.status is None:
+                request.status = 101
+            request.exhausted = True
+            request.finish()
+            raise
         except BaseException as exc:
             request.error = exc
             request.finish()

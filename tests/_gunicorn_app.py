@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from oxypy import Forward
+from oxypy import Forward, Trace
 
 forward = Forward(os.environ.get("OXYPY_TEST_UPSTREAM") or "http://127.0.0.1:9")
 
@@ -20,3 +20,14 @@ def trivial(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     out = b"seen %s %d" % (environ["PATH_INFO"].encode("latin-1"), len(body))
     start_response("200 OK", [("Content-Length", str(len(out)))])
     return [out]
+
+
+def _trace_sink(line: str) -> None:
+    path = os.environ.get("OXYPY_TEST_TRACE")
+    if path:
+        with open(path, "a") as out:
+            out.write(line + "\n")
+
+
+#: Forward behind Trace, writing its lines to ``$OXYPY_TEST_TRACE``.
+traced = Trace(forward, sink=_trace_sink)

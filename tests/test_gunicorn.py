@@ -44,9 +44,14 @@ def _free_port() -> int:
 class Gunicorn:
     """``gunicorn -k WORKER tests/_gunicorn_app:APP`` on a free port, stopped by PID."""
 
-    def __init__(self, worker: str, app: str, upstream: str = "") -> None:
+    def __init__(self, worker: str, app: str, upstream: str = "", trace: str = "") -> None:
         self.port = _free_port()
-        env = {**os.environ, "OXYPY_TEST_UPSTREAM": upstream, "PYTHONPATH": os.getcwd()}
+        env = {
+            **os.environ,
+            "OXYPY_TEST_UPSTREAM": upstream,
+            "OXYPY_TEST_TRACE": trace,
+            "PYTHONPATH": os.getcwd(),
+        }
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -145,6 +150,29 @@ def test_http_and_websocket_through_gunicorn(
     finally:
         ws_server.stop()
         http_server.stop()
+
+
+@pytest.mark.parametrize("worker", WORKERS)
+def test_trace_records_a_tunnelled_session_as_101(
+    worker: str, ws_upstream: WSEchoUpstream, tmp_path: Path
+) -> None:
+    trace = tmp_path / "trace.jsonl"
+    server = Gunicorn(worker, "traced", ws_upstream.url, trace=str(trace))
+    try:
+        ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws", timeout=5)
+        ws.send("x")
+        assert ws.recv() == "x"
+        ws.close()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not trace.exists():
+            time.sleep(0.05)
+    finally:
+        server.stop()  # stopping flushes Trace's queue at exit at the latest
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not (trace.exists() and trace.read_text().strip()):
+        time.sleep(0.05)
+    (line,) = [json.loads(x) for x in trace.read_text().splitlines()]
+    assert line["status"] == 101 and "error" not in line
 
 
 @pytest.mark.parametrize("worker", WORKERS)
