@@ -20,10 +20,11 @@ import gevent
 
 from . import environ as keys
 from ._buffer_attempt import Capture, Captured, Final, Streaming, client_probe, close_iterable
-from ._buffer_store import CHUNK, Overflow, SpillBuffer
+from ._buffer_store import Overflow, SpillBuffer
 from ._forwarding import check_framing
 from ._iterables import ClosingIterable
 from ._types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from ._upstream import BodySource
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import (
     BodyTooLarge,
@@ -237,22 +238,8 @@ class Buffer:
         if length is not None and self.max_request is not None and length > self.max_request:
             raise BodyTooLarge(f"request body of {length} bytes is over the limit")
         store = SpillBuffer(self.mem_request, self.max_request)
-        stream = environ["wsgi.input"]
-        read = getattr(stream, "read1", None) or stream.read
-        remaining = length
         try:
-            while remaining is None or remaining > 0:
-                want = CHUNK if remaining is None else min(CHUNK, remaining)
-                try:
-                    data = read(want)
-                except (OSError, ValueError) as exc:
-                    raise ClientDisconnected("client went away during the upload") from exc
-                if not data:
-                    if remaining is None:
-                        break
-                    raise ClientDisconnected("client sent a short request body")
-                if remaining is not None:
-                    remaining -= len(data)
+            for data in BodySource(environ["wsgi.input"], length).chunks():
                 store.write(data)
         except Overflow:
             store.close()
