@@ -117,6 +117,8 @@ class Results:
     def ratio(self, target: str, metric: str, base: str = BASELINE) -> float | None:
         mine = self.values.get(target, {}).get(metric, [])
         theirs = self.values.get(base, {}).get(metric, [])
+        if not mine or not theirs:  # a target not run, or the metric never measured
+            return None
         per_round = [
             a / b
             for a, b in zip(mine, theirs, strict=True)
@@ -586,7 +588,7 @@ def parse(argv: Sequence[str]) -> Settings:
     only = frozenset(x.strip() for x in a.only.split(",") if x.strip())
     if not only <= ALL:
         p.error(f"--only takes {','.join(GROUPS)}")
-    targets = TARGETS
+    targets: tuple[Target, ...] = TARGETS
     if a.targets:
         wanted = {x.strip() for x in a.targets.split(",")}
         unknown = wanted - {t.name for t in TARGETS}
@@ -594,7 +596,7 @@ def parse(argv: Sequence[str]) -> Settings:
             p.error(f"unknown targets {sorted(unknown)}; known: {[t.name for t in TARGETS]}")
         targets = tuple(t for t in TARGETS if t.name in wanted)
     quick = a.quick
-    conns = (1, 64) if quick else (1, 16, 64, 256)
+    conns: tuple[int, ...] = (1, 64) if quick else (1, 16, 64, 256)
     if a.conns:
         conns = tuple(int(x) for x in a.conns.split(","))
     return Settings(
