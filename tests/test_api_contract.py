@@ -116,3 +116,30 @@ def test_malformed_predicate_names_the_position() -> None:
         Buffer(Forward("http://127.0.0.1:1"), retry="IsNetworkError() && Attempts( < 2")
     assert info.value.position == 30  # the "<" where ")" was due
     assert "^" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda nxt, skip: oxypy.RoundRobin(nxt, ["http://a:1"], skip=skip), id="rr"),
+        pytest.param(
+            lambda nxt, skip: oxypy.LeastRequest(nxt, ["http://a:1"], skip=skip), id="least"
+        ),
+        pytest.param(
+            lambda nxt, skip: oxypy.Rebalancer(oxypy.RoundRobin(nxt, ["http://a:1"]), skip=skip),
+            id="rebalancer",
+        ),
+    ],
+)
+def test_skip_on_balancers_bypasses_the_pick(proxy: Any, make: Any) -> None:
+    seen: list[str | None] = []
+
+    def record(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(environ.get("oxypy.target"))
+        start_response("200 OK", [("Content-Length", "0")])
+        return [b""]
+
+    url = proxy(make(record, lambda environ: "HTTP_X_SKIP" in environ))
+    assert HTTP.request("GET", url + "/").status == 200
+    assert HTTP.request("GET", url + "/", headers={"X-Skip": "1"}).status == 200
+    assert seen == ["http://a:1", None]
