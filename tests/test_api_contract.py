@@ -125,10 +125,6 @@ def test_malformed_predicate_names_the_position() -> None:
         pytest.param(
             lambda nxt, skip: oxypy.LeastRequest(nxt, ["http://a:1"], skip=skip), id="least"
         ),
-        pytest.param(
-            lambda nxt, skip: oxypy.Rebalancer(oxypy.RoundRobin(nxt, ["http://a:1"]), skip=skip),
-            id="rebalancer",
-        ),
     ],
 )
 def test_skip_on_balancers_bypasses_the_pick(proxy: Any, make: Any) -> None:
