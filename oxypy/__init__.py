@@ -38,6 +38,7 @@ from .forward import Exchange, Forward, OutgoingRequest, ResponseHead
 from .health import HealthCheck, OutlierDetection
 from .leastrequest import LeastRequest
 from .predicate import Func, Predicate, compile_predicate
+from .prometheus import BreakerStateGauge, PrometheusMetrics, metrics_app
 from .ratelimit import Rate, RateLimit
 from .rebalancer import Rebalancer
 from .requestid import RequestID
@@ -47,6 +48,10 @@ from .router import Router
 from .server import Server, serve
 from .sticky import StickySession
 from .trace import Trace
+
+#: The name issue 7 and the README use; ``prometheus_client`` is needed only
+#: when one is constructed (the ``prometheus`` extra).
+Metrics = PrometheusMetrics
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -59,6 +64,8 @@ __all__ = [
     "ConnLimit",
     "Forward",
     "LeastRequest",
+    "Metrics",
+    "PrometheusMetrics",
     "RateLimit",
     "Rebalancer",
     "RequestID",
@@ -66,7 +73,9 @@ __all__ = [
     "RoundRobin",
     "Router",
     "Trace",
+    "metrics_app",
     # their options
+    "BreakerStateGauge",
     "HealthCheck",
     "OutlierDetection",
     "Rate",
