@@ -1,0 +1,129 @@
+"""A named oxypy chain ending in Forward, served by oxypy's own Server.
+
+Usage: ``python proxies/oxypy_chain.py CHAIN UPSTREAM [UPSTREAM2] [--redis URL]``.
+Chains (every rate and limit is huge, so nothing is ever rejected):
+
+- ``forward``: ``Forward(up1)``
+- ``rr1``: ``RoundRobin(Forward(), [up1])`` (the balancer over the same single upstream)
+- ``rr2``: ``RoundRobin(Forward(), [up1, up2])``
+- ``least2``: ``LeastRequest(Forward(), [up1, up2])``
+- ``buffer_rr2``: ``Buffer(RoundRobin(Forward(), [up1, up2]), retry=...)``
+- ``ratelimit_mem``: ``RateLimit(Forward(up1), rates=[huge])`` (in-process store)
+- ``ratelimit_redis``: the same with ``RedisStore(--redis)``
+- ``cbreaker``: ``CircuitBreaker(Forward(up1), "NetworkErrorRatio() > 0.5")``
+- ``trace``: ``Trace(Forward(up1), sink=open("/dev/null", "w"))``
+- ``full``: Trace → ConnLimit → RateLimit → CircuitBreaker → Buffer → RoundRobin → Forward
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from _common import ready  # noqa: E402
+
+from oxypy import (  # noqa: E402
+    Buffer,
+    CircuitBreaker,
+    ConnLimit,
+    Forward,
+    LeastRequest,
+    Rate,
+    RateLimit,
+    RedisStore,
+    RoundRobin,
+    Trace,
+)
+from oxypy.server import Server  # noqa: E402
+
+RETRY = "IsNetworkError() && Attempts() < 2"
+TRIGGER = "NetworkErrorRatio() > 0.5"
+HUGE = [Rate(1e9, 1.0, burst=10**9)]
+MAX_CONNS = 10**6
+
+
+def _two(ups: list[str]) -> list[str]:
+    if len(ups) < 2:
+        raise SystemExit("this chain needs two upstream URLs")
+    return ups[:2]
+
+
+def _redis_store(url: str | None) -> Any:
+    if not url:
+        raise SystemExit("ratelimit_redis needs --redis URL")
+    # "deny" turns a Redis failure into a 429 that the benchmark sees as non-2xx,
+    # instead of silently measuring a limiter that skipped its store.
+    return RedisStore(url, timeout=5.0, on_error="deny")
+
+
+def build(chain: str, ups: list[str], redis_url: str | None) -> Any:
+    builders: dict[str, Callable[[], Any]] = {
+        "forward": lambda: Forward(ups[0]),
+        "rr1": lambda: RoundRobin(Forward(), [ups[0]]),
+        "rr2": lambda: RoundRobin(Forward(), _two(ups)),
+        "least2": lambda: LeastRequest(Forward(), _two(ups)),
+        "buffer_rr2": lambda: Buffer(RoundRobin(Forward(), _two(ups)), retry=RETRY),
+        "ratelimit_mem": lambda: RateLimit(Forward(ups[0]), rates=HUGE),
+        "ratelimit_redis": lambda: RateLimit(
+            Forward(ups[0]), rates=HUGE, store=_redis_store(redis_url)
+        ),
+        "cbreaker": lambda: CircuitBreaker(Forward(ups[0]), TRIGGER),
+        "trace": lambda: Trace(Forward(ups[0]), sink=open(os.devnull, "w")),  # noqa: SIM115
+        "full": lambda: Trace(
+            ConnLimit(
+                RateLimit(
+                    CircuitBreaker(
+                        Buffer(RoundRobin(Forward(), _two(ups)), retry=RETRY),
+                        TRIGGER,
+                    ),
+                    rates=HUGE,
+                ),
+                max_conns=MAX_CONNS,
+            ),
+            sink=open(os.devnull, "w"),  # noqa: SIM115
+        ),
+    }
+    if chain not in builders:
+        raise SystemExit(f"unknown chain {chain!r}; known: {', '.join(builders)}")
+    return builders[chain]()
+
+
+CHAINS = (
+    "forward",
+    "rr1",
+    "rr2",
+    "least2",
+    "buffer_rr2",
+    "ratelimit_mem",
+    "ratelimit_redis",
+    "cbreaker",
+    "trace",
+    "full",
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("chain", choices=CHAINS)
+    parser.add_argument("upstreams", nargs="+", help="upstream base URLs (1 or 2)")
+    parser.add_argument(
+        "--redis", default=None, help="redis://127.0.0.1:PORT/0 for ratelimit_redis"
+    )
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: pick one)")
+    args = parser.parse_args()
+    app = build(args.chain, args.upstreams, args.redis)
+    server = Server(app, f"127.0.0.1:{args.port}", graceful_timeout=1).start()
+    ready(server.address[1])
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
