@@ -264,6 +264,11 @@ class Balancer:
             else:
                 self._pool.upsert(spec, 1)
         self._needs_close = self._tracks_in_flight or outlier_detection is not None
+        # Without health checks or ejection a server's availability never
+        # changes, so the candidate list only changes with the pool's version.
+        self._static = health_check is None and outlier_detection is None
+        self._cached: list[ServerState] = []
+        self._cached_version = -1
         self._checker: _HealthChecker | None = None
         if health_check is not None:
             self._checker = _HealthChecker(health_check, self._pool)
@@ -309,7 +314,13 @@ class Balancer:
         with pool.lock:
             if self.outlier is not None:
                 pool.expire_ejections(pool.clock(), events)
-            candidates = [s for s in pool.order if s.weight > 0 and s.available]
+            if self._static:
+                if self._cached_version != pool.version:
+                    self._cached = [s for s in pool.order if s.weight > 0]
+                    self._cached_version = pool.version
+                candidates = self._cached  # never mutated below: filters make new lists
+            else:
+                candidates = [s for s in pool.order if s.weight > 0 and s.available]
             chosen: ServerState | None = None
             if candidates and tried:
                 fresh = [s for s in candidates if s.url not in tried]
@@ -325,7 +336,8 @@ class Balancer:
                 chosen = candidates[0] if len(candidates) == 1 else self._choose(candidates)
             if chosen is not None and self._tracks_in_flight:
                 chosen.in_flight += 1
-        pool.notify(events)
+        if events:
+            pool.notify(events)
         return chosen, set_cookie
 
     def _no_server(self) -> NoServers:
