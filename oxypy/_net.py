@@ -21,6 +21,7 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+@lru_cache(maxsize=4096)
 def parse_ip(value: str) -> IPAddress | None:
     """Parse ``value`` as an address: brackets, zone and an IPv4 port are dropped."""
     text = value.strip()

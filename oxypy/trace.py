@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import queue
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
@@ -22,6 +19,7 @@ from typing import Any
 
 from . import environ as keys
 from ._net import TrustedProxies, normalize_ip
+from ._tracewriter import TraceWriter
 from ._types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .exceptions import ClientDisconnected, ConfigurationError, RequestError
 
@@ -51,7 +49,6 @@ _TLS_ALIASES = {
     "tlsv1.3": "TLSv1.3",
     "sslv3": "SSLv3",
 }
-_STOP = object()
 
 
 def tls_version_name(value: Any) -> str | None:
@@ -105,88 +102,6 @@ def _kind(exc: BaseException) -> str:
 def _timestamp(epoch: float) -> str:
     stamp = datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
     return stamp.replace("+00:00", "Z")
-
-
-class _Writer:
-    """The bounded queue and the thread that drains it into the sink."""
-
-    def __init__(self, sink: TraceSink, size: int) -> None:
-        if isinstance(sink, logging.Logger):
-            logger = sink
-            self.emit: Callable[[str], Any] = logger.info
-        elif hasattr(sink, "write"):
-            self.emit = self._file_emitter(sink)
-        elif callable(sink):
-            self.emit = sink
-        else:
-            raise ConfigurationError("sink must be a file-like, a logging.Logger or a callable")
-        self.size = size
-        self.lock = threading.Lock()
-        self.queue: queue.Queue[Any] = queue.Queue(size)
-        self.thread: threading.Thread | None = None
-        self.pid = 0
-        self.dropped = 0
-        self.failed = 0
-
-    @staticmethod
-    def _file_emitter(stream: Any) -> Callable[[str], None]:
-        flush = getattr(stream, "flush", None)
-
-        def emit(line: str) -> None:
-            stream.write(line + "\n")
-            if flush is not None:
-                flush()
-
-        return emit
-
-    def _ensure_thread(self) -> None:
-        # Started lazily, and again after a fork (gunicorn --preload): a
-        # thread does not survive into the child.
-        thread = self.thread
-        if thread is not None and self.pid == os.getpid() and thread.is_alive():
-            return
-        with self.lock:
-            thread = self.thread
-            if thread is not None and self.pid == os.getpid() and thread.is_alive():
-                return
-            if self.pid != os.getpid():
-                self.queue = queue.Queue(self.size)
-            self.pid = os.getpid()
-            self.thread = threading.Thread(target=self._run, name="oxypy-trace", daemon=True)
-            self.thread.start()
-
-    def put(self, line: str) -> None:
-        self._ensure_thread()
-        try:
-            self.queue.put_nowait(line)
-        except queue.Full:
-            with self.lock:
-                self.dropped += 1
-
-    def _run(self) -> None:
-        q = self.queue
-        while True:
-            line = q.get()
-            try:
-                if line is _STOP:
-                    return
-                self.emit(line)
-            except Exception:  # noqa: BLE001 - a broken sink must not kill the writer
-                with self.lock:
-                    self.failed += 1
-                log.warning("trace sink failed", exc_info=True)
-            finally:
-                q.task_done()
-
-    def close(self, timeout: float) -> None:
-        thread = self.thread
-        if thread is None or not thread.is_alive() or self.pid != os.getpid():
-            return
-        try:
-            self.queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            return
-        thread.join(timeout)
 
 
 class _CountingInput:
@@ -474,7 +389,7 @@ class Trace:
         self.clock = clock
         self.wall_clock = wall_clock
         self.skip = skip
-        self._writer = _Writer(sys.stderr if sink is None else sink, queue_size)
+        self._writer = TraceWriter(sys.stderr if sink is None else sink, queue_size)
 
     @property
     def dropped(self) -> int:

@@ -1,0 +1,127 @@
+"""Trace's writer: a bounded buffer drained by one background thread (a greenlet under gevent).
+
+A request only appends its line to a deque and, when the writer sleeps,
+wakes it; the writer takes everything queued at once and hands file sinks one
+write and one flush per batch, so a busy proxy pays no system call per line and
+a slow sink never blocks a request: past ``size`` lines waiting, new lines are
+dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from .exceptions import ConfigurationError
+
+__all__ = ["TraceWriter"]
+
+log = logging.getLogger("oxypy.trace")
+
+_STOP = "\x00stop"
+
+
+class TraceWriter:
+    """Queue lines for ``sink`` (a file-like, a ``logging.Logger`` or a callable)."""
+
+    def __init__(self, sink: Any, size: int) -> None:
+        self.batch: Callable[[list[str]], None]
+        if isinstance(sink, logging.Logger):
+            self.batch = self._each_line(sink.info)
+        elif hasattr(sink, "write"):
+            self.batch = self._file_batch(sink)
+        elif callable(sink):
+            self.batch = self._each_line(sink)
+        else:
+            raise ConfigurationError("sink must be a file-like, a logging.Logger or a callable")
+        self.size = size
+        self.lock = threading.Lock()
+        self.pending: deque[str] = deque()
+        self.wakeup = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.dropped = 0
+        self.failed = 0
+        ref = weakref.ref(self)
+
+        def after_fork() -> None:  # a thread does not survive into a forked child
+            writer = ref()
+            if writer is not None:
+                writer.thread = None
+                writer.pending.clear()
+                writer.lock = threading.Lock()
+                writer.wakeup = threading.Event()
+
+        os.register_at_fork(after_in_child=after_fork)
+
+    @staticmethod
+    def _each_line(emit: Callable[[str], Any]) -> Callable[[list[str]], None]:
+        def batch(lines: list[str]) -> None:
+            for line in lines:
+                emit(line)
+
+        return batch
+
+    @staticmethod
+    def _file_batch(stream: Any) -> Callable[[list[str]], None]:
+        flush = getattr(stream, "flush", None)
+
+        def batch(lines: list[str]) -> None:
+            stream.write("\n".join(lines) + "\n")
+            if flush is not None:
+                flush()
+
+        return batch
+
+    def put(self, line: str) -> None:
+        if self.thread is None:
+            self._start()
+        if len(self.pending) >= self.size:
+            with self.lock:
+                self.dropped += 1
+            return
+        self.pending.append(line)
+        if not self.wakeup.is_set():
+            self.wakeup.set()
+
+    def _start(self) -> None:
+        with self.lock:
+            if self.thread is None:
+                thread = threading.Thread(target=self._run, name="oxypy-trace", daemon=True)
+                thread.start()
+                self.thread = thread
+
+    def _run(self) -> None:
+        pending = self.pending
+        while True:
+            self.wakeup.wait()
+            self.wakeup.clear()
+            lines = []
+            while pending:
+                lines.append(pending.popleft())
+            stop = _STOP in lines
+            if stop:
+                lines = [line for line in lines if line is not _STOP]
+            if lines:
+                try:
+                    self.batch(lines)
+                except Exception:  # noqa: BLE001 - a broken sink must not kill the writer
+                    with self.lock:
+                        self.failed += len(lines)
+                    log.warning("trace sink failed", exc_info=True)
+            if stop:
+                return
+
+    def close(self, timeout: float) -> None:
+        """Write what is queued (waiting up to ``timeout``) and stop the writer."""
+        thread = self.thread
+        if thread is None or not thread.is_alive():
+            return
+        self.pending.append(_STOP)
+        self.wakeup.set()
+        thread.join(timeout)
+        self.thread = None
