@@ -4,7 +4,9 @@ A request only appends its line to a deque and, when the writer sleeps,
 wakes it; the writer takes everything queued at once and hands file sinks one
 write and one flush per batch, so a busy proxy pays no system call per line and
 a slow sink never blocks a request: past ``size`` lines waiting, new lines are
-dropped and counted.
+dropped and counted.  After each batch the writer pauses briefly
+(:attr:`TraceWriter.interval`), so a busy proxy wakes it a few dozen times a
+second rather than once per request.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +31,10 @@ _STOP = "\x00stop"
 
 class TraceWriter:
     """Queue lines for ``sink`` (a file-like, a ``logging.Logger`` or a callable)."""
+
+    #: Pause after each batch, so that under load lines gather into batches
+    #: instead of waking the writer (and the sink) once per request.
+    interval = 0.02
 
     def __init__(self, sink: Any, size: int) -> None:
         self.batch: Callable[[list[str]], None]
@@ -115,6 +122,7 @@ class TraceWriter:
                     log.warning("trace sink failed", exc_info=True)
             if stop:
                 return
+            time.sleep(self.interval)
 
     def close(self, timeout: float) -> None:
         """Write what is queued (waiting up to ``timeout``) and stop the writer."""
