@@ -121,7 +121,11 @@ def test_two_processes_share_one_limit(redis_url: str) -> None:
         admitted = [statuses[i::2].count(b"HTTP/1.1 200") for i in range(2)]
         limited = [statuses[i::2].count(b"HTTP/1.1 429") for i in range(2)]
         assert [a + b for a, b in zip(admitted, limited, strict=True)] == [50, 50]
-        assert 19 <= sum(admitted) <= 21, (admitted, elapsed)
+        # 20 +- 1 in the first instant; on a loaded machine the burst may take
+        # longer, and the bucket refills one token per 50 ms meanwhile.  Two
+        # unshared limits would admit 40.
+        refilled = int(elapsed * 20)
+        assert 19 <= sum(admitted) <= 21 + refilled < 40, (admitted, elapsed)
     finally:
         for proc in procs:
             stop_pid(proc)
