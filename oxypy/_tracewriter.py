@@ -11,6 +11,7 @@ second rather than once per request.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -64,6 +65,13 @@ class TraceWriter:
                 writer.wakeup = threading.Event()
 
         os.register_at_fork(after_in_child=after_fork)
+
+        def at_exit() -> None:  # lines still queued when the process ends are written
+            writer = ref()
+            if writer is not None:
+                writer.flush()
+
+        atexit.register(at_exit)
 
     @staticmethod
     def _each_line(emit: Callable[[str], Any]) -> Callable[[list[str]], None]:
@@ -123,6 +131,19 @@ class TraceWriter:
             if stop:
                 return
             time.sleep(self.interval)
+
+    def flush(self) -> None:
+        """Write what is queued now, in the calling thread (used at exit)."""
+        lines = []
+        while self.pending:
+            line = self.pending.popleft()
+            if line is not _STOP:
+                lines.append(line)
+        if lines:
+            try:
+                self.batch(lines)
+            except Exception:  # noqa: BLE001 - at exit there is nobody left to tell
+                self.failed += len(lines)
 
     def close(self, timeout: float) -> None:
         """Write what is queued (waiting up to ``timeout``) and stop the writer."""

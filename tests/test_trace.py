@@ -443,3 +443,34 @@ def test_never_logs_bodies_hash_check() -> None:
     trace.close()
     assert "secret" not in lines[0]
     assert json.loads(lines[0])["request_bytes"] == len(body)
+
+
+def test_lines_still_queued_at_exit_are_written() -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        from gevent import monkey; monkey.patch_all()
+        import sys
+        from oxypy import Trace
+
+        def app(environ, start_response):
+            start_response("200 OK", [("Content-Length", "0")])
+            return [b""]
+
+        trace = Trace(app, sink=sys.stdout)
+        for i in range(50):
+            environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/%d" % i, "REMOTE_ADDR": "1.2.3.4"}
+            body = trace(environ, lambda status, headers: None)
+            list(body)
+            body.close()
+        # no trace.close(): the process just ends
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=True
+    )
+    urls = [json.loads(line)["url"] for line in out.stdout.splitlines()]
+    assert urls == [f"/{i}" for i in range(50)]
