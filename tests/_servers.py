@@ -29,7 +29,7 @@ class _QuietLog:
         pass
 
 
-class _NoDelayHandler(WSGIHandler):
+class _NoDelayHandler(WSGIHandler):  # type: ignore[misc]
     """pywsgi writes head and body in two sends: without TCP_NODELAY every
     keep-alive response would wait ~40 ms for the proxy's delayed ACK."""
 

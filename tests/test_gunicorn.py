@@ -144,7 +144,7 @@ def test_http_and_websocket_through_gunicorn(
             assert opcode == websocket.ABNF.OPCODE_CLOSE
             assert int.from_bytes(frame.data[:2], "big") == 4001
         finally:
-            ws.shutdown()
+            ws.shutdown()  # type: ignore[no-untyped-call]
         # The worker is still healthy after the tunnel ended.
         assert HTTP.request("GET", http_server.url + "/again").status == 200
     finally:
@@ -214,7 +214,7 @@ def test_gevent_websocket_handler_gets_a_message_relay(ws_upstream: WSEchoUpstre
             assert opcode == websocket.ABNF.OPCODE_CLOSE
             assert int.from_bytes(frame.data[:2], "big") == 4001
         finally:
-            ws.shutdown()
+            ws.shutdown()  # type: ignore[no-untyped-call]
         # The upstream was never offered an extension the relay could not decode.
         assert all(not req.extensions for req in ws_upstream.requests)
     finally:
@@ -234,7 +234,8 @@ def test_gunicorn_parser_behaviour_is_documented() -> None:
     server = Gunicorn("gevent", "trivial")
     try:
         for param in MALFORMED:
-            request_bytes, _ = param.values
+            request_bytes = param.values[0]
+            assert isinstance(request_bytes, bytes)
             follow = b"GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
             out = raw_request(server.url, request_bytes + follow, until="close", timeout=3)
             expected = GUNICORN_DIFFERS.get(str(param.id), "400")

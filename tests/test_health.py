@@ -92,7 +92,9 @@ def servers(n: int) -> list[ServerState]:
     return [ServerState(f"http://s{i}", f"http://s{i}:80/", 1) for i in range(n)]
 
 
-def feed(od: OutlierDetection, pool: list[ServerState], results: str, now: float = 0.0) -> list:
+def feed(
+    od: OutlierDetection, pool: list[ServerState], results: str, now: float = 0.0
+) -> list[Any]:
     """Feed ``results`` ('x' failure, '.' success) for pool[0]; return the events."""
     events: list[tuple[str, str]] = []
     for ch in results:
@@ -200,7 +202,8 @@ def fake_forward(outcomes: dict[str, list[str]]) -> Callable[..., Iterable[bytes
 
 
 def call(app: Any, cookie: str | None = None) -> tuple[str, list[tuple[str, str]], bytes]:
-    env = EnvironBuilder(path="/", headers={"Cookie": cookie} if cookie else {}).get_environ()
+    headers = [("Cookie", cookie)] if cookie else []
+    env = EnvironBuilder(path="/", headers=headers).get_environ()
     seen: dict[str, Any] = {}
 
     def start_response(status: str, headers: list[tuple[str, str]], exc: Any = None) -> Any:

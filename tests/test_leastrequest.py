@@ -93,7 +93,11 @@ def test_removed_server_still_releases() -> None:
 def test_empty_pool_503() -> None:
     seen: list[str] = []
     env = EnvironBuilder(path="/").get_environ()
-    body = LeastRequest(target_app, [])(env, lambda s, h, e=None: seen.append(s))
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        seen.append(status)
+
+    body = LeastRequest(target_app, [])(env, start_response)
     assert seen == ["503 Service Unavailable"] and list(body) == [b"no servers in the pool\n"]
 
 

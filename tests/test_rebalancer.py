@@ -50,9 +50,15 @@ def target_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> I
 
 
 def call(app: Any, cookie: str | None = None) -> tuple[str, bytes]:
-    env = EnvironBuilder(path="/", headers={"Cookie": cookie} if cookie else {}).get_environ()
+    headers = [("Cookie", cookie)] if cookie else []
+    env = EnvironBuilder(path="/", headers=headers).get_environ()
     seen: list[str] = []
-    result = LintMiddleware(app)(env, lambda s, h, e=None: seen.append(s) or (lambda d: None))
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        seen.append(status)
+        return lambda data: None
+
+    result = LintMiddleware(app)(env, start_response)
     try:
         body = b"".join(result)
     finally:

@@ -83,7 +83,7 @@ def test_close_code_from_upstream_reaches_client(proxy: Any, ws_upstream: WSEcho
     opcode, frame = ws.recv_data_frame(control_frame=True)
     assert opcode == websocket.ABNF.OPCODE_CLOSE
     assert int.from_bytes(frame.data[:2], "big") == 4001 and frame.data[2:] == b"bye"
-    ws.shutdown()  # the close handshake is done: just drop the socket
+    ws.shutdown()  # type: ignore[no-untyped-call]  # the close handshake is done: just drop the socket
 
 
 def test_close_code_from_client_reaches_upstream(proxy: Any, ws_upstream: WSEchoUpstream) -> None:
@@ -163,6 +163,7 @@ def test_abrupt_client_close_frees_everything(proxy: Any, ws_upstream: WSEchoUps
         ws = connect(url)
         ws.send("x")
         assert ws.recv() == "x"
+        assert ws.sock is not None
         ws.sock.shutdown(socket.SHUT_RDWR)  # TCP drop, no close frame
         ws.sock.close()
     deadline = time.monotonic() + 3
