@@ -128,7 +128,8 @@ class HealthCheck:
 
 
 class _HealthChecker:
-    """The one greenlet probing a balancer's pool."""
+    """The greenlet probing a balancer's pool: one round every ``interval``,
+    each round probing all servers concurrently."""
 
     def __init__(self, config: HealthCheck, pool: Pool) -> None:
         self.config = config
@@ -165,14 +166,24 @@ class _HealthChecker:
             return False
         return resp.status in config.expect_status
 
+    def check(self, server: Any) -> None:
+        """Probe one server and apply the result as soon as it is known."""
+        passed = self.probe(server.url)
+        events: list[Event] = []
+        with self.pool.lock:
+            if server.member:
+                self.config._apply(server, passed, events)
+        self.pool.notify(events)
+
     def round(self) -> None:
-        for server in self.pool.snapshot():
-            passed = self.probe(server.url)
-            events: list[Event] = []
-            with self.pool.lock:
-                if server.member:
-                    self.config._apply(server, passed, events)
-            self.pool.notify(events)
+        """Probe every server at once, so one hanging server delays no other."""
+        import gevent
+
+        jobs = [gevent.spawn(self.check, server) for server in self.pool.snapshot()]
+        try:
+            gevent.joinall(jobs, timeout=2 * self.config.timeout + 1)
+        finally:
+            gevent.killall([job for job in jobs if not job.dead], block=False)
 
     def _run(self) -> None:
         import gevent

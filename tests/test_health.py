@@ -405,3 +405,34 @@ def test_passive_ejection_over_real_network(pywsgi: Any, proxy: Any, http: Any) 
         assert events[-1] == (b, "returned")
     finally:
         back.stop(timeout=1)
+
+
+def test_a_hanging_server_does_not_delay_the_others_checks() -> None:
+    import socket
+
+    from _servers import RawUpstream
+
+    hanging = RawUpstream(lambda sock, data: gevent.sleep(5))
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refused = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    events: list[tuple[str, str, float]] = []
+    start = time.monotonic()
+    lb = RoundRobin(
+        Forward(),
+        [hanging.url, refused],
+        health_check=HealthCheck("/healthz", interval=0.05, timeout=1.5, unhealthy_threshold=1),
+        on_change=lambda url, event: events.append((url, event, time.monotonic() - start)),
+    )
+    try:
+        with gevent.Timeout(5):
+            while not any(url == refused and event == "unhealthy" for url, event, _ in events):
+                gevent.sleep(0.02)
+        (took,) = [t for url, event, t in events if url == refused and event == "unhealthy"]
+        # Probed one after another, the refused server would wait out the
+        # hanging one's 1.5 s timeout first.
+        assert took < 1.0
+    finally:
+        lb.close()
+        hanging.stop()
