@@ -10,8 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _servers import proxy_server, raw_request
 from oxypy.server import Server
+
+from _servers import proxy_server, raw_request
 
 ALLOWED = {b"200", b"400", b"405", b"414", b"431", b"501", b"505"}
 
