@@ -14,7 +14,6 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime, timezone
 from typing import Any
 
 from . import environ as keys
@@ -99,9 +98,15 @@ def _kind(exc: BaseException) -> str:
     return exc.kind if isinstance(exc, RequestError) else type(exc).__name__
 
 
+#: One compact encoder, built once (``json.dumps`` with options builds one per call).
+_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
 def _timestamp(epoch: float) -> str:
-    stamp = datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
-    return stamp.replace("+00:00", "Z")
+    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-21T07:09:56.123Z``."""
+    seconds = int(epoch)
+    millis = int((epoch - seconds) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
 class _CountingInput:
@@ -406,7 +411,7 @@ class Trace:
         self._writer.close(timeout)
 
     def emit(self, record: dict[str, Any]) -> None:
-        self._writer.put(json.dumps(record, separators=(",", ":"), default=str))
+        self._writer.put(_ENCODE(record))
 
     def client_ip(self, environ: WSGIEnvironment) -> str | None:
         peer = environ.get("REMOTE_ADDR")
