@@ -375,7 +375,7 @@ def test_upload_reaches_upstream_before_client_finishes(proxy: Any) -> None:
             sock.sendall(b"abcdefghij")
             assert sock.recv(1024).startswith(b"HTTP/1.1 200")
         first_arrival = next(t for t, n in arrivals if n >= 10)
-        assert first_arrival - sent_first < 0.3  # not held back until the body is complete
+        assert first_arrival - sent_first < 0.4  # the rest follows 0.5 s later: not held back
     finally:
         up.stop()
 

@@ -244,7 +244,7 @@ def test_chunked_upload_streams_into_the_app(proxy: Any) -> None:
         sock.sendall(b"6\r\n world\r\n0\r\n\r\n")
         assert sock.recv(1024).startswith(b"HTTP/1.1 200 OK")
     assert b"".join(p for _, p in got) == b"hello world"
-    assert got[0][0] - sent < 0.2
+    assert got[0][0] - sent < 0.3  # the rest was sent 0.4 s later
 
 
 def test_underscore_headers_are_dropped(proxy: Any) -> None:
