@@ -22,7 +22,7 @@ import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
-from oxypy.metrics import Histogram, RollingHistogram, RoundTripMetrics  # noqa: E402
+from oxypy.rolling import Histogram, RollingHistogram, RoundTripMetrics  # noqa: E402
 
 N = 200_000
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-from ._redis import RedisConnStore, RedisStore
 from .buffer import Buffer, NoResponse
 from .cbreaker import CircuitBreaker, RedirectFallback, ResponseFallback, Webhook
 from .connlimit import ConnLimit
@@ -41,6 +40,7 @@ from .predicate import Func, Predicate, compile_predicate
 from .prometheus import BreakerStateGauge, PrometheusMetrics, metrics_app
 from .ratelimit import Rate, RateLimit
 from .rebalancer import Rebalancer
+from .redis import RedisConnStore, RedisStore
 from .requestid import RequestID
 from .rewrite import Rewrite
 from .roundrobin import RoundRobin

@@ -19,12 +19,12 @@ from typing import Any
 import gevent
 
 from . import environ as keys
-from ._buffer_attempt import Capture, Captured, Final, Streaming, client_probe, close_iterable
-from ._buffer_store import Overflow, SpillBuffer
-from ._forwarding import check_framing
-from ._iterables import ClosingIterable
-from ._types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
-from ._upstream import BodySource
+from ._buffer.attempt import Capture, Captured, Final, Streaming, client_probe, close_iterable
+from ._buffer.store import Overflow, SpillBuffer
+from ._client.exchange import BodySource
+from ._client.request_head import check_framing
+from ._core.iterables import ClosingIterable
+from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import (
     BodyTooLarge,

@@ -57,12 +57,12 @@ from types import MappingProxyType
 from typing import Any
 
 from . import environ as keys
-from ._fallback import RedirectFallback, ResponseFallback, Webhook
-from ._types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import CircuitOpen, ConfigurationError
-from .metrics import RoundTripMetrics
+from .fallback import RedirectFallback, ResponseFallback, Webhook
 from .predicate import Func, compile_predicate
+from .rolling import RoundTripMetrics
 
 __all__ = [
     "TRIGGER_FUNCTIONS",

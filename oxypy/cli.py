@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ._cli_chain import FlagError, argtype, parse_listen_flag, parse_rate, parse_upstream
+from ._cli.chain import FlagError, argtype, parse_listen_flag, parse_rate, parse_upstream
 
 __all__ = ["main", "make_parser"]
 
@@ -264,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(argv))
     try:
         if args.command == "proxy":
-            from ._cli_chain import build_proxy
+            from ._cli.chain import build_proxy
 
             proxy = build_proxy(args)
             try:
@@ -280,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if callable(close):
                     close()  # flush a Trace queue, stop health checks
         else:
-            from ._cli_demo import run_demo
+            from ._cli.demo import run_demo
 
             run_demo(args)
     except FlagError as exc:

@@ -15,9 +15,9 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-from ._iterables import ClosingIterable
-from ._net import TrustedProxies
-from ._types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from ._core.iterables import ClosingIterable
+from ._core.net import TrustedProxies
+from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import ConfigurationError, ConnLimitReached, RequestError
 from .extractors import Missing, Source, SourceExtractor

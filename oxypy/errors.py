@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from . import environ as keys
-from ._types import StartResponse, WSGIEnvironment
+from ._core.types import StartResponse, WSGIEnvironment
 from .exceptions import RequestError
 
 __all__ = ["ErrorHandler", "default_error_handler", "respond_error"]

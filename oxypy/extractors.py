@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Literal, Protocol
 
-from ._net import TrustedProxies
-from ._types import WSGIEnvironment
+from ._core.net import TrustedProxies
+from ._core.types import WSGIEnvironment
 from .exceptions import BadRequest, ConfigurationError
 
 __all__ = ["MISSING_KEY", "Missing", "Source", "SourceExtractor", "make_extractor"]

@@ -19,11 +19,11 @@ import urllib3
 from urllib3.connectionpool import HTTPConnectionPool
 
 from . import environ as keys
-from ._forwarding import build_headers, check_framing, request_target
-from ._headers import HOP_BY_HOP, connection_tokens
-from ._net import TrustedProxies
-from ._types import StartResponse, WSGIEnvironment
-from ._upstream import BodySource, UpstreamResponse, exchange
+from ._client.exchange import BodySource, UpstreamResponse, exchange
+from ._client.request_head import build_headers, check_framing, request_target
+from ._core.headers import HOP_BY_HOP, connection_tokens
+from ._core.net import TrustedProxies
+from ._core.types import StartResponse, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import (
     ClientDisconnected,
@@ -347,7 +347,7 @@ class Forward:
             return respond_error(self.error_handler, environ, start_response, exc)
         record.status = resp.status
         if resp.status == 101:
-            from ._tunnel import relay_upgrade
+            from ._tunnel.bytes_tunnel import relay_upgrade
 
             return relay_upgrade(self, environ, start_response, resp, record, upgrade)
         return self._relay(environ, start_response, resp, record)

@@ -21,7 +21,7 @@ import urllib3
 from .exceptions import ConfigurationError
 
 if TYPE_CHECKING:
-    from ._balancer import Event, Pool, ServerState
+    from ._balance.pool import Event, Pool, ServerState
 
 __all__ = ["HealthCheck", "OutlierDetection"]
 

@@ -14,8 +14,8 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ._balancer import Balancer, OnChange, ServerSpec, ServerState
-from ._types import Clock, Skip, WSGIApplication
+from ._balance.pool import Balancer, OnChange, ServerSpec, ServerState
+from ._core.types import Clock, Skip, WSGIApplication
 from .errors import ErrorHandler, default_error_handler
 from .exceptions import ConfigurationError
 
@@ -86,7 +86,7 @@ class LeastRequest(Balancer):
 
     def in_flight(self, url: str) -> int | None:
         """Requests in flight to ``url`` now, or None when it is not in the pool."""
-        from ._balancer import parse_server
+        from ._balance.pool import parse_server
 
         _, identity = parse_server(url)
         with self._pool.lock:

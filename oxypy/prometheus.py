@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from . import environ as keys
-from ._types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .exceptions import ConfigurationError, RequestError
 
 __all__ = ["BreakerStateGauge", "PrometheusMetrics", "metrics_app"]

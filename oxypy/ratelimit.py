@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, NamedTuple, Protocol
 
-from ._net import TrustedProxies
-from ._types import Clock, Headers, Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from ._core.net import TrustedProxies
+from ._core.types import Clock, Headers, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import ConfigurationError, RateLimited, RequestError
 from .extractors import Missing, Source, SourceExtractor

@@ -23,12 +23,12 @@ from functools import partial
 from typing import Any, Protocol
 
 from . import environ as keys
-from ._balancer import Balancer, parse_server
-from ._iterables import ClosingIterable
-from ._types import Clock, Skip, StartResponse, WSGIEnvironment
+from ._balance.pool import Balancer, parse_server
+from ._core.iterables import ClosingIterable
+from ._core.types import Clock, Skip, StartResponse, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler
 from .exceptions import ClientDisconnected, ConfigurationError
-from .metrics import RatioCounter
+from .rolling import RatioCounter
 
 __all__ = ["Meter", "Rebalancer", "split_float64"]
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import environ as keys
-from ._types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .exceptions import ConfigurationError
 
 __all__ = ["RequestID", "valid_request_id"]

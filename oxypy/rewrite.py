@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from urllib.parse import quote, unquote_to_bytes
 
 from . import environ as keys
-from ._types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .exceptions import ConfigurationError
 
 __all__ = ["Rewrite", "rewrite_path"]

@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from ._balancer import Balancer, OnChange, ServerSpec, ServerState
-from ._types import Clock, Skip, WSGIApplication
+from ._balance.pool import Balancer, OnChange, ServerSpec, ServerState
+from ._core.types import Clock, Skip, WSGIApplication
 from .errors import ErrorHandler, default_error_handler
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from ._types import StartResponse, WSGIApplication, WSGIEnvironment
+from ._core.types import StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import ConfigurationError, RequestError
 from .rewrite import Rewrite

@@ -35,8 +35,8 @@ import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from ._http11 import Connection
-from ._types import WSGIApplication
+from ._core.types import WSGIApplication
+from ._server.connection import Connection
 from .exceptions import ConfigurationError
 
 __all__ = ["Server", "parse_listen", "serve"]

@@ -14,7 +14,7 @@ import hmac
 import re
 import secrets
 
-from ._types import WSGIEnvironment
+from ._core.types import WSGIEnvironment
 from .exceptions import ConfigurationError
 
 __all__ = ["StickySession"]
@@ -155,7 +155,7 @@ class StickySession:
         return None
 
     def _raw_lookup(self, value: str) -> str | None:
-        from ._balancer import parse_server
+        from ._balance.pool import parse_server
 
         try:
             return parse_server(value)[1]

@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import environ as keys
-from ._net import TrustedProxies, normalize_ip
-from ._tracewriter import TraceWriter
-from ._types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from ._core.net import TrustedProxies, normalize_ip
+from ._core.tracewriter import TraceWriter
+from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .exceptions import ClientDisconnected, ConfigurationError, RequestError
 
 __all__ = ["Trace", "TraceSink"]

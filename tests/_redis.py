@@ -129,8 +129,8 @@ def _main(argv: list[str]) -> None:
 
     monkey.patch_all()
 
-    from oxypy._redis import RedisStore
     from oxypy.ratelimit import Rate, RateLimit
+    from oxypy.redis import RedisStore
     from oxypy.server import Server
 
     def hello(environ: dict[str, Any], start_response: Any) -> list[bytes]:

@@ -27,8 +27,8 @@ from oxypy.cbreaker import (
     Webhook,
     _RatioController,
 )
-from oxypy.metrics import RoundTripMetrics
 from oxypy.predicate import compile_predicate
+from oxypy.rolling import RoundTripMetrics
 
 from _servers import RawUpstream, raw_request
 

@@ -24,7 +24,7 @@ import pytest
 import urllib3
 
 from oxypy import __version__
-from oxypy._cli_chain import parse_rate
+from oxypy._cli.chain import parse_rate
 from oxypy.cli import main
 
 REPO = Path(__file__).resolve().parent.parent

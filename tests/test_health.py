@@ -15,7 +15,7 @@ from werkzeug.middleware.lint import LintMiddleware
 from werkzeug.test import EnvironBuilder
 
 from oxypy import environ as keys
-from oxypy._balancer import ServerState
+from oxypy._balance.pool import ServerState
 from oxypy.exceptions import ClientDisconnected, ConfigurationError, UpstreamConnectError
 from oxypy.forward import Exchange, Forward
 from oxypy.health import HealthCheck, OutlierDetection

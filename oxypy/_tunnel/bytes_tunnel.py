@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 
-from ._headers import HOP_BY_HOP
-from ._types import StartResponse, WSGIEnvironment
-from ._upstream import UpstreamResponse
-from .errors import respond_error
-from .exceptions import UpstreamProtocolError
+from .._client.exchange import UpstreamResponse
+from .._core.headers import HOP_BY_HOP
+from .._core.types import StartResponse, WSGIEnvironment
+from ..errors import respond_error
+from ..exceptions import UpstreamProtocolError
 
 if TYPE_CHECKING:
-    from .forward import Exchange, Forward
+    from ..forward import Exchange, Forward
 
 __all__ = ["relay_upgrade"]
 
@@ -66,7 +66,7 @@ def relay_upgrade(
     upstream.settimeout(fwd.tunnel_idle_timeout)
 
     if "wsgi.websocket" in environ:
-        from ._wsrelay import relay_messages
+        from .ws_relay import relay_messages
 
         return relay_messages(environ, upstream, leftover, record)
 

@@ -6,11 +6,11 @@ import logging
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from ._httpcommon import HOP, NO_BODY_STATUS, RECV_SIZE, BadRequest, ClientGone
-from ._types import WSGIApplication
+from .._core.types import WSGIApplication
+from .common import HOP, NO_BODY_STATUS, RECV_SIZE, BadRequest, ClientGone
 
 if TYPE_CHECKING:
-    from ._http11 import Connection
+    from .connection import Connection
 
 __all__ = ["Input", "RawInput", "ResponseWriter"]
 

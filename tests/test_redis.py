@@ -12,10 +12,10 @@ import pytest
 from werkzeug.middleware.lint import LintMiddleware
 from werkzeug.test import Client, EnvironBuilder
 
-from oxypy._redis import RedisConnStore, RedisStore
 from oxypy.connlimit import ConnLimit
 from oxypy.exceptions import ConfigurationError
 from oxypy.ratelimit import Rate, RateLimit
+from oxypy.redis import RedisConnStore, RedisStore
 
 from _redis import REDIS_SERVER, RedisServer, start_proxy_process, stop_pid
 

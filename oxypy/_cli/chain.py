@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
-    from ._types import WSGIApplication
-    from .ratelimit import Rate
+    from .._core.types import WSGIApplication
+    from ..ratelimit import Rate
 
 __all__ = [
     "FlagError",
@@ -132,7 +132,7 @@ class Proxy:
 
 
 def _block(flag: str, make: Callable[[], Any]) -> Any:
-    from .exceptions import ConfigurationError
+    from ..exceptions import ConfigurationError
 
     try:
         return make()
@@ -151,7 +151,7 @@ def build_proxy(
 
     Blocks whose flag is absent are left out; Buffer is there only with ``--retry``.
     """
-    from . import (
+    from .. import (
         Buffer,
         CircuitBreaker,
         ConnLimit,

@@ -25,15 +25,15 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from . import environ as keys
-from ._iterables import ClosingIterable
-from ._types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
-from .errors import ErrorHandler, respond_error
-from .exceptions import ClientDisconnected, ConfigurationError, NoServers
+from .. import environ as keys
+from .._core.iterables import ClosingIterable
+from .._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from ..errors import ErrorHandler, respond_error
+from ..exceptions import ClientDisconnected, ConfigurationError, NoServers
 
 if TYPE_CHECKING:
-    from .health import HealthCheck, OutlierDetection, _HealthChecker
-    from .sticky import StickySession
+    from ..health import HealthCheck, OutlierDetection, _HealthChecker
+    from ..sticky import StickySession
 
 __all__ = ["Balancer", "OnChange", "Pool", "ServerSpec", "ServerState", "parse_server"]
 
@@ -235,8 +235,8 @@ class Balancer:
         skip: Skip | None,
         clock: Clock,
     ) -> None:
-        from .health import HealthCheck, OutlierDetection, _HealthChecker
-        from .sticky import StickySession
+        from ..health import HealthCheck, OutlierDetection, _HealthChecker
+        from ..sticky import StickySession
 
         if not callable(next_app):
             raise ConfigurationError("next_app must be a WSGI callable")

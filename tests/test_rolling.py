@@ -1,4 +1,4 @@
-"""oxypy.metrics: oxy's memmetrics tables, window expiry on reads, histogram accuracy."""
+"""oxypy.rolling: oxy's memmetrics tables, window expiry on reads, histogram accuracy."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import gevent
 import pytest
 
 from oxypy import ConfigurationError
-from oxypy.metrics import (
+from oxypy.rolling import (
     HIGHEST_US,
     Histogram,
     RatioCounter,

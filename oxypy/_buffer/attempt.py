@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import environ as keys
-from ._buffer_store import SpillBuffer
-from ._io import peer_closed
-from ._iterables import ClosingIterable
-from ._types import StartResponse, WSGIEnvironment
+from .. import environ as keys
+from .._core.iterables import ClosingIterable
+from .._core.sockets import peer_closed
+from .._core.types import StartResponse, WSGIEnvironment
+from .store import SpillBuffer
 
 __all__ = ["Capture", "Captured", "Final", "Streaming", "client_probe", "close_iterable"]
 

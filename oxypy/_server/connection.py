@@ -20,12 +20,12 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
-from ._httpcommon import BODY, END, HEAD, LINGER_SECONDS, RECV_SIZE, BadRequest, ClientGone
-from ._io import peer_closed, send_all
-from ._wsgi_io import Input, RawInput, ResponseWriter
+from .._core.sockets import peer_closed, send_all
+from .common import BODY, END, HEAD, LINGER_SECONDS, RECV_SIZE, BadRequest, ClientGone
+from .wsgi_io import Input, RawInput, ResponseWriter
 
 if TYPE_CHECKING:
-    from .server import Server
+    from ..server import Server
 
 __all__ = ["Connection"]
 

@@ -32,8 +32,8 @@ from urllib3.exceptions import (
     SSLError,
 )
 
-from ._io import peer_closed, send_all
-from .exceptions import (
+from .._core.sockets import peer_closed, send_all
+from ..exceptions import (
     ClientDisconnected,
     UpstreamConnectError,
     UpstreamError,

@@ -157,9 +157,9 @@ def run_demo(args: argparse.Namespace) -> None:
     """Start the upstreams, the chain and the traffic; stop on SIGTERM/SIGINT."""
     import gevent.event
 
-    from . import ResponseFallback
-    from ._cli_chain import build_proxy
-    from .server import Server
+    from .. import ResponseFallback
+    from ..server import Server
+    from .chain import build_proxy
 
     a = DemoUpstream("A")
     b = DemoUpstream("B (flaky)", fail_every=3)

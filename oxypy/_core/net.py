@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import Iterable
 from functools import lru_cache
 
-from .exceptions import ConfigurationError
+from ..exceptions import ConfigurationError
 
 __all__ = ["TrustedProxies", "normalize_ip"]
 

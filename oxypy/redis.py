@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from ._types import Clock
+from ._core.types import Clock
 from .exceptions import ConfigurationError
 from .ratelimit import Rate, Verdict
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from urllib.parse import quote, unquote_to_bytes
 
-from ._headers import (
+from .._core.headers import (
     FORWARDING_ENVIRON,
     HOP_BY_HOP_ENVIRON,
     connection_tokens,
     environ_to_header,
 )
-from ._net import TrustedProxies, normalize_ip
-from ._types import WSGIEnvironment
-from .exceptions import BadRequest, RequestError
+from .._core.net import TrustedProxies, normalize_ip
+from .._core.types import WSGIEnvironment
+from ..exceptions import BadRequest, RequestError
 
 __all__ = ["Framing", "build_headers", "check_framing", "request_target"]
 

@@ -15,7 +15,7 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import urllib3
 
-from ._types import StartResponse, WSGIEnvironment
+from ._core.types import StartResponse, WSGIEnvironment
 from .exceptions import ConfigurationError
 
 __all__ = ["RedirectFallback", "ResponseFallback", "Webhook"]

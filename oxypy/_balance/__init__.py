@@ -1,0 +1,1 @@
+"""Private: balance machinery of oxypy (see docs/architecture.md)."""

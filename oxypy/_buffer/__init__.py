@@ -1,0 +1,1 @@
+"""Private: buffer machinery of oxypy (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""Private: cli machinery of oxypy (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""Private: client machinery of oxypy (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""Private: core machinery of oxypy (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""Private: server machinery of oxypy (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""Private: tunnel machinery of oxypy (see docs/architecture.md)."""
