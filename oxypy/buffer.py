@@ -14,7 +14,6 @@ import logging
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import gevent
 
@@ -23,6 +22,7 @@ from ._buffer.attempt import Capture, Captured, Final, Streaming, client_probe, 
 from ._buffer.store import Overflow, SpillBuffer
 from ._client.exchange import BodySource
 from ._client.request_head import check_framing
+from ._core.exchange import Exchange, exchange_log
 from ._core.iterables import ClosingIterable
 from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
@@ -216,7 +216,7 @@ class Buffer:
             if body is not None:
                 body.close()
             raise
-        log_list = environ.setdefault(keys.EXCHANGES, [])
+        log_list = exchange_log(environ)
         base[keys.EXCHANGES] = log_list
         base[keys.TRIED_TARGETS] = environ.setdefault(keys.TRIED_TARGETS, set())
         try:
@@ -257,7 +257,7 @@ class Buffer:
         start_response: StartResponse,
         body: SpillBuffer | None,
         replayable: bool,
-        log_list: list[Any],
+        log_list: list[Exchange],
     ) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
         attempt = 0

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from . import environ as keys
+from ._core.exchange import Mark, mark
 from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import CircuitOpen, ConfigurationError
@@ -355,8 +355,7 @@ class CircuitBreaker:
             exc = CircuitOpen(headers=[("Retry-After", retry_after)])
             return respond_error(self.error_handler, environ, start_response, exc)
 
-        exchanges = environ.setdefault(keys.EXCHANGES, [])
-        outcome = _Outcome(self, exchanges, len(exchanges), started)
+        outcome = _Outcome(self, mark(environ), started)
 
         def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             outcome.status = int(status[:3])
@@ -379,14 +378,11 @@ class CircuitBreaker:
 class _Outcome:
     """What one admitted request did; recorded once, when its body is closed."""
 
-    __slots__ = ("breaker", "exchanges", "mark", "started", "head_at", "status", "failed", "done")
+    __slots__ = ("breaker", "since", "started", "head_at", "status", "failed", "done")
 
-    def __init__(
-        self, breaker: CircuitBreaker, exchanges: list[Any], mark: int, started: float
-    ) -> None:
+    def __init__(self, breaker: CircuitBreaker, since: Mark, started: float) -> None:
         self.breaker = breaker
-        self.exchanges = exchanges
-        self.mark = mark
+        self.since = since
         self.started = started
         self.head_at: float | None = None
         self.status = 0
@@ -397,10 +393,10 @@ class _Outcome:
         if self.done:
             return
         self.done = True
-        new = self.exchanges[self.mark :]
         # The last exchange is the one whose answer the client got (Buffer may
         # have retried past earlier failures).
-        network_error = self.failed or bool(new and new[-1].network_error)
+        last = self.since.last
+        network_error = self.failed or (last is not None and last.network_error)
         status = self.status or 500
         breaker = self.breaker
         # Latency is time to the response head: a long download, an event

@@ -30,11 +30,11 @@ TARGET = "oxypy.target"
 #: 1 for the first try, 2 for the first retry, ...  Set by ``Buffer``.
 ATTEMPT = "oxypy.attempt"
 
-#: A list of :class:`oxypy.forward.Exchange` records, one per upstream request
-#: that ``Forward`` made for this client request (retries append).  Created by
-#: the outermost block that needs it and shared by reference with every copy of
+#: A list of :class:`oxypy.Exchange` records, one per upstream request that
+#: ``Forward`` made for this client request (retries append).  Created by the
+#: outermost block that needs it and shared by reference with every copy of
 #: the environ, so outer blocks (Buffer, CircuitBreaker, Trace, balancers) read
-#: what happened below them.
+#: what happened below them, each through ``oxypy._core.exchange.mark``.
 EXCHANGES = "oxypy.exchanges"
 
 #: The :class:`oxypy.exceptions.RequestError` that ended this request, if any

@@ -21,6 +21,7 @@ from urllib3.connectionpool import HTTPConnectionPool
 from . import environ as keys
 from ._client.exchange import BodySource, UpstreamResponse, exchange
 from ._client.request_head import build_headers, check_framing, request_target
+from ._core.exchange import Exchange, exchange_log
 from ._core.headers import HOP_BY_HOP, connection_tokens
 from ._core.net import TrustedProxies
 from ._core.types import StartResponse, WSGIEnvironment
@@ -30,7 +31,6 @@ from .exceptions import (
     ConfigurationError,
     NoTarget,
     RequestError,
-    UpstreamError,
 )
 
 __all__ = ["Exchange", "Forward", "OutgoingRequest", "ResponseHead"]
@@ -51,34 +51,6 @@ _STATUS_PHRASES = {
     503: "Service Unavailable",
     504: "Gateway Timeout",
 }
-
-
-class Exchange:
-    """What happened to one upstream request; appended to ``environ["oxypy.exchanges"]``.
-
-    ``status`` is the upstream's status (0 when none arrived); ``error`` is the
-    :class:`RequestError` that ended the exchange, if any: an
-    :class:`UpstreamError` is a *network* error produced by Forward itself,
-    never an upstream that answered 502 on its own.
-    """
-
-    __slots__ = ("target", "method", "status", "error", "started", "ended", "bytes_received")
-
-    def __init__(self, target: str, method: str, started: float) -> None:
-        self.target = target
-        self.method = method
-        self.status = 0
-        self.error: RequestError | None = None
-        self.started = started
-        self.ended: float | None = None
-        self.bytes_received = 0
-
-    @property
-    def network_error(self) -> bool:
-        return isinstance(self.error, UpstreamError)
-
-    def __repr__(self) -> str:
-        return f"<Exchange {self.method} {self.target} status={self.status} error={self.error!r}>"
 
 
 class OutgoingRequest:
@@ -280,10 +252,7 @@ class Forward:
         method = environ["REQUEST_METHOD"]
         url = environ.get(keys.TARGET)
         record = Exchange(url or "", method, time.monotonic())
-        log_list = environ.get(keys.EXCHANGES)
-        if log_list is None:
-            log_list = environ[keys.EXCHANGES] = []
-        log_list.append(record)
+        exchange_log(environ).append(record)
         try:
             if self._fixed is not None and url is None:
                 target = self._fixed

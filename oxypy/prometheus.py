@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from . import environ as keys
+from ._core.exchange import mark
 from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .exceptions import ConfigurationError, RequestError
 
@@ -215,8 +216,7 @@ class _Observed:
         "status",
         "raised",
         "exhausted",
-        "log",
-        "start",
+        "since",
         "error_before",
     )
 
@@ -227,8 +227,7 @@ class _Observed:
         self.status: int | None = None
         self.raised = False
         self.exhausted = False
-        self.log: list[Any] = environ.setdefault(keys.EXCHANGES, [])
-        self.start = len(self.log)
+        self.since = mark(environ)
         self.error_before = environ.get(keys.ERROR)
 
     def finish(self) -> None:
@@ -242,7 +241,7 @@ class _Observed:
         code_class = _code_class(status)
         m.requests.labels(self.environ.get("REQUEST_METHOD", ""), code_class).inc()
         m.duration.labels(code_class).observe(max(0.0, m.clock() - self.started))
-        for ex in self.log[self.start :]:
+        for ex in self.since.since():
             target = m._target_label(ex.target or "none")
             m.upstream.labels(target, _code_class(ex.status)).inc()
             if ex.error is not None:

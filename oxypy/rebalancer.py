@@ -20,14 +20,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
-from typing import Any, Protocol
+from typing import Protocol
 
-from . import environ as keys
 from ._balance.pool import Balancer, parse_server
+from ._core.exchange import Mark, mark, upstream_verdict
 from ._core.iterables import ClosingIterable
 from ._core.types import Clock, Skip, StartResponse, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler
-from .exceptions import ClientDisconnected, ConfigurationError
+from .exceptions import ConfigurationError
 from .rolling import RatioCounter
 
 __all__ = ["Meter", "Rebalancer", "split_float64"]
@@ -266,13 +266,13 @@ class Rebalancer:
         self._apply()
         self._timer = now + self.backoff
 
-    def _done(self, exchanges: list[Any], mark: int) -> None:
+    def _done(self, since: Mark) -> None:
         now = self.clock()
         with self._lock:
             self._sync()
-            for ex in exchanges[mark:]:
-                if isinstance(ex.error, ClientDisconnected) or not ex.target:
-                    continue
+            for ex in since.since():
+                if upstream_verdict(ex) is None:
+                    continue  # a client abort (or no answer at all) says nothing of the server
                 try:
                     _, identity = parse_server(ex.target)
                 except ConfigurationError:
@@ -289,8 +289,7 @@ class Rebalancer:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self.skip is not None and self.skip(environ):
             return self.balancer(environ, start_response)
-        exchanges = environ.setdefault(keys.EXCHANGES, [])
-        done = partial(self._done, exchanges, len(exchanges))
+        done = partial(self._done, mark(environ))
         try:
             result = self.balancer(environ, start_response)
         except BaseException:

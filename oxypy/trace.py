@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import environ as keys
+from ._core.exchange import mark
 from ._core.net import TrustedProxies, normalize_ip
 from ._core.tracewriter import TraceWriter
 from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
@@ -158,8 +159,7 @@ class _Request:
         "exhausted",
         "error",
         "input",
-        "log",
-        "log_start",
+        "since",
         "error_before",
         "closed",
         "server_start",
@@ -183,8 +183,7 @@ class _Request:
         self.exhausted = False
         self.error: BaseException | None = None
         self.input: _CountingInput | None = None
-        self.log: list[Any] = environ.setdefault(keys.EXCHANGES, [])
-        self.log_start = len(self.log)
+        self.since = mark(environ)
         self.error_before = environ.get(keys.ERROR)
         self.closed = False
 
@@ -236,7 +235,7 @@ class _Request:
         record["response_bytes"] = self.sent
         if trace.response_headers:
             record["response_headers"] = self.pick_headers()
-        exchanges = self.log[self.log_start :]
+        exchanges = self.since.since()
         error: BaseException | None = self.error
         if error is None:
             found = environ.get(keys.ERROR)

@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .. import environ as keys
+from .._core.exchange import Mark, mark, upstream_verdict
 from .._core.iterables import ClosingIterable
 from .._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from ..errors import ErrorHandler, respond_error
-from ..exceptions import ClientDisconnected, ConfigurationError, NoServers
+from ..exceptions import ConfigurationError, NoServers
 
 if TYPE_CHECKING:
     from ..health import HealthCheck, OutlierDetection, _HealthChecker
@@ -359,11 +360,7 @@ class Balancer:
             return respond_error(self.error_handler, environ, start_response, self._no_server())
         if tried is not None:
             tried.add(server.url)
-        mark = 0
-        exchanges: list[Any] | None = None
-        if self.outlier is not None:
-            exchanges = environ.setdefault(keys.EXCHANGES, [])
-            mark = len(exchanges)
+        since = mark(environ) if self.outlier is not None else None
         env = dict(environ)
         env[keys.TARGET] = server.url
         sticky = self.sticky
@@ -377,7 +374,7 @@ class Balancer:
 
         if not self._needs_close:
             return self.next_app(env, start_response)
-        done = partial(self._done, server, exchanges, mark)
+        done = partial(self._done, server, since)
         try:
             result = self.next_app(env, start_response)
         except BaseException:
@@ -385,17 +382,18 @@ class Balancer:
             raise
         return ClosingIterable(result, done)
 
-    def _done(self, server: ServerState, exchanges: list[Any] | None, mark: int) -> None:
+    def _done(self, server: ServerState, since: Mark | None) -> None:
         """Settle one request: release the in-flight slot, feed outlier detection."""
         outlier = self.outlier
         failed: bool | None = None
-        if outlier is not None and exchanges is not None:
-            for record in exchanges[mark:]:
-                if record.target != server.url or isinstance(record.error, ClientDisconnected):
+        if outlier is not None and since is not None:
+            for record in since.since():
+                if record.target != server.url:
                     continue
-                if record.network_error:
+                verdict = upstream_verdict(record)  # None for a client that went away
+                if verdict is True:
                     failed = True
-                elif record.status and failed is None:
+                elif verdict is False and failed is None:
                     failed = False
         pool = self._pool
         events: list[Event] = []

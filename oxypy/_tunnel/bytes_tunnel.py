@@ -33,7 +33,8 @@ from ..errors import respond_error
 from ..exceptions import UpstreamProtocolError
 
 if TYPE_CHECKING:
-    from ..forward import Exchange, Forward
+    from .._core.exchange import Exchange
+    from ..forward import Forward
 
 __all__ = ["relay_upgrade"]
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 
 if TYPE_CHECKING:
-    from ..forward import Exchange
+    from .._core.exchange import Exchange
 
 __all__ = ["relay_messages"]
 
