@@ -59,7 +59,7 @@ def build() -> Trace:
     cb = CircuitBreaker(
         buf,
         "NetworkErrorRatio() > 0.5 && RequestThreshold() >= 10",
-        fallback=ResponseFallback(503, "the service is recovering, try again soon\n"),
+        fallback=ResponseFallback(503, body="the service is recovering, try again soon\n"),
     )
     rl = RateLimit(cb, rates=[Rate(100, 1.0, burst=200)], source="client.ip")
     cl = ConnLimit(rl, max_conns=100, source="client.ip")

@@ -15,6 +15,7 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import urllib3
 
+from ._core.deprecation import keyword_only_since
 from ._core.types import StartResponse, WSGIEnvironment
 from .exceptions import ConfigurationError
 
@@ -35,20 +36,24 @@ class ResponseFallback:
     """A fixed response: ``status``, ``body`` and ``content_type``, with Content-Length.
 
     :param status: HTTP status (100–599), default 503.
-    :param body: bytes or text (UTF-8).
+    :param body: bytes or text (UTF-8); keyword-only.
     :param content_type: the Content-Type header; None sends none.
 
     Example::
 
-        fallback = ResponseFallback(503, "come back later")
+        fallback = ResponseFallback(503, body="come back later")
         cb = CircuitBreaker(app, "NetworkErrorRatio() > 0.5", fallback=fallback)
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``body`` and ``content_type`` are keyword-only (positional use warns).
     """
 
+    @keyword_only_since("0.2", "body", "content_type")
     def __init__(
         self,
         status: int = 503,
+        *,
         body: bytes | str = b"",
         content_type: str | None = "text/plain; charset=utf-8",
     ) -> None:
@@ -142,7 +147,7 @@ class Webhook:
     waits for it, with ``timeout`` seconds for the whole exchange and no
     retries; failures are logged, never raised.
 
-    :param url: absolute http(s) URL.
+    :param url: absolute http(s) URL; every other option is keyword-only.
     :param method: HTTP method (default POST).
     :param headers: extra request headers (mapping or list of pairs).
     :param body: raw body (bytes or UTF-8 text); exclusive with ``form``.
@@ -157,11 +162,15 @@ class Webhook:
         cb = CircuitBreaker(app, "NetworkErrorRatio() > 0.5", on_trip=hook)
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       Every option but ``url`` is keyword-only (positional use warns).
     """
 
+    @keyword_only_since("0.2", "method", "headers", "body", "form", "timeout")
     def __init__(
         self,
         url: str,
+        *,
         method: str = "POST",
         headers: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         body: bytes | str | None = None,

@@ -26,17 +26,18 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from itertools import islice
 from typing import Any, NamedTuple, Protocol
 
+from ._core.deprecation import keyword_only_since
 from ._core.net import TrustedProxies
 from ._core.types import Clock, Headers, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import ConfigurationError, RateLimited, RequestError
 from .extractors import Missing, Source, SourceExtractor
 
-__all__ = ["MemoryStore", "Rate", "RateLimit", "RateStore", "Verdict", "go_duration"]
+__all__ = ["MemoryStore", "Rate", "RateLimit", "RateStore", "Verdict"]
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,21 @@ _EPS = 1e-9  # float slack: stepping a clock by exactly T must refill one token
 class Rate:
     """``average`` requests per ``period`` seconds, with bursts up to ``burst``.
 
+    A rate reads as the pair ``Rate(average, period)`` (``Rate(100, 60.0)``:
+    100 per minute); the other options are keyword-only.
+
     :param average: tokens added per period (> 0, may be fractional).
     :param period: seconds (> 0).
     :param burst: bucket size, an integer >= 1; defaults to ``ceil(average)``.
     :param name: the policy name in the IETF ``RateLimit`` headers.
+
+    .. versionchanged:: 0.2
+       ``burst`` and ``name`` are keyword-only (positional use warns).
     """
 
     average: float
     period: float = 1.0
+    _: KW_ONLY
     burst: int | None = None
     name: str | None = field(default=None, compare=False)
 
@@ -90,6 +98,11 @@ class Rate:
     def remaining(self, debt: float) -> int:
         """Whole tokens left in a bucket that owes ``debt`` seconds."""
         return max(0, math.floor((self.tolerance - debt) / self.interval + _EPS))
+
+
+# One more release of ``Rate(10, 1.0, 20)``; the dataclass's own ``__init__``
+# is wrapped so its signature stays the generated, keyword-only one.
+setattr(Rate, "__init__", keyword_only_since("0.2", "burst", "name")(Rate.__init__))  # noqa: B010
 
 
 class Verdict(NamedTuple):
@@ -207,7 +220,7 @@ def _idle(buckets: dict[Rate, float], now: float) -> bool:
     return all(tat <= now for tat in buckets.values())
 
 
-def go_duration(seconds: float) -> str:
+def _go_duration(seconds: float) -> str:
     """Format like Go's ``time.Duration.String`` (``1.5s``, ``100ms``, ``1m30s``), ASCII ``us``."""
     ns = max(0, round(seconds * 1e9))
     if ns == 0:
@@ -232,6 +245,10 @@ def go_duration(seconds: float) -> str:
     if hours or minutes:
         out += f"{minutes}m"
     return out + frac(rest, 10**9) + "s"
+
+
+#: Not public since 0.2 (an internal helper); importable until 1.0.
+go_duration = _go_duration
 
 
 def _sf_string(text: str) -> str:
@@ -343,7 +360,7 @@ class RateLimit:
         verdict = self.store.hit(key, rates)
         if not verdict.allowed:
             wait = verdict.retry_in
-            shown = go_duration(wait)
+            shown = _go_duration(wait)
             headers = [
                 ("Retry-After", str(max(1, math.ceil(wait - _EPS)))),
                 ("X-Retry-In", shown),

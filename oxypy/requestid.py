@@ -14,10 +14,11 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import environ as keys
+from ._core.deprecation import keyword_only_since
 from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .exceptions import ConfigurationError
 
-__all__ = ["RequestID", "valid_request_id"]
+__all__ = ["RequestID"]
 
 MAX_ID_LENGTH = 200
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -64,14 +65,17 @@ class RequestID:
         app = Trace(RequestID(Forward("http://127.0.0.1:9000")))
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``header`` is keyword-only (positional use warns).
     """
 
+    @keyword_only_since("0.2", "header")
     def __init__(
         self,
         next_app: WSGIApplication,
         /,
-        header: str = "X-Request-Id",
         *,
+        header: str = "X-Request-Id",
         generator: Callable[[], str] | None = None,
         trust_incoming: bool = True,
         skip: Skip | None = None,

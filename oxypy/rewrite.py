@@ -13,10 +13,11 @@ from collections.abc import Iterable, Mapping
 from urllib.parse import quote, unquote_to_bytes
 
 from . import environ as keys
+from ._core.deprecation import keyword_only_since
 from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .exceptions import ConfigurationError
 
-__all__ = ["Rewrite", "rewrite_path"]
+__all__ = ["Rewrite"]
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset("0123456789abcdefABCDEF")
@@ -86,7 +87,7 @@ def _check_refs(source: str, template: str, groups: int) -> None:
             )
 
 
-def compile_glob(pattern: str, template: str) -> _Rule:
+def _compile_glob(pattern: str, template: str) -> _Rule:
     """``"/old/*"`` -> an anchored regex where each ``*`` captures ``(.*?)``."""
     if not pattern.startswith("/") and pattern != "*":
         raise ConfigurationError(f"glob rule {pattern!r} must start with '/'")
@@ -95,7 +96,7 @@ def compile_glob(pattern: str, template: str) -> _Rule:
     return _Rule(pattern, re.compile(regex, re.DOTALL), template, anchored=True)
 
 
-def compile_regex(pattern: str, template: str) -> _Rule:
+def _compile_regex(pattern: str, template: str) -> _Rule:
     """A regex rule, searched (anchor it with ``^``/``$`` yourself, as in Echo)."""
     try:
         compiled = re.compile(pattern)
@@ -146,7 +147,7 @@ def _split_raw(raw_path: str, script_name: str) -> tuple[str, str] | None:
     return raw_path[:i], raw_path[i:]
 
 
-def rewrite_path(
+def _rewrite_path(
     path: str, rules: list[_Rule], strip_prefix: str | None
 ) -> tuple[str, str | None] | None:
     """Apply ``strip_prefix`` then the first matching rule to a normalized raw path.
@@ -172,6 +173,10 @@ def rewrite_path(
     if not path.startswith("/"):
         path = "/" + path
     return path, query
+
+
+#: Not public since 0.2 (an internal helper); importable until 1.0.
+rewrite_path = _rewrite_path
 
 
 class Rewrite:
@@ -219,20 +224,23 @@ class Rewrite:
                       strip_prefix="/proxy")
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``rules`` and ``regex_rules`` are keyword-only (positional use warns).
     """
 
+    @keyword_only_since("0.2", "rules", "regex_rules")
     def __init__(
         self,
         next_app: WSGIApplication,
         /,
+        *,
         rules: RuleInput = None,
         regex_rules: RuleInput = None,
-        *,
         strip_prefix: str | None = None,
         skip: Skip | None = None,
     ) -> None:
-        compiled = [compile_glob(p, r) for p, r in _pairs(rules, "rules")]
-        compiled += [compile_regex(p, r) for p, r in _pairs(regex_rules, "regex_rules")]
+        compiled = [_compile_glob(p, r) for p, r in _pairs(rules, "rules")]
+        compiled += [_compile_regex(p, r) for p, r in _pairs(regex_rules, "regex_rules")]
         if strip_prefix is not None:
             if not isinstance(strip_prefix, str) or not strip_prefix.startswith("/"):
                 raise ConfigurationError("strip_prefix must be a path starting with '/'")
@@ -268,7 +276,7 @@ class Rewrite:
             raw_rest = quote(path_info.encode("latin-1"), safe=_RAW_SAFE.replace("%", ""))
         if raw_query != query:  # QUERY_STRING was changed below the server: it wins
             raw_query = query
-        result = rewrite_path(_normalize(raw_rest), self.rules, self.strip_prefix)
+        result = _rewrite_path(_normalize(raw_rest), self.rules, self.strip_prefix)
         if result is None:
             return False
         new_raw, repl_query = result

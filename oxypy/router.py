@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from ._core.types import StartResponse, WSGIApplication, WSGIEnvironment
+from ._core.deprecation import keyword_only_since
+from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import ConfigurationError, RequestError
 from .rewrite import Rewrite
@@ -83,9 +84,12 @@ class Router:
     No matching route and no ``default``: 404 through ``error_handler``.
 
     :param routes: a sequence of ``(host_or_None, path_prefix, app)``.
-    :param default: the app for requests no route matches.
+    :param default: the app for requests no route matches (keyword-only).
     :param strip: remove route prefixes instead of mounting them.
     :param error_handler: answers the 404.
+    :param skip: ``skip(environ) -> bool``; True sends the request to
+        ``default`` (404 without one), whatever the routes say: ``default`` is
+        the router's "next app".
 
     Example::
 
@@ -95,16 +99,20 @@ class Router:
                       (None, "/static", Forward("http://127.0.0.1:9002"))], strip=True)
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``default`` is keyword-only (positional use warns); ``skip`` added.
     """
 
+    @keyword_only_since("0.2", "default")
     def __init__(
         self,
         routes: Sequence[Route],
         /,
-        default: WSGIApplication | None = None,
         *,
+        default: WSGIApplication | None = None,
         strip: bool = False,
         error_handler: ErrorHandler = default_error_handler,
+        skip: Skip | None = None,
     ) -> None:
         compiled = []
         for route in routes:
@@ -122,8 +130,11 @@ class Router:
         self.routes = compiled
         self.default = default
         self.error_handler = error_handler
+        self.skip = skip
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self.skip is not None and self.skip(environ):
+            return self._fallthrough(environ, start_response)
         host = _request_host(environ)
         path = environ.get("PATH_INFO", "")
         for route in self.routes:
@@ -132,6 +143,11 @@ class Router:
                     environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + route.prefix
                     environ["PATH_INFO"] = path[len(route.prefix) :]
                 return route.app(environ, start_response)
+        return self._fallthrough(environ, start_response)
+
+    def _fallthrough(
+        self, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> Iterable[bytes]:
         if self.default is not None:
             return self.default(environ, start_response)
         exc = RequestError("no route for this request", status=404)

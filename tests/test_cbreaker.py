@@ -20,13 +20,11 @@ from oxypy import CircuitOpen, ConfigurationError, Forward, PredicateError
 from oxypy.cbreaker import (
     TRIGGER_FUNCTIONS,
     CircuitBreaker,
-    RedirectFallback,
-    ResponseFallback,
     State,
     Transition,
-    Webhook,
     _RatioController,
 )
+from oxypy.fallback import RedirectFallback, ResponseFallback, Webhook
 from oxypy.predicate import compile_predicate
 from oxypy.rolling import RoundTripMetrics
 
@@ -188,7 +186,7 @@ def test_configuration_errors(kwargs: dict[str, Any], error: type[Exception]) ->
         pytest.param(lambda: RedirectFallback("localhost:5000"), id="redirect-no-scheme"),
         pytest.param(lambda: RedirectFallback("http://a b"), id="redirect-space"),
         pytest.param(lambda: ResponseFallback(99), id="status-low"),
-        pytest.param(lambda: ResponseFallback(200, cast(Any, 5)), id="body-type"),
+        pytest.param(lambda: ResponseFallback(200, body=cast(Any, 5)), id="body-type"),
         pytest.param(lambda: Webhook("ftp://x/"), id="webhook-scheme"),
         pytest.param(lambda: Webhook("http://x/", method="PO ST"), id="webhook-method"),
         pytest.param(lambda: Webhook("http://x/", body=b"a", form={"a": "b"}), id="body+form"),
@@ -371,7 +369,7 @@ def test_redirect_fallback(
 
 
 def test_response_fallback(proxy: Any) -> None:
-    fallback = ResponseFallback(400, "Come back later", content_type="text/x-later")
+    fallback = ResponseFallback(400, body="Come back later", content_type="text/x-later")
     cb = CircuitBreaker(hello, TRIGGER, clock=FakeClock(), fallback=fallback)
     url = proxy(cb)
     preload(cb.metrics, 0.6)

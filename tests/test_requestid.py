@@ -94,7 +94,7 @@ def test_default_generator_is_uuid_hex() -> None:
 
 def test_custom_header_name() -> None:
     seen: list[dict[str, Any]] = []
-    app = RequestID(seen_app(seen), "X-Correlation-Id", generator=lambda: "c1")
+    app = RequestID(seen_app(seen), header="X-Correlation-Id", generator=lambda: "c1")
     resp = Client(LintMiddleware(app)).get("/", buffered=True)
     assert resp.headers["X-Correlation-Id"] == "c1"
     assert seen[0]["HTTP_X_CORRELATION_ID"] == "c1"

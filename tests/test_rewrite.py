@@ -78,7 +78,7 @@ def run(rw: Rewrite, raw: str, script: str = "") -> dict[str, Any]:
     ],
 )
 def test_rules_table(raw: str, path_info: str, raw_uri: str, query: str) -> None:
-    env = run(Rewrite(noop, RULES, REGEX_RULES), raw)
+    env = run(Rewrite(noop, rules=RULES, regex_rules=REGEX_RULES), raw)
     assert (env["PATH_INFO"], env["RAW_URI"], env["QUERY_STRING"]) == (path_info, raw_uri, query)
 
 
@@ -95,21 +95,21 @@ def test_rules_table(raw: str, path_info: str, raw_uri: str, query: str) -> None
     ],
 )
 def test_strip_prefix_table(raw: str, path_info: str, raw_uri: str) -> None:
-    env = run(Rewrite(noop, {"/old/*": "/new/$1"}, strip_prefix="/proxy/"), raw)
+    env = run(Rewrite(noop, rules={"/old/*": "/new/$1"}, strip_prefix="/proxy/"), raw)
     assert (env["PATH_INFO"], env["RAW_URI"]) == (path_info, raw_uri)
 
 
 def test_first_match_wins_in_insertion_order() -> None:
     rules = [("/a/*", "/first/$1"), ("/a/b", "/second")]
-    assert run(Rewrite(noop, rules), "/a/b")["PATH_INFO"] == "/first/b"
+    assert run(Rewrite(noop, rules=rules), "/a/b")["PATH_INFO"] == "/first/b"
     rules.reverse()
-    assert run(Rewrite(noop, rules), "/a/b")["PATH_INFO"] == "/second"
-    both = Rewrite(noop, {"/a/*": "/glob"}, {"^/a": "/regex"})
+    assert run(Rewrite(noop, rules=rules), "/a/b")["PATH_INFO"] == "/second"
+    both = Rewrite(noop, rules={"/a/*": "/glob"}, regex_rules={"^/a": "/regex"})
     assert run(both, "/a/b")["PATH_INFO"] == "/glob"
 
 
 def test_originals_kept_and_script_name_respected() -> None:
-    env = run(Rewrite(noop, {"/old/*": "/new/$1"}), "/mount%20x/old/q?z=1", script="/mount x")
+    env = run(Rewrite(noop, rules={"/old/*": "/new/$1"}), "/mount%20x/old/q?z=1", script="/mount x")
     assert env["SCRIPT_NAME"] == "/mount x"
     assert env["PATH_INFO"] == "/new/q"
     assert env["RAW_URI"] == "/mount%20x/new/q?z=1"
@@ -121,7 +121,7 @@ def test_originals_kept_and_script_name_respected() -> None:
 
 
 def test_no_raw_uri_requoted_and_request_uri_updated() -> None:
-    rw = Rewrite(noop, {"/old/*": "/new/$1"})
+    rw = Rewrite(noop, rules={"/old/*": "/new/$1"})
     env: dict[str, Any] = {"PATH_INFO": "/old/a b", "QUERY_STRING": "k=v"}
     assert rw.rewrite(env)
     assert env["RAW_URI"] == "/new/a%20b?k=v" and env["PATH_INFO"] == "/new/a b"
@@ -133,7 +133,7 @@ def test_no_raw_uri_requoted_and_request_uri_updated() -> None:
 def test_stale_raw_uri_is_not_trusted() -> None:
     # PATH_INFO was changed below the server without RAW_URI: the path wins.
     env: dict[str, Any] = {"PATH_INFO": "/old/p", "QUERY_STRING": "", "RAW_URI": "/elsewhere"}
-    Rewrite(noop, {"/old/*": "/new/$1"}).rewrite(env)
+    Rewrite(noop, rules={"/old/*": "/new/$1"}).rewrite(env)
     assert env["RAW_URI"] == "/new/p"
 
 
@@ -164,7 +164,7 @@ def test_skip() -> None:
         seen.append(environ["PATH_INFO"])
         return noop(environ, start_response)
 
-    rw = Rewrite(app, {"/old/*": "/new/$1"}, skip=lambda e: "HTTP_X_NO_REWRITE" in e)
+    rw = Rewrite(app, rules={"/old/*": "/new/$1"}, skip=lambda e: "HTTP_X_NO_REWRITE" in e)
     client = Client(LintMiddleware(rw))
     client.get("/old/a", headers={"X-No-Rewrite": "1"}, buffered=True)
     client.get("/old/a", buffered=True)
@@ -211,8 +211,8 @@ def test_upstream_sees_rewritten_path(proxy: Any, sent: bytes, received: str) ->
     try:
         app = Rewrite(
             Forward(upstream.url),
-            {"/old/*": "/new/$1"},
-            {r"^/users/(\d+)$": "/u?id=$1"},
+            rules={"/old/*": "/new/$1"},
+            regex_rules={r"^/users/(\d+)$": "/u?id=$1"},
             strip_prefix="/proxy",
         )
         assert get_raw(proxy(app), sent.decode()) == (200, b"ok")

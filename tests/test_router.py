@@ -67,7 +67,7 @@ def test_no_route_is_404_or_default() -> None:
     resp = Client(LintMiddleware(router)).get("/", headers={"Host": "x"}, buffered=True)
     assert resp.status_code == 404
     assert resp.data == b"no route for this request\n"
-    with_default = Router([("only.example.com", "/", named("only"))], named("fallback"))
+    with_default = Router([("only.example.com", "/", named("only"))], default=named("fallback"))
     resp = Client(LintMiddleware(with_default)).get("/z", buffered=True)
     assert resp.json == {"app": "fallback", "script": "", "path": "/z"}
 
@@ -91,7 +91,7 @@ def test_forward_mounted_full_path_or_stripped(proxy: Any) -> None:
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
     upstream = RawUpstream(lambda sock, data: sock.sendall(answer))
     try:
-        mounted = proxy(Router([(None, "/api", Forward(upstream.url))], named("home")))
+        mounted = proxy(Router([(None, "/api", Forward(upstream.url))], default=named("home")))
         stripped = proxy(Router([(None, "/api", Forward(upstream.url))], strip=True))
         got = []
         for url, target in [(mounted, "/api/a%2Fb?q=1"), (stripped, "/api/a%2Fb?q=1")]:

@@ -182,7 +182,7 @@ def run_demo(args: argparse.Namespace) -> None:
         timeout=5.0,
         pass_host_header=False,
     )
-    fallback = ResponseFallback(503, "circuit open: the demo upstreams are having an outage\n")
+    fallback = ResponseFallback(503, body="circuit open: the demo upstreams are having an outage\n")
     proxy = build_proxy(chain_args, trace_sink=stats.sink, fallback=fallback)
     server = Server(proxy.app, args.listen, graceful_timeout=args.graceful_timeout).start()
     url = server.url
