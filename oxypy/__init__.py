@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 
+from ._core.types import Clock
 from .buffer import Buffer, NoResponse
-from .cbreaker import CircuitBreaker, RedirectFallback, ResponseFallback, Webhook
-from .connlimit import ConnLimit
+from .cbreaker import CircuitBreaker
+from .connlimit import ConnLimit, ConnStore, Lease
 from .errors import ErrorHandler, default_error_handler
 from .exceptions import (
     BadRequest,
@@ -33,13 +34,18 @@ from .exceptions import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from .extractors import SourceExtractor
+from .fallback import RedirectFallback, ResponseFallback, Webhook
 from .forward import Exchange, Forward, OutgoingRequest, ResponseHead
 from .health import HealthCheck, OutlierDetection
 from .leastrequest import LeastRequest
 from .predicate import Func, Predicate, compile_predicate
 from .prometheus import BreakerStateGauge, PrometheusMetrics, metrics_app
-from .ratelimit import Rate, RateLimit
+from .ratelimit import Rate, RateLimit, RateStore, Verdict
 from .rebalancer import Rebalancer
+
+# oxypy.redis imports the redis package only when a store is created, so these
+# names cost nothing (and need nothing) until used.
 from .redis import RedisConnStore, RedisStore
 from .requestid import RequestID
 from .rewrite import Rewrite
@@ -57,6 +63,8 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0.dev0"
 
+# THE public API: docs/public-api.md lists the same names in the same groups
+# (tests/test_api_contract.py holds the two together).
 __all__ = [
     # building blocks
     "Buffer",
@@ -85,6 +93,14 @@ __all__ = [
     "ResponseFallback",
     "StickySession",
     "Webhook",
+    # protocols a user implements (and what they return)
+    "Clock",
+    "ConnStore",
+    "ErrorHandler",
+    "Lease",
+    "RateStore",
+    "SourceExtractor",
+    "Verdict",
     # the predicate language
     "Func",
     "Predicate",
@@ -93,7 +109,6 @@ __all__ = [
     "Server",
     "serve",
     # hooks and records
-    "ErrorHandler",
     "Exchange",
     "OutgoingRequest",
     "ResponseHead",

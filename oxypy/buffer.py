@@ -35,7 +35,7 @@ from .exceptions import (
 )
 from .predicate import Func, Predicate, compile_predicate
 
-__all__ = ["Attempt", "Buffer", "NoResponse", "RETRY_FUNCS", "should_retry"]
+__all__ = ["Buffer", "NoResponse"]
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ The breaker is a small state machine with three states and only four edges::
        +----------------------------------------------------------------+
 
 * **STANDBY** admits everything.  Each request's outcome is recorded in a
-  :class:`~oxypy.metrics.RoundTripMetrics` window when its response iterable
+  :class:`~oxypy.rolling.RoundTripMetrics` window when its response iterable
   is *closed* (so streamed bodies count, and a body that fails mid-stream
   counts as a network error).
 * The trigger is evaluated lazily, right after an outcome is recorded, at
@@ -60,19 +60,15 @@ from ._core.exchange import Mark, mark
 from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import CircuitOpen, ConfigurationError
-from .fallback import RedirectFallback, ResponseFallback, Webhook
+from .fallback import (  # noqa: F401 - importable from here until 1.0; live in oxypy.fallback
+    RedirectFallback,
+    ResponseFallback,
+    Webhook,
+)
 from .predicate import Func, compile_predicate
 from .rolling import RoundTripMetrics
 
-__all__ = [
-    "TRIGGER_FUNCTIONS",
-    "CircuitBreaker",
-    "RedirectFallback",
-    "ResponseFallback",
-    "State",
-    "Transition",
-    "Webhook",
-]
+__all__ = ["CircuitBreaker", "State", "Transition"]
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +168,7 @@ class CircuitBreaker:
     :param on_trip: ``callback(Transition)`` or :class:`Webhook`, on every trip.
     :param on_standby: the same, on the return to standby after recovery.
     :param clock: monotonic clock in seconds (tests step it).
-    :param metrics: the :class:`~oxypy.metrics.RoundTripMetrics` to record
+    :param metrics: the :class:`~oxypy.rolling.RoundTripMetrics` to record
         into (default: 10 × 1 s counters, 6 × 10 s latency window).
     :param error_handler: answers :class:`~oxypy.CircuitOpen` without fallback.
     :param skip: ``skip(environ) -> True`` bypasses the breaker entirely.
@@ -182,7 +178,7 @@ class CircuitBreaker:
         from oxypy import CircuitBreaker, Forward, ResponseFallback
         cb = CircuitBreaker(Forward("http://127.0.0.1:9000"),
                             "NetworkErrorRatio() > 0.5 && RequestThreshold() >= 20",
-                            fallback=ResponseFallback(503, "try again soon"))
+                            fallback=ResponseFallback(503, body="try again soon"))
         print(cb.state)  # standby
 
     .. versionadded:: 0.1

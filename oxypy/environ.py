@@ -12,13 +12,13 @@ from __future__ import annotations
 __all__ = [
     "ATTEMPT",
     "CLIENT_GONE",
-    "CLIENT_IP",
     "ERROR",
     "EXCHANGES",
     "RAW_URI",
     "REQUEST_ID",
     "REQUEST_ID_ORIG",
     "REWRITE_ORIG",
+    "SERVER",
     "TARGET",
     "TRIED_TARGETS",
 ]
@@ -48,9 +48,6 @@ TRIED_TARGETS = "oxypy.tried_targets"
 #: The request id minted or validated by ``RequestID``.
 REQUEST_ID = "oxypy.request_id"
 
-#: The client address as resolved under the trust rules (cached per request).
-CLIENT_IP = "oxypy.client_ip"
-
 #: The raw request-target as received by ``oxypy.serve`` (also ``RAW_URI``).
 RAW_URI = "RAW_URI"
 
@@ -60,6 +57,10 @@ REWRITE_ORIG = "oxypy.rewrite.orig"
 
 #: ``RequestID``: the incoming id header value it replaced (invalid or untrusted).
 REQUEST_ID_ORIG = "oxypy.requestid.orig"
+
+#: Set to ``"oxypy"`` by ``oxypy.serve`` / ``Server`` on every request it
+#: serves, so an application can tell which server runs it.
+SERVER = "oxypy.server"
 
 #: Optional, provided by a server: a ``() -> bool`` callable that is True once
 #: the client connection has closed.  ``Buffer`` polls it to stop retrying (and

@@ -16,7 +16,7 @@ from . import environ as keys
 from ._core.types import StartResponse, WSGIEnvironment
 from .exceptions import RequestError
 
-__all__ = ["ErrorHandler", "default_error_handler", "respond_error"]
+__all__ = ["ErrorHandler", "default_error_handler"]
 
 log = logging.getLogger(__name__)
 

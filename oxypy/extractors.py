@@ -17,7 +17,7 @@ from ._core.net import TrustedProxies
 from ._core.types import WSGIEnvironment
 from .exceptions import BadRequest, ConfigurationError
 
-__all__ = ["MISSING_KEY", "Missing", "Source", "SourceExtractor", "make_extractor"]
+__all__ = ["MISSING_KEY", "Missing", "SourceExtractor"]
 
 #: The key of the one bucket that ``missing="shared"`` counts requests in.  It
 #: holds a NUL, which no header value, host or address can contain, so it never
@@ -61,7 +61,7 @@ def _header(name: str) -> SourceExtractor:
     return header
 
 
-def make_extractor(
+def _make_extractor(
     source: str | SourceExtractor,
     *,
     trusted_proxies: Iterable[str] | TrustedProxies | None = None,
@@ -100,6 +100,10 @@ def make_extractor(
     )
 
 
+#: Not public since 0.2 (an internal helper); importable until 1.0.
+make_extractor = _make_extractor
+
+
 class Source:
     """A source extractor plus its missing-value policy: ``key(environ)``.
 
@@ -108,8 +112,8 @@ class Source:
     :param missing: ``"reject"`` (400 :class:`BadRequest`), ``"shared"`` (all
         such requests share the one bucket :data:`MISSING_KEY`) or ``"skip"``
         (no limit applies to them).
-    :param trusted_proxies: see :func:`make_extractor`.
-    :param depth: see :func:`make_extractor`.
+    :param trusted_proxies: see ``make_extractor``.
+    :param depth: see ``make_extractor``.
     """
 
     __slots__ = ("extract", "missing", "name")
@@ -126,7 +130,7 @@ class Source:
             raise ConfigurationError(
                 f"missing must be one of {', '.join(_MISSING_POLICIES)}, got {missing!r}"
             )
-        self.extract: Callable[[WSGIEnvironment], str | None] = make_extractor(
+        self.extract: Callable[[WSGIEnvironment], str | None] = _make_extractor(
             source, trusted_proxies=trusted_proxies, depth=depth
         )
         self.missing: Missing = missing

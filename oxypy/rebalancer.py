@@ -30,7 +30,7 @@ from .errors import ErrorHandler, default_error_handler
 from .exceptions import ConfigurationError
 from .rolling import RatioCounter
 
-__all__ = ["Meter", "Rebalancer", "split_float64"]
+__all__ = ["Meter", "Rebalancer"]
 
 MAX_WEIGHT = 4096
 GROW_FACTOR = 4

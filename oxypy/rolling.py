@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from ._core.types import Clock
 from .exceptions import ConfigurationError
 
 __all__ = [
@@ -104,9 +105,7 @@ class RollingCounter:
 
     __slots__ = ("_ring", "_clock", "_lock", "_counted", "_last_counted")
 
-    def __init__(
-        self, buckets: int, resolution: float, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, buckets: int, resolution: float, *, clock: Clock = time.monotonic) -> None:
         _check_window(buckets, resolution)
         self._ring: _Ring[int] = _Ring(buckets, resolution, int)
         self._clock = clock
@@ -174,9 +173,7 @@ class RatioCounter:
 
     __slots__ = ("a", "b")
 
-    def __init__(
-        self, buckets: int, resolution: float, *, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, buckets: int, resolution: float, *, clock: Clock = time.monotonic) -> None:
         self.a = RollingCounter(buckets, resolution, clock=clock)
         self.b = RollingCounter(buckets, resolution, clock=clock)
 
@@ -296,7 +293,7 @@ class RollingHistogram:
         buckets: int = 6,
         resolution: float = 10.0,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
     ) -> None:
         _check_window(buckets, resolution)
         self._ring: _Ring[dict[int, int]] = _Ring(buckets, resolution, dict)
@@ -366,7 +363,7 @@ class RoundTripMetrics:
         counter_resolution: float = 1.0,
         histogram_buckets: int = 6,
         histogram_resolution: float = 10.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
     ) -> None:
         _check_window(counter_buckets, counter_resolution)
         _check_window(histogram_buckets, histogram_resolution)

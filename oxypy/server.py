@@ -35,11 +35,12 @@ import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
+from . import environ as keys
 from ._core.types import WSGIApplication
 from ._server.connection import Connection
 from .exceptions import ConfigurationError
 
-__all__ = ["Server", "parse_listen", "serve"]
+__all__ = ["Server", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class Server:
             "wsgi.multiprocess": False,
             "wsgi.run_once": False,
             "wsgi.input_terminated": False,
-            "oxypy.server": "oxypy",
+            keys.SERVER: "oxypy",
         }
 
     # -- lifecycle ----------------------------------------------------------------

@@ -67,12 +67,12 @@ def tls_info(environ: WSGIEnvironment) -> dict[str, str] | None:
 
     Apache mod_ssl / mod_wsgi and uWSGI style ``SSL_PROTOCOL`` and
     ``SSL_CIPHER`` keys first, then an :class:`ssl.SSLSocket` the server puts
-    in the environ (``gunicorn.socket``, ``oxypy.socket``).
+    in the environ (``gunicorn.socket``; ``oxypy.serve`` sets ``SSL_PROTOCOL``).
     """
     version = environ.get("SSL_PROTOCOL")
     cipher = environ.get("SSL_CIPHER")
     if not version:
-        sock = environ.get("oxypy.socket") or environ.get("gunicorn.socket")
+        sock = environ.get("gunicorn.socket")
         get_version = getattr(sock, "version", None)
         if get_version is not None:
             try:
@@ -336,7 +336,7 @@ class Trace:
 
     TLS: ``SSL_PROTOCOL``/``SSL_CIPHER`` environ keys (mod_ssl, mod_wsgi,
     uWSGI), else ``version()``/``cipher()`` of an ``ssl.SSLSocket`` found in
-    ``environ["gunicorn.socket"]`` or ``environ["oxypy.socket"]``; TLS 1.3 is
+    ``environ["gunicorn.socket"]`` (``oxypy.serve`` sets the keys); TLS 1.3 is
     reported as ``TLSv1.3``.  Absent when the server exposes nothing.
 
     Lines are queued (``queue_size``) and written by a writer thread (a
@@ -349,8 +349,7 @@ class Trace:
     :param request_headers: request header names to record.
     :param response_headers: response header names to record.
     :param trusted_proxies: CIDRs whose ``X-Forwarded-For`` gives the client
-        ip (default: ``environ["oxypy.client_ip"]`` when a block resolved it,
-        else the peer address).
+        ip (default: the peer address).
     :param queue_size: lines waiting for the sink before new ones are dropped.
     :param clock: monotonic seconds, for ``duration_ms``.
     :param wall_clock: epoch seconds, for ``time``.
@@ -416,8 +415,7 @@ class Trace:
         peer = environ.get("REMOTE_ADDR")
         if self.trusted is not None:
             return self.trusted.client_ip(peer, environ.get("HTTP_X_FORWARDED_FOR"))
-        cached = environ.get(keys.CLIENT_IP)
-        return str(cached) if cached else normalize_ip(peer) or peer
+        return normalize_ip(peer) or peer
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self.skip is not None and self.skip(environ):

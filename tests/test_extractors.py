@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from oxypy.exceptions import BadRequest, ConfigurationError
-from oxypy.extractors import MISSING_KEY, Source, make_extractor
+from oxypy.extractors import MISSING_KEY, Source, _make_extractor
 
 
 def env(**kw: str) -> dict[str, Any]:
@@ -72,7 +72,7 @@ def env(**kw: str) -> dict[str, Any]:
 def test_client_ip(
     environ: dict[str, Any], trusted: list[str] | None, depth: int, expected: str | None
 ) -> None:
-    extract = make_extractor("client.ip", trusted_proxies=trusted, depth=depth)
+    extract = _make_extractor("client.ip", trusted_proxies=trusted, depth=depth)
     assert extract(environ) == expected
 
 
@@ -99,7 +99,7 @@ def test_ipv6_clients_get_distinct_keys() -> None:
     ],
 )
 def test_other_sources(source: Any, environ: dict[str, Any], expected: str | None) -> None:
-    assert make_extractor(source)(environ) == expected
+    assert _make_extractor(source)(environ) == expected
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from werkzeug.test import Client
 
 from oxypy.exceptions import ConfigurationError, RequestError
 from oxypy.forward import Forward
-from oxypy.ratelimit import MemoryStore, Rate, RateLimit, go_duration
+from oxypy.ratelimit import MemoryStore, Rate, RateLimit, _go_duration
 from oxypy.server import Server
 
 
@@ -169,7 +169,7 @@ def test_capacity_bound_holds_under_pressure() -> None:
     ],
 )
 def test_go_duration(seconds: float, text: str) -> None:
-    assert go_duration(seconds) == text
+    assert _go_duration(seconds) == text
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
+from .. import environ as keys
 from .._core.sockets import peer_closed, send_all
 from .common import BODY, END, HEAD, LINGER_SECONDS, RECV_SIZE, BadRequest, ClientGone
 from .wsgi_io import Input, RawInput, ResponseWriter
@@ -52,7 +53,7 @@ class Connection:
         self._in_trailers = False
         host, port = addr[0], addr[1]
         self.base_environ = server.base_environ(host, port)
-        self.base_environ["oxypy.client_gone"] = self.client_gone
+        self.base_environ[keys.CLIENT_GONE] = self.client_gone
         version = getattr(sock, "version", None)
         if version is not None:  # TLS: what Trace and apps may want to know
             cipher = sock.cipher()
