@@ -4,7 +4,7 @@
 requests in flight, and reads ``environ["oxypy.exchanges"]`` for per-target
 counts and upstream errors by kind.  ``prometheus_client`` is an optional
 extra (``pip install oxypy[prometheus]``), imported only when used.
-Not to be confused with :mod:`oxypy.metrics`, the in-memory rolling metrics
+Not to be confused with :mod:`oxypy.rolling`, the in-memory rolling metrics
 that CircuitBreaker and the Rebalancer use.
 """
 
@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from . import environ as keys
 from ._core.exchange import mark
@@ -53,6 +54,115 @@ def _check_namespace(namespace: str) -> None:
         raise ConfigurationError(f"namespace must be a Prometheus name prefix: {namespace!r}")
 
 
+class _RequestFamilies:
+    """PrometheusMetrics' metric families for one namespace in one registry."""
+
+    def __init__(self, pc: Any, registry: Any, namespace: str, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.lock = threading.Lock()
+        self.targets: set[str] = set()
+        self.requests = pc.Counter(
+            "requests",
+            "Requests finished, by method and status class.",
+            ["method", "code_class"],
+            namespace=namespace,
+            registry=registry,
+        )
+        self.duration = pc.Histogram(
+            "request_duration_seconds",
+            "Time from the call to the end of the response body.",
+            ["code_class"],
+            namespace=namespace,
+            buckets=buckets,
+            registry=registry,
+        )
+        self.in_flight = pc.Gauge(
+            "requests_in_flight",
+            "Requests being served.",
+            namespace=namespace,
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.upstream = pc.Counter(
+            "upstream_requests",
+            "Upstream requests made by Forward, by target and status class.",
+            ["target", "code_class"],
+            namespace=namespace,
+            registry=registry,
+        )
+        self.upstream_errors = pc.Counter(
+            "upstream_errors",
+            "Upstream requests that failed, by target and error kind.",
+            ["target", "kind"],
+            namespace=namespace,
+            registry=registry,
+        )
+        self.errors = pc.Counter(
+            "errors",
+            "Request errors answered by oxypy blocks, by kind.",
+            ["kind"],
+            namespace=namespace,
+            registry=registry,
+        )
+
+
+class _BreakerFamily:
+    """BreakerStateGauge's gauge for one namespace in one registry."""
+
+    def __init__(self, pc: Any, registry: Any, namespace: str, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.gauge = pc.Gauge(
+            "circuit_breaker_state",
+            "1 for the current state of each circuit breaker, 0 for the others.",
+            ["name", "state"],
+            namespace=namespace,
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+
+
+_F = TypeVar("_F", _RequestFamilies, _BreakerFamily)
+
+# A registry accepts each metric name once, so the families registered for a
+# namespace are kept next to the registry (weakly: a registry that goes away
+# takes its entry with it) and handed to every later instance on the same
+# registry and namespace.  This mirrors the registry's own, already
+# process-wide, state; it holds no state of its own.
+_FAMILIES: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], Any]] = weakref.WeakKeyDictionary()
+_FAMILIES_LOCK = threading.Lock()
+
+
+def _shared(
+    pc: Any,
+    registry: Any,
+    namespace: str,
+    kind: str,
+    buckets: tuple[float, ...],
+    factory: Callable[[Any, Any, str, tuple[float, ...]], _F],
+) -> _F:
+    """The families ``kind`` of ``namespace`` in ``registry``, registered on first use."""
+    registry = _registry(pc, registry)
+    with _FAMILIES_LOCK:
+        known = _FAMILIES.setdefault(registry, {})
+        found = known.get((kind, namespace))
+        if found is not None:
+            if found.buckets != buckets:
+                raise ConfigurationError(
+                    f"metrics for namespace {namespace!r} are already registered with buckets "
+                    f"{found.buckets}: use the same buckets, another namespace or another registry"
+                )
+            return found  # type: ignore[no-any-return]
+        try:
+            made = factory(pc, registry, namespace, buckets)
+        except ValueError as exc:  # "Duplicated timeseries in CollectorRegistry"
+            raise ConfigurationError(
+                f"metric names of namespace {namespace!r} are already registered by another "
+                "collector: use another namespace or registry"
+            ) from exc
+        known[(kind, namespace)] = made
+        return made
+
+
 class PrometheusMetrics:
     """Export Prometheus metrics about the requests passing through.
 
@@ -82,15 +192,21 @@ class PrometheusMetrics:
     ``prometheus_client.multiprocess.mark_process_dead(worker.pid)`` to
     gunicorn's ``child_exit`` hook.
 
-    :param registry: a ``prometheus_client.CollectorRegistry`` (default: the
-        global ``REGISTRY``); one PrometheusMetrics per namespace per registry.
+    :param registry: a ``prometheus_client.CollectorRegistry``; default: the
+        global ``prometheus_client.REGISTRY``, the one :func:`metrics_app` serves
+        and multi-process mode collects.  Every PrometheusMetrics on the same
+        registry and ``namespace`` shares one set of metric families (two
+        chains in one process, or an app built twice, count into the same
+        series, as two workers do); give each its own ``namespace`` or
+        ``registry`` for separate series.
     :param namespace: metric name prefix (default ``"oxypy"``).
     :param buckets: histogram buckets in seconds.
     :param max_targets: distinct ``target`` label values kept (default 256).
     :param clock: monotonic seconds, for the latency.
     :param skip: ``skip(environ) -> bool``; True: not counted.
-    :raises ConfigurationError: prometheus_client missing, or metrics with
-        these names already registered.
+    :raises ConfigurationError: prometheus_client missing; the namespace's
+        names taken by another collector; or the namespace already in use on
+        this registry with other ``buckets``.
 
     Example::
 
@@ -119,62 +235,20 @@ class PrometheusMetrics:
         _check_namespace(namespace)
         if max_targets < 1:
             raise ConfigurationError("max_targets must be >= 1")
-        registry = _registry(pc, registry)
-        try:
-            self.requests = pc.Counter(
-                "requests",
-                "Requests finished, by method and status class.",
-                ["method", "code_class"],
-                namespace=namespace,
-                registry=registry,
-            )
-            self.duration = pc.Histogram(
-                "request_duration_seconds",
-                "Time from the call to the end of the response body.",
-                ["code_class"],
-                namespace=namespace,
-                buckets=tuple(buckets),
-                registry=registry,
-            )
-            self.in_flight = pc.Gauge(
-                "requests_in_flight",
-                "Requests being served.",
-                namespace=namespace,
-                registry=registry,
-                multiprocess_mode="livesum",
-            )
-            self.upstream = pc.Counter(
-                "upstream_requests",
-                "Upstream requests made by Forward, by target and status class.",
-                ["target", "code_class"],
-                namespace=namespace,
-                registry=registry,
-            )
-            self.upstream_errors = pc.Counter(
-                "upstream_errors",
-                "Upstream requests that failed, by target and error kind.",
-                ["target", "kind"],
-                namespace=namespace,
-                registry=registry,
-            )
-            self.errors = pc.Counter(
-                "errors",
-                "Request errors answered by oxypy blocks, by kind.",
-                ["kind"],
-                namespace=namespace,
-                registry=registry,
-            )
-        except ValueError as exc:  # "Duplicated timeseries in CollectorRegistry"
-            raise ConfigurationError(
-                f"metrics for namespace {namespace!r} are already registered: use another "
-                "namespace or registry"
-            ) from exc
+        families = _shared(pc, registry, namespace, "requests", tuple(buckets), _RequestFamilies)
+        self.requests = families.requests
+        self.duration = families.duration
+        self.in_flight = families.in_flight
+        self.upstream = families.upstream
+        self.upstream_errors = families.upstream_errors
+        self.errors = families.errors
         self.next_app = next_app
         self.clock = clock
         self.skip = skip
         self.max_targets = max_targets
-        self._lock = threading.Lock()
-        self._targets: set[str] = set()
+        # The target labels are capped per set of families, not per instance.
+        self._lock = families.lock
+        self._targets = families.targets
 
     def _target_label(self, target: str) -> str:
         with self._lock:
@@ -296,26 +370,15 @@ class BreakerStateGauge:
     gauge shows ``tripped`` through the recovery ramp.  In multi-process mode
     the value is the maximum over live workers (``livemax``).
 
-    :param registry: as for :class:`PrometheusMetrics`.
+    :param registry: as for :class:`PrometheusMetrics` (gauges on the same
+        registry and namespace are one gauge).
     :param namespace: metric name prefix.
     """
 
     def __init__(self, *, registry: Any = None, namespace: str = "oxypy") -> None:
         pc = _require()
         _check_namespace(namespace)
-        try:
-            self.gauge = pc.Gauge(
-                "circuit_breaker_state",
-                "1 for the current state of each circuit breaker, 0 for the others.",
-                ["name", "state"],
-                namespace=namespace,
-                registry=_registry(pc, registry),
-                multiprocess_mode="livemax",
-            )
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"circuit_breaker_state for namespace {namespace!r} is already registered"
-            ) from exc
+        self.gauge = _shared(pc, registry, namespace, "breaker", (), _BreakerFamily).gauge
 
     def set(self, name: str, state: Any) -> None:
         """Record ``state`` (a name, a State, or a transition) for breaker ``name``."""

@@ -178,9 +178,15 @@ def test_breaker_state_gauge() -> None:
 def test_configuration_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     registry = CollectorRegistry()
     PrometheusMetrics(ok_app, registry=registry)
-    with pytest.raises(ConfigurationError, match="already registered"):
-        PrometheusMetrics(ok_app, registry=registry)
+    with pytest.raises(ConfigurationError, match="already registered with buckets"):
+        PrometheusMetrics(ok_app, registry=registry, buckets=(0.1, 1.0))
     PrometheusMetrics(ok_app, registry=registry, namespace="other")
+    foreign = CollectorRegistry()
+    from prometheus_client import Counter
+
+    Counter("requests", "not oxypy's", namespace="oxypy", registry=foreign)
+    with pytest.raises(ConfigurationError, match="already registered by another collector"):
+        PrometheusMetrics(ok_app, registry=foreign)
     with pytest.raises(ConfigurationError):
         PrometheusMetrics(ok_app, registry=registry, namespace="bad-name")
     with pytest.raises(ConfigurationError):
@@ -239,3 +245,46 @@ def test_multiprocess_mode_aggregates_workers(tmp_path: Path) -> None:
         sorted(str(k) for k in s)
     )
     assert value(s, "oxypy_request_duration_seconds_count", code_class="2xx") == 7
+
+
+def test_two_instances_in_one_process_share_the_registry_families() -> None:
+    registry = CollectorRegistry()
+    one = Client(LintMiddleware(PrometheusMetrics(ok_app, registry=registry)))
+    two = Client(LintMiddleware(PrometheusMetrics(ok_app, registry=registry)))
+    apart = Client(LintMiddleware(PrometheusMetrics(ok_app, registry=registry, namespace="b")))
+    for client in (one, two, two, apart):
+        assert client.get("/", buffered=True).status_code == 200
+    labels = {"method": "GET", "code_class": "2xx"}
+    assert registry.get_sample_value("oxypy_requests_total", labels) == 3
+    assert registry.get_sample_value("b_requests_total", labels) == 1
+    states = BreakerStateGauge(registry=registry)
+    BreakerStateGauge(registry=registry).set("api", "tripped")
+    assert (
+        registry.get_sample_value(
+            "oxypy_circuit_breaker_state", {"name": "api", "state": "tripped"}
+        )
+        == 1
+    )
+    states.set("api", "standby")
+    assert (
+        registry.get_sample_value(
+            "oxypy_circuit_breaker_state", {"name": "api", "state": "tripped"}
+        )
+        == 0
+    )
+
+
+def test_two_instances_on_the_default_registry() -> None:
+    """The documented default: prometheus_client.REGISTRY, shared by every instance."""
+    from prometheus_client import REGISTRY
+
+    namespace = "oxypy_test_default_registry"
+    labels = {"method": "GET", "code_class": "2xx"}
+    before = REGISTRY.get_sample_value(f"{namespace}_requests_total", labels) or 0.0
+    first = Client(LintMiddleware(PrometheusMetrics(ok_app, namespace=namespace)))
+    second = Client(LintMiddleware(PrometheusMetrics(ok_app, namespace=namespace)))
+    for client in (first, second):
+        assert client.get("/", buffered=True).status_code == 200
+    assert REGISTRY.get_sample_value(f"{namespace}_requests_total", labels) == before + 2
+    text = Client(metrics_app()).get("/metrics").get_data(as_text=True)
+    assert f"{namespace}_requests_total" in text

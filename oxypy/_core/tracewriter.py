@@ -29,6 +29,36 @@ log = logging.getLogger("oxypy.trace")
 
 _STOP = "\x00stop"
 
+# Process-wide by nature: one atexit and one after-fork handler for every
+# writer, installed when the first writer is made.  Writers are held weakly,
+# so a writer dropped by its Trace is collected, never kept alive by them.
+_writers: weakref.WeakSet[TraceWriter] = weakref.WeakSet()
+_hooks_lock = threading.Lock()
+_hooks_installed = False
+
+
+def _track(writer: TraceWriter) -> None:
+    global _hooks_installed
+    with _hooks_lock:
+        if not _hooks_installed:
+            os.register_at_fork(after_in_child=_after_fork_in_child)
+            atexit.register(_flush_at_exit)
+            _hooks_installed = True
+        _writers.add(writer)
+
+
+def _after_fork_in_child() -> None:
+    global _hooks_lock
+    _hooks_lock = threading.Lock()  # a thread of the parent may have held it
+    for writer in list(_writers):
+        writer._after_fork()
+
+
+def _flush_at_exit() -> None:
+    """Lines still queued when the process ends are written."""
+    for writer in list(_writers):
+        writer.flush()
+
 
 class TraceWriter:
     """Queue lines for ``sink`` (a file-like, a ``logging.Logger`` or a callable)."""
@@ -54,24 +84,14 @@ class TraceWriter:
         self.thread: threading.Thread | None = None
         self.dropped = 0
         self.failed = 0
-        ref = weakref.ref(self)
+        _track(self)
 
-        def after_fork() -> None:  # a thread does not survive into a forked child
-            writer = ref()
-            if writer is not None:
-                writer.thread = None
-                writer.pending.clear()
-                writer.lock = threading.Lock()
-                writer.wakeup = threading.Event()
-
-        os.register_at_fork(after_in_child=after_fork)
-
-        def at_exit() -> None:  # lines still queued when the process ends are written
-            writer = ref()
-            if writer is not None:
-                writer.flush()
-
-        atexit.register(at_exit)
+    def _after_fork(self) -> None:
+        """In a forked child: the writer thread did not survive, nor should its queue."""
+        self.thread = None
+        self.pending.clear()
+        self.lock = threading.Lock()
+        self.wakeup = threading.Event()
 
     @staticmethod
     def _each_line(emit: Callable[[str], Any]) -> Callable[[list[str]], None]:
