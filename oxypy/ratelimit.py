@@ -30,7 +30,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from itertools import islice
 from typing import Any, NamedTuple, Protocol
 
-from ._core.deprecation import keyword_only_since
+from ._core.deprecation import keyword_only_since, renamed_since
 from ._core.net import TrustedProxies
 from ._core.types import Clock, Headers, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
@@ -294,7 +294,9 @@ class RateLimit:
         by API-key tier); None or empty means ``rates``.
     :param capacity: sources tracked by the default in-memory store.
     :param store: a :class:`RateStore`; default :class:`MemoryStore` (per process).
-    :param headers: also send ``RateLimit-Policy``/``RateLimit`` on successes.
+    :param ratelimit_headers: also send ``RateLimit-Policy``/``RateLimit`` on
+        successes (``headers=`` until 0.2: the name now means header values
+        everywhere, as in ``Webhook(headers=)``).
     :param clock: monotonic seconds for the default store.
     :param error_handler: answers the 429/400.
     :param skip: ``(environ) -> bool``; True passes the request through unlimited.
@@ -307,8 +309,11 @@ class RateLimit:
         serve(app, "127.0.0.1:8080")
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``headers=`` renamed ``ratelimit_headers=`` (the old name warns).
     """
 
+    @renamed_since("0.2", headers="ratelimit_headers")
     def __init__(
         self,
         next_app: WSGIApplication,
@@ -322,7 +327,7 @@ class RateLimit:
         rates_for: Callable[[WSGIEnvironment], Sequence[Rate] | None] | None = None,
         capacity: int = 65536,
         store: RateStore | None = None,
-        headers: bool = False,
+        ratelimit_headers: bool = False,
         clock: Clock = time.monotonic,
         error_handler: ErrorHandler = default_error_handler,
         skip: Skip | None = None,
@@ -338,7 +343,7 @@ class RateLimit:
         self.store: RateStore = (
             store if store is not None else MemoryStore(capacity=capacity, clock=clock)
         )
-        self.headers = bool(headers)
+        self.ratelimit_headers = bool(ratelimit_headers)
         self.error_handler = error_handler
         self.skip = skip
         self._policies: dict[tuple[Rate, ...], str] = {self.rates: policy_header(self.rates)}
@@ -368,7 +373,7 @@ class RateLimit:
             headers.extend(self._rate_headers(rates, verdict.debts))
             limited = RateLimited(f"rate limit reached, retry in {shown}", headers=headers)
             return respond_error(self.error_handler, environ, start_response, limited)
-        if not self.headers or not verdict.debts:
+        if not self.ratelimit_headers or not verdict.debts:
             return self.next_app(environ, start_response)
         extra = self._rate_headers(rates, verdict.debts)
 

@@ -356,6 +356,18 @@ def test_positional_options_still_work_for_one_release(old: Any, new: Any, spell
         assert _state(_fields(made)) == _state(_fields(expected))
 
 
+def test_renamed_option_still_works_for_one_release() -> None:
+    rates = [Rate(1)]
+    with pytest.warns(
+        DeprecationWarning, match="headers= is deprecated since 0.2; write ratelimit_headers="
+    ) as caught:
+        old = cast(Any, oxypy.RateLimit)(_noop, rates=rates, headers=True)
+    assert len(caught) == 1 and caught[0].filename == __file__
+    assert old.ratelimit_headers is True
+    with pytest.raises(TypeError, match="both headers= and ratelimit_headers="):
+        cast(Any, oxypy.RateLimit)(_noop, rates=rates, headers=True, ratelimit_headers=True)
+
+
 def test_too_many_positional_arguments_is_still_a_type_error() -> None:
     with pytest.raises(TypeError, match="at most 1 positional"):
         cast(Any, oxypy.RequestID)(_noop, "X-A", "extra")

@@ -303,7 +303,7 @@ def test_rate_headers_on_success() -> None:
         hello,
         rates=[Rate(10, 1.0), Rate(100, 60.0)],
         source="request.header.Source",
-        headers=True,
+        ratelimit_headers=True,
         clock=clock,
     )
     c = client(app)
@@ -381,7 +381,7 @@ def fetch(url: str, path: str = "/", headers: dict[str, str] | None = None) -> A
 
 
 def test_through_forward(proxy: Any, echo_upstream: str) -> None:
-    url = proxy(RateLimit(Forward(echo_upstream), rates=[Rate(2, 60.0)], headers=True))
+    url = proxy(RateLimit(Forward(echo_upstream), rates=[Rate(2, 60.0)], ratelimit_headers=True))
     for remaining in (1, 0):
         status, headers, body = fetch(url, "/x?y=1")
         assert status == 200

@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
-__all__ = ["keyword_only_since"]
+__all__ = ["keyword_only_since", "renamed_since"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -50,6 +50,31 @@ def keyword_only_since(version: str, *names: str) -> Callable[[Callable[P, R]], 
                 )
                 kwargs.update(zip(names, extra, strict=False))
                 args = args[:positional]
+            return init(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def renamed_since(version: str, **renames: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Accept old keyword names (``old="new"``) for one more release, warning each time."""
+
+    def decorate(init: Callable[P, R]) -> Callable[P, R]:
+        owner = init.__qualname__.rsplit(".", 1)[0]
+
+        @functools.wraps(init)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{owner}() got both {old}= and {new}=")
+                    warnings.warn(
+                        f"{owner}: {old}= is deprecated since {version}; write {new}=",
+                        DeprecationWarning,
+                        stacklevel=2,
+                    )
+                    kwargs[new] = kwargs.pop(old)
             return init(*args, **kwargs)
 
         return wrapper
