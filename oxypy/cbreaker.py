@@ -20,8 +20,8 @@ The breaker is a small state machine with three states and only four edges::
 
 * **STANDBY** admits everything.  Each request's outcome is recorded in a
   :class:`~oxypy.rolling.RoundTripMetrics` window when its response iterable
-  is *closed* (so streamed bodies count, and a body that fails mid-stream
-  counts as a network error).
+  is *closed* (so streamed bodies count, and an upstream that fails
+  mid-body counts as a network error).
 * The trigger is evaluated lazily, right after an outcome is recorded, at
   most once per ``check_period``.  When it holds (in STANDBY or RECOVERING)
   the breaker goes to **TRIPPED** for ``fallback_duration`` seconds, resets
@@ -51,12 +51,13 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
-from ._core.exchange import Mark, mark
+from ._core.observe import Observation, observe
 from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import CircuitOpen, ConfigurationError
@@ -142,15 +143,21 @@ class CircuitBreaker:
     """Trip to a fallback when a trigger over recent outcomes holds; recover gradually.
 
     **Reads** ``oxypy.exchanges`` (creating the list if needed): the last
-    :class:`~oxypy.forward.Exchange` appended below this block decides whether
-    a request was a *network error* (Forward could not reach the upstream, or
+    :class:`~oxypy.Exchange` appended below this block decides whether a
+    request was a *network error* (Forward could not reach the upstream, or
     it failed mid-body); an upstream that itself answers 502 is not one.
     **Streams**: the body passes through untouched; the outcome (status,
     latency, network error) is recorded when the response iterable is closed.
     Latency runs from the call to ``start_response`` (the response head), so
     long downloads, event streams and WebSocket sessions do not count as slow.
-    A body iterator that raises, or a wrapped app that raises, counts as a
-    network error (status 500 if no status was sent).
+
+    A client that goes away (mid-upload or mid-download) is recorded as
+    ``499`` and is **never** a network error, so clients that abort cannot
+    trip ``NetworkErrorRatio()``.  A wrapped app or body iterator that raises
+    something other than an upstream failure is an app error, not a network
+    error: recorded as ``500`` when nothing was sent yet (what the server
+    answers), else with the status already sent.  The status decision is the
+    one Trace and the Prometheus metrics make.
 
     While tripped (or when the recovery ramp turns a request away) the
     ``fallback`` answers; by default :class:`~oxypy.CircuitOpen` (**503**,
@@ -351,88 +358,19 @@ class CircuitBreaker:
             exc = CircuitOpen(headers=[("Retry-After", retry_after)])
             return respond_error(self.error_handler, environ, start_response, exc)
 
-        outcome = _Outcome(self, mark(environ), started)
+        return observe(
+            self.next_app, environ, start_response, partial(self._done, started), clock=self.clock
+        )
 
-        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-            outcome.status = int(status[:3])
-            if outcome.head_at is None:
-                outcome.head_at = self.clock()
-            return start_response(status, headers, exc_info)
-
-        try:
-            body = self.next_app(environ, capture)
-        except Exception:
-            outcome.failed = True
-            outcome.settle()
-            raise
-        return _ObservedBody(body, outcome)
+    def _done(self, started: float, seen: Observation) -> None:
+        """Record one admitted request's outcome (from its body's ``close()``)."""
+        outcome = seen.outcome()
+        # Latency is time to the response head: a long download, an event
+        # stream or a WebSocket session is not a slow upstream.
+        ended = seen.head_at if seen.head_at is not None else self.clock()
+        # Only Forward's own failure to reach or read the upstream is a network
+        # error; a client that went away (499) or an app bug (500) never is.
+        self._settle(outcome.status, ended - started, outcome.upstream_failed)
 
     def __repr__(self) -> str:
         return f"CircuitBreaker({self.expression!r}, state={self._state.value})"
-
-
-class _Outcome:
-    """What one admitted request did; recorded once, when its body is closed."""
-
-    __slots__ = ("breaker", "since", "started", "head_at", "status", "failed", "done")
-
-    def __init__(self, breaker: CircuitBreaker, since: Mark, started: float) -> None:
-        self.breaker = breaker
-        self.since = since
-        self.started = started
-        self.head_at: float | None = None
-        self.status = 0
-        self.failed = False
-        self.done = False
-
-    def settle(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        # The last exchange is the one whose answer the client got (Buffer may
-        # have retried past earlier failures).
-        last = self.since.last
-        network_error = self.failed or (last is not None and last.network_error)
-        status = self.status or 500
-        breaker = self.breaker
-        # Latency is time to the response head: a long download, an event
-        # stream or a WebSocket session is not a slow upstream.
-        ended = self.head_at if self.head_at is not None else breaker.clock()
-        breaker._settle(status, ended - self.started, network_error)
-
-
-class _ObservedBody:
-    """Passes the body through; a raising iterator marks the outcome failed."""
-
-    __slots__ = ("_iterable", "_iterator", "_outcome", "_closed")
-
-    def __init__(self, iterable: Iterable[bytes], outcome: _Outcome) -> None:
-        self._iterable = iterable
-        self._iterator: Iterator[bytes] | None = None
-        self._outcome = outcome
-        self._closed = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self
-
-    def __next__(self) -> bytes:
-        if self._iterator is None:
-            self._iterator = iter(self._iterable)
-        try:
-            return next(self._iterator)
-        except StopIteration:
-            raise
-        except Exception:
-            self._outcome.failed = True
-            raise
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            close = getattr(self._iterable, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._outcome.settle()

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Protocol
 
-from ._core.iterables import ClosingIterable
 from ._core.net import TrustedProxies
+from ._core.observe import observe
 from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import ConfigurationError, ConnLimitReached, RequestError
@@ -95,29 +95,21 @@ class MemoryConnStore:
                 self._counts.pop(key, None)
 
 
-class _Refreshing:
-    """Pass chunks through, refreshing ``lease`` when due; ``close()`` closes the inner body."""
+class _Refresher:
+    """``on_chunk`` for a streaming body: refresh ``lease`` when due."""
 
-    __slots__ = ("_inner", "_lease", "_clock")
+    __slots__ = ("_lease", "_clock", "_due")
 
-    def __init__(self, inner: Iterable[bytes], lease: Lease, clock: Clock) -> None:
-        self._inner = inner
+    def __init__(self, lease: Lease, clock: Clock) -> None:
         self._lease = lease
         self._clock = clock
+        self._due = clock() + lease.refresh_every
 
-    def __iter__(self) -> Iterator[bytes]:
-        every = self._lease.refresh_every
-        due = self._clock() + every
-        for chunk in self._inner:
-            if self._clock() >= due:
-                self._lease.refresh()
-                due = self._clock() + every
-            yield chunk
-
-    def close(self) -> None:
-        close = getattr(self._inner, "close", None)
-        if close is not None:
-            close()
+    def __call__(self, chunk: bytes) -> None:
+        now = self._clock()
+        if now >= self._due:
+            self._lease.refresh()
+            self._due = self._clock() + self._lease.refresh_every
 
 
 class ConnLimit:
@@ -193,11 +185,7 @@ class ConnLimit:
         if lease is None:
             reached = ConnLimitReached(f"connection limit reached: {self.max_conns} in flight")
             return respond_error(self.error_handler, environ, start_response, reached)
-        try:
-            body = self.next_app(environ, start_response)
-        except BaseException:
-            lease.release()
-            raise
-        if lease.refresh_every > 0:
-            body = _Refreshing(body, lease, self.clock)
-        return ClosingIterable(body, lease.release)
+        refresh = _Refresher(lease, self.clock) if lease.refresh_every > 0 else None
+        return observe(
+            self.next_app, environ, start_response, lambda _: lease.release(), on_chunk=refresh
+        )

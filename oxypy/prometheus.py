@@ -14,11 +14,12 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from . import environ as keys
-from ._core.exchange import mark
+from ._core.observe import Observation, error_kind, observe
 from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .exceptions import ConfigurationError, RequestError
 
@@ -169,8 +170,9 @@ class PrometheusMetrics:
     Metrics (``<ns>`` is ``namespace``):
 
     * ``<ns>_requests_total{method,code_class}``: finished requests; a
-      response cut short because the client went away counts as ``4xx``
-      (499); an app that raised before answering as ``5xx``.
+      client that went away (mid-upload or mid-download) counts as ``4xx``
+      (499); an app that raised before any byte went out as ``5xx`` (the
+      status decision Trace and CircuitBreaker share).
     * ``<ns>_request_duration_seconds{code_class}``: histogram, from the call
       to the ``close()`` of the response (the whole body streamed).
     * ``<ns>_requests_in_flight``: gauge (``livesum`` in multi-process mode).
@@ -262,97 +264,24 @@ class PrometheusMetrics:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self.skip is not None and self.skip(environ):
             return self.next_app(environ, start_response)
-        state = _Observed(self, environ)
         self.in_flight.inc()
+        return observe(self.next_app, environ, start_response, partial(self._finish, self.clock()))
 
-        def observed_start(
-            status: str, headers: list[tuple[str, str]], exc_info: Any = None
-        ) -> Callable[[bytes], object]:
-            state.status = int(status[:3]) if status[:3].isdigit() else None
-            if exc_info is not None:
-                return start_response(status, headers, exc_info)
-            return start_response(status, headers)
-
-        try:
-            iterable = self.next_app(environ, observed_start)
-        except BaseException:
-            state.raised = True
-            state.finish()
-            raise
-        return _ObservedBody(state, iterable)
-
-
-class _Observed:
-    __slots__ = (
-        "metrics",
-        "environ",
-        "started",
-        "status",
-        "raised",
-        "exhausted",
-        "since",
-        "error_before",
-    )
-
-    def __init__(self, metrics: PrometheusMetrics, environ: WSGIEnvironment) -> None:
-        self.metrics = metrics
-        self.environ = environ
-        self.started = metrics.clock()
-        self.status: int | None = None
-        self.raised = False
-        self.exhausted = False
-        self.since = mark(environ)
-        self.error_before = environ.get(keys.ERROR)
-
-    def finish(self) -> None:
-        m = self.metrics
-        m.in_flight.dec()
-        status = self.status
-        if status is None:
-            status = 500
-        elif not self.exhausted and not self.raised:
-            status = 499  # the server stopped reading the body: the client left
-        code_class = _code_class(status)
-        m.requests.labels(self.environ.get("REQUEST_METHOD", ""), code_class).inc()
-        m.duration.labels(code_class).observe(max(0.0, m.clock() - self.started))
-        for ex in self.since.since():
-            target = m._target_label(ex.target or "none")
-            m.upstream.labels(target, _code_class(ex.status)).inc()
+    def _finish(self, started: float, seen: Observation) -> None:
+        self.in_flight.dec()
+        outcome = seen.outcome()
+        code_class = _code_class(outcome.status)
+        environ = seen.environ
+        self.requests.labels(environ.get("REQUEST_METHOD", ""), code_class).inc()
+        self.duration.labels(code_class).observe(max(0.0, self.clock() - started))
+        for ex in outcome.exchanges:
+            target = self._target_label(ex.target or "none")
+            self.upstream.labels(target, _code_class(ex.status)).inc()
             if ex.error is not None:
-                m.upstream_errors.labels(target, ex.error.kind).inc()
-        error = self.environ.get(keys.ERROR)
-        if isinstance(error, RequestError) and error is not self.error_before:
-            m.errors.labels(error.kind).inc()
-
-
-class _ObservedBody:
-    __slots__ = ("state", "iterable", "closed")
-
-    def __init__(self, state: _Observed, iterable: Iterable[bytes]) -> None:
-        self.state = state
-        self.iterable = iterable
-        self.closed = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        try:
-            yield from self.iterable
-        except GeneratorExit:  # the consumer dropped us: not an app error
-            raise
-        except BaseException:
-            self.state.raised = True
-            raise
-        self.state.exhausted = True
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            close = getattr(self.iterable, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self.state.finish()
+                self.upstream_errors.labels(target, error_kind(ex.error)).inc()
+        error = environ.get(keys.ERROR)
+        if isinstance(error, RequestError) and error is not seen.error_before:
+            self.errors.labels(error.kind).inc()
 
 
 class BreakerStateGauge:

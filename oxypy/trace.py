@@ -13,15 +13,15 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from . import environ as keys
-from ._core.exchange import mark
 from ._core.net import TrustedProxies, normalize_ip
+from ._core.observe import Observation, error_kind, observe
 from ._core.tracewriter import TraceWriter
 from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
-from .exceptions import ClientDisconnected, ConfigurationError, RequestError
+from .exceptions import ConfigurationError
 
 __all__ = ["Trace", "TraceSink"]
 
@@ -95,10 +95,6 @@ def _header_key(name: str) -> str:
     return upper if upper in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + upper
 
 
-def _kind(exc: BaseException) -> str:
-    return exc.kind if isinstance(exc, RequestError) else type(exc).__name__
-
-
 #: One compact encoder, built once (``json.dumps`` with options builds one per call).
 _ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
@@ -146,116 +142,39 @@ class _CountingInput:
 
 
 class _Request:
-    """Per-request state, alive from the call until the iterable closes."""
+    """Per-request state: the record begun at the call, finished when the body closes."""
 
-    __slots__ = (
-        "trace",
-        "environ",
-        "record",
-        "started",
-        "status",
-        "headers",
-        "sent",
-        "exhausted",
-        "error",
-        "input",
-        "since",
-        "error_before",
-        "closed",
-        "server_start",
-    )
+    __slots__ = ("trace", "record", "started", "input")
 
-    def __init__(
-        self,
-        trace: Trace,
-        environ: WSGIEnvironment,
-        record: dict[str, Any],
-        server_start: StartResponse,
-    ) -> None:
+    def __init__(self, trace: Trace, record: dict[str, Any]) -> None:
         self.trace = trace
-        self.server_start = server_start
-        self.environ = environ
         self.record = record
         self.started = trace.clock()
-        self.status: int | None = None
-        self.headers: list[tuple[str, str]] = []
-        self.sent = 0
-        self.exhausted = False
-        self.error: BaseException | None = None
         self.input: _CountingInput | None = None
-        self.since = mark(environ)
-        self.error_before = environ.get(keys.ERROR)
-        self.closed = False
 
-    def start_response(
-        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
-    ) -> Callable[[bytes], object]:
-        self.status = int(status[:3]) if status[:3].isdigit() else None
-        self.headers = headers
-        write = (
-            self.server_start(status, headers, exc_info)
-            if exc_info is not None
-            else self.server_start(status, headers)
-        )
-
-        def counting_write(data: bytes) -> object:
-            self.sent += len(data)
-            return write(data)
-
-        return counting_write
-
-    def body(self, iterable: Iterable[bytes]) -> Iterator[bytes]:
+    def finish(self, seen: Observation) -> None:
         try:
-            for chunk in iterable:
-                self.sent += len(chunk)
-                yield chunk
-        except GeneratorExit:  # the consumer dropped us: not an app error
-            raise
-        except BaseException as exc:
-            self.error = exc
-            raise
-        self.exhausted = True
-
-    def finish(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self.trace.emit(self.build())
+            self.trace.emit(self.build(seen))
         except Exception:  # noqa: BLE001 - tracing must never break a response
             log.warning("could not build the trace record", exc_info=True)
 
-    def build(self) -> dict[str, Any]:
-        trace, environ, record = self.trace, self.environ, self.record
+    def build(self, seen: Observation) -> dict[str, Any]:
+        trace, environ, record = self.trace, seen.environ, self.record
         record["duration_ms"] = round((trace.clock() - self.started) * 1000.0, 3)
         if keys.REQUEST_ID in environ:
             record["request_id"] = environ[keys.REQUEST_ID]
         if self.input is not None:
             record["request_bytes"] = self.input.count
-        record["response_bytes"] = self.sent
+        record["response_bytes"] = seen.bytes_sent
         if trace.response_headers:
-            record["response_headers"] = self.pick_headers()
-        exchanges = self.since.since()
-        error: BaseException | None = self.error
-        if error is None:
-            found = environ.get(keys.ERROR)
-            if found is not None and found is not self.error_before:
-                error = found
-        if error is None and exchanges:
-            error = exchanges[-1].error  # an earlier attempt's error was retried away
-        status = self.status
-        if self.status is not None and not self.exhausted and self.error is None:
-            # The server stopped reading the body: the client went away.
-            error = error if isinstance(error, ClientDisconnected) else ClientDisconnected()
-        if isinstance(error, ClientDisconnected):
-            if status is not None and status != 499:
-                record["status_sent"] = status
-            status = 499
-        if status is None:
-            status = 500  # the app raised before start_response: the server answers 500
-        record["status"] = status
-        if error is not None:
-            record["error"] = _kind(error)
+            record["response_headers"] = self.pick_headers(seen.headers)
+        outcome = seen.outcome()
+        record["status"] = outcome.status
+        if outcome.status_sent is not None:
+            record["status_sent"] = outcome.status_sent
+        if outcome.error is not None:
+            record["error"] = outcome.error_kind
+        exchanges = outcome.exchanges
         if exchanges:
             record["upstream"] = [
                 {
@@ -263,7 +182,7 @@ class _Request:
                     "status": ex.status,
                     "duration_ms": round(((ex.ended or ex.started) - ex.started) * 1000.0, 3),
                     "bytes": ex.bytes_received,
-                    **({"error": ex.error.kind} if ex.error is not None else {}),
+                    **({"error": error_kind(ex.error)} if ex.error is not None else {}),
                 }
                 for ex in exchanges
             ]
@@ -273,42 +192,14 @@ class _Request:
             record["attempt"] = environ[keys.ATTEMPT]
         return record
 
-    def pick_headers(self) -> dict[str, list[str]]:
+    def pick_headers(self, headers: list[tuple[str, str]]) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         wanted = self.trace.response_headers
-        for name, value in self.headers:
+        for name, value in headers:
             lower = name.lower()
             if lower in wanted:
                 out.setdefault(lower, []).append(value)
         return out
-
-
-class _TraceBody:
-    """The response iterable: counts bytes, writes the record once on close."""
-
-    __slots__ = ("request", "iterable", "iterator", "closed")
-
-    def __init__(self, request: _Request, iterable: Iterable[bytes]) -> None:
-        self.request = request
-        self.iterable = iterable
-        self.iterator: Iterator[bytes] | None = None
-        self.closed = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        if self.iterator is None:
-            self.iterator = self.request.body(self.iterable)
-        return self.iterator
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            close = getattr(self.iterable, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self.request.finish()
 
 
 class Trace:
@@ -328,11 +219,14 @@ class Trace:
     ``cipher``) and ``error`` (``upstream_timeout``, ``client_disconnected``...).
     Bodies are never logged.
 
-    Status rules: a response cut short because the client went away is
-    recorded as ``499`` with ``status_sent`` holding what the head said; a body
-    whose iterator raised keeps the status sent plus ``error`` and the
-    exception propagates; an app that raised before ``start_response`` is
-    recorded as ``500``.
+    Status rules (the one decision CircuitBreaker and the Prometheus metrics
+    share, :mod:`oxypy._core.observe`): a client that went away (mid-upload or
+    mid-download, however it was noticed) is recorded as ``499`` with
+    ``error: "client_disconnected"`` and ``status_sent`` holding what the head
+    said, if anything; a body whose iterator raised after the first byte went
+    out keeps the status sent plus ``error`` (the server cuts the connection)
+    and the exception propagates; an app or body that raised before any byte
+    went out is recorded as ``500``, which is what the server answers.
 
     TLS: ``SSL_PROTOCOL``/``SSL_CIPHER`` environ keys (mod_ssl, mod_wsgi,
     uWSGI), else ``version()``/``cipher()`` of an ``ssl.SSLSocket`` found in
@@ -420,26 +314,11 @@ class Trace:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self.skip is not None and self.skip(environ):
             return self.next_app(environ, start_response)
-        record = self.start_record(environ)
-        request = _Request(self, environ, record, start_response)
+        request = _Request(self, self.start_record(environ))
         if "HTTP_UPGRADE" not in environ and "wsgi.input" in environ:
             request.input = _CountingInput(environ["wsgi.input"])
             environ["wsgi.input"] = request.input
-        try:
-            iterable = self.next_app(environ, request.start_response)
-        except StopIteration:
-            # gunicorn's signal that the app took the connection over (Forward's
-            # WebSocket tunnel under -k gevent): the session ended normally.
-            if request.status is None:
-                request.status = 101
-            request.exhausted = True
-            request.finish()
-            raise
-        except BaseException as exc:
-            request.error = exc
-            request.finish()
-            raise
-        return _TraceBody(request, iterable)
+        return observe(self.next_app, environ, start_response, request.finish)
 
     def start_record(self, environ: WSGIEnvironment) -> dict[str, Any]:
         url = environ.get("RAW_URI") or environ.get("REQUEST_URI")

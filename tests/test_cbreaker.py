@@ -16,7 +16,7 @@ import pytest
 import urllib3
 from werkzeug.test import create_environ
 
-from oxypy import CircuitOpen, ConfigurationError, Forward, PredicateError
+from oxypy import CircuitOpen, ConfigurationError, Forward, PredicateError, UpstreamProtocolError
 from oxypy.cbreaker import (
     TRIGGER_FUNCTIONS,
     CircuitBreaker,
@@ -222,7 +222,7 @@ def test_outcome_is_recorded_when_the_body_is_closed() -> None:
     assert 250 <= cb.metrics.latency_at_quantile_ms(100) <= 252
 
 
-def test_app_raising_is_a_network_error_and_reraises() -> None:
+def test_app_raising_is_a_500_not_a_network_error_and_reraises() -> None:
     def broken(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         raise RuntimeError("bug")
 
@@ -230,12 +230,16 @@ def test_app_raising_is_a_network_error_and_reraises() -> None:
     with pytest.raises(RuntimeError):
         counting(create_environ("/"), ignore_start)
     assert counting.metrics.status_code_counts() == {500: 1}
-    assert counting.metrics.network_error_count() == 1
+    assert counting.metrics.network_error_count() == 0
 
     cb = CircuitBreaker(broken, TRIGGER, clock=FakeClock(), check_period=0)
     with pytest.raises(RuntimeError):
         cb(create_environ("/"), ignore_start)
-    assert cb.state is State.TRIPPED
+    assert cb.state is State.STANDBY  # a bug is not an unreachable upstream
+    by_code = CircuitBreaker(broken, "ResponseCodeRatio(500, 600, 0, 600) > 0.5", check_period=0)
+    with pytest.raises(RuntimeError):
+        by_code(create_environ("/"), ignore_start)
+    assert by_code.state is State.TRIPPED
 
 
 def test_callbacks_get_transitions_and_a_raising_callback_is_logged(
@@ -489,11 +493,11 @@ def test_body_failing_mid_stream_counts_as_network_error(proxy: Any) -> None:
         upstream.stop()
 
 
-def test_iterator_raising_without_forward_counts_as_network_error(proxy: Any) -> None:
+def test_iterator_raising_an_upstream_error_counts_as_network_error(proxy: Any) -> None:
     def flaky(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         start_response("200 OK", [("Content-Length", "10")])
         yield b"12345"
-        raise OSError("storage went away")
+        raise UpstreamProtocolError("upstream closed the connection mid-body")
 
     cb = CircuitBreaker(flaky, TRIGGER, clock=FakeClock(), check_period=0)
     url = proxy(cb, lint=False)
@@ -501,6 +505,30 @@ def test_iterator_raising_without_forward_counts_as_network_error(proxy: Any) ->
     assert reply.startswith(b"HTTP/1.1 200 ")
     assert not reply.endswith(b"1234567890")
     eventually(lambda: cb.state is State.TRIPPED)
+
+
+def test_iterator_raising_a_bug_is_not_a_network_error(proxy: Any) -> None:
+    done = gevent.event.Event()
+
+    def flaky(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [("Content-Length", "10")])
+        yield b"12345"
+        raise OSError("storage went away")
+
+    class Recorded(RoundTripMetrics):
+        def record(self, status: int, latency_s: float, network_error: bool = False) -> None:
+            super().record(status, latency_s, network_error)
+            done.set()
+
+    metrics = Recorded(clock=FakeClock())
+    cb = CircuitBreaker(flaky, TRIGGER, clock=FakeClock(), check_period=0, metrics=metrics)
+    url = proxy(cb, lint=False)
+    reply = raw_request(url, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until="close")
+    assert reply.startswith(b"HTTP/1.1 200 ") and not reply.endswith(b"1234567890")
+    assert done.wait(5.0)
+    assert metrics.status_code_counts() == {200: 1}
+    assert metrics.network_error_count() == 0
+    assert cb.state is State.STANDBY
 
 
 # --- real slow / erroring upstreams ------------------------------------------------

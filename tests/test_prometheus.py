@@ -21,6 +21,7 @@ from werkzeug.middleware.lint import LintMiddleware
 from werkzeug.test import Client
 
 from oxypy import Forward
+from oxypy._core.exchange import Exchange
 from oxypy.environ import EXCHANGES
 from oxypy.exceptions import ConfigurationError
 from oxypy.prometheus import BreakerStateGauge, PrometheusMetrics, metrics_app
@@ -126,12 +127,8 @@ def test_app_error_counts_as_5xx_and_reraises() -> None:
 
 
 def test_target_label_cap() -> None:
-    class Fake:
-        def __init__(self, target: str) -> None:
-            self.target, self.status, self.error = target, 200, None
-
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-        environ[EXCHANGES].append(Fake(environ["HTTP_X_T"]))
+        environ[EXCHANGES].append(Exchange(environ["HTTP_X_T"], "GET", 0.0, status=200))
         return ok_app(environ, start_response)
 
     registry = CollectorRegistry()

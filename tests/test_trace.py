@@ -18,6 +18,7 @@ from werkzeug.middleware.lint import LintMiddleware
 from werkzeug.test import Client
 
 from oxypy import Forward
+from oxypy._core.exchange import Exchange
 from oxypy.environ import EXCHANGES
 from oxypy.exceptions import ConfigurationError, UpstreamTimeout
 from oxypy.requestid import RequestID
@@ -290,13 +291,11 @@ def test_write_callable_bytes_counted() -> None:
 
 
 def test_attempts_and_attempt_from_environ() -> None:
-    class Fake:
-        def __init__(self, target: str, status: int) -> None:
-            self.target, self.status, self.error = target, status, None
-            self.started, self.ended, self.bytes_received = 1.0, 1.25, 5
+    def fake(target: str, status: int) -> Exchange:
+        return Exchange(target, "GET", 1.0, status=status, ended=1.25, bytes_received=5)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-        environ[EXCHANGES].extend([Fake("http://a", 502), Fake("http://b", 200)])
+        environ[EXCHANGES].extend([fake("http://a", 502), fake("http://b", 200)])
         return ok_app(environ, start_response)
 
     lines: list[str] = []

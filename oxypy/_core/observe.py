@@ -1,0 +1,313 @@
+"""Watching a response go by, and deciding once what the client really got.
+
+Trace, the Prometheus metrics, CircuitBreaker, ConnLimit and Buffer all need
+to know how a request ended; they all learn it here, so a client that went
+away is 499 everywhere and never a failure of the upstream.
+
+:func:`observe` calls the next app with a ``start_response`` that records the
+status, and returns an :class:`ObservedBody` (a
+:class:`~oxypy._core.iterables.ClosingIterable`) that counts the bytes
+passing through and calls ``finish(observation)`` exactly once: from
+``close()``, or at once when the app itself raised.  ``finish`` then reads
+:meth:`Observation.outcome`, the one decision:
+
+* **the client went away** → ``499``: a :class:`~oxypy.ClientDisconnected`
+  (the server's ``ClientGone`` is one) raised below or recorded by Forward, a
+  body closed before its end without an error (the server stopped reading: its
+  write to the client failed), or any other non-oxypy error while the client
+  connection is closed (``environ["oxypy.client_gone"]``, or a peek at
+  ``gunicorn.socket``);
+* **an upstream failure mid-body** (an :class:`~oxypy.UpstreamError` raised by
+  the body iterator after the head went out) keeps the upstream's status and
+  is marked ``aborted`` and ``upstream_failed``: the server cuts the
+  connection, the response is visibly truncated;
+* **an error before the head went out** (an app bug, or anything else raised
+  before the first body byte) → ``500``, which is what the server answers;
+* otherwise the status the head carried.
+
+``upstream_failed`` (what a breaker or a retry counts against an upstream) is
+true only for Forward's own network errors, never when the client went away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .. import environ as keys
+from ..exceptions import ClientDisconnected, RequestError, UpstreamError
+from .exchange import Exchange, Mark, mark
+from .iterables import ClosingIterable
+from .sockets import peer_closed
+from .types import Clock, StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = [
+    "ObservedBody",
+    "Observation",
+    "Outcome",
+    "client_probe",
+    "client_went_away",
+    "observe",
+]
+
+#: The ``error`` kind every client abort is reported as (whatever raised it).
+CLIENT_GONE_KIND = "client_disconnected"
+
+
+def client_probe(environ: WSGIEnvironment) -> Callable[[], bool] | None:
+    """A ``() -> bool`` telling whether the client connection has closed, if knowable.
+
+    ``oxypy.serve`` provides ``environ["oxypy.client_gone"]``; under gunicorn
+    the client socket it exposes is peeked without blocking.  Other servers
+    give no way to know: then only a :class:`~oxypy.ClientDisconnected` tells.
+    """
+    provided = environ.get(keys.CLIENT_GONE)
+    if callable(provided):
+        return provided  # type: ignore[no-any-return]
+    sock = environ.get("gunicorn.socket") or environ.get("gunicorn.sock")
+    if sock is None or not hasattr(sock, "fileno"):
+        return None
+    return lambda: peer_closed(sock, data_is_fine=True)
+
+
+def client_went_away(exc: BaseException, environ: WSGIEnvironment) -> bool:
+    """Whether ``exc`` means the client left (rather than an upstream failure or a bug).
+
+    True for a :class:`~oxypy.ClientDisconnected` or an error raised *from*
+    one; for an error that is not an oxypy :class:`~oxypy.RequestError` (a
+    socket error reading the request or writing the answer) when the client
+    connection is closed.  Never for an :class:`~oxypy.UpstreamError`.
+    """
+    seen = 0
+    cause: BaseException | None = exc
+    while cause is not None and seen < 8:
+        if isinstance(cause, ClientDisconnected):
+            return True
+        cause = cause.__cause__
+        seen += 1
+    if isinstance(exc, RequestError) or not isinstance(exc, Exception):
+        return False
+    probe = client_probe(environ)
+    if probe is None:
+        return False
+    try:
+        return bool(probe())
+    except Exception:  # noqa: BLE001 - a broken probe tells nothing
+        return False
+
+
+def error_kind(exc: BaseException) -> str:
+    """A stable name for ``exc`` in logs and metrics (``upstream_timeout``, ``ValueError``)."""
+    return exc.kind if isinstance(exc, RequestError) else type(exc).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one request ended, as the client saw it (see the module docstring)."""
+
+    #: The status the client got: 499 when it went away, 500 for an error
+    #: before the head went out, else the status of the head.
+    status: int
+    #: The head's status when the client went away after it was set (else None).
+    status_sent: int | None
+    #: Why the request failed, if it did: raised below this block, recorded on
+    #: the environ (``oxypy.error``) or on the last exchange.
+    error: BaseException | None
+    #: The client went away.
+    client_gone: bool
+    #: The response did not end normally (cut short, or failed).
+    aborted: bool
+    #: A network failure of the upstream (Forward's own), never a client abort.
+    upstream_failed: bool
+    #: The exchanges made below this block for this request, oldest first.
+    exchanges: list[Exchange]
+
+    @property
+    def error_kind(self) -> str | None:
+        """``error``'s stable name; ``"client_disconnected"`` whenever the client left."""
+        if self.client_gone:
+            return CLIENT_GONE_KIND
+        return None if self.error is None else error_kind(self.error)
+
+
+class Observation:
+    """What one block saw of one response: filled as it passes, read in ``finish``."""
+
+    __slots__ = (
+        "environ",
+        "since",
+        "error_before",
+        "status",
+        "headers",
+        "head_at",
+        "bytes_sent",
+        "exhausted",
+        "error",
+        "_start",
+        "_clock",
+    )
+
+    def __init__(
+        self, environ: WSGIEnvironment, start_response: StartResponse, clock: Clock | None
+    ) -> None:
+        self.environ = environ
+        self.since: Mark = mark(environ)
+        self.error_before = environ.get(keys.ERROR)
+        #: The status passed to ``start_response`` (the last one), if any.
+        self.status: int | None = None
+        #: The headers passed with it.
+        self.headers: list[tuple[str, str]] = []
+        #: ``clock()`` at the first ``start_response`` (when a clock was given).
+        self.head_at: float | None = None
+        #: Body bytes that went out (yielded, or passed to ``write``).
+        self.bytes_sent = 0
+        #: The body iterator ran to its end.
+        self.exhausted = False
+        #: The exception the app or its body iterator raised, if any.
+        self.error: BaseException | None = None
+        self._start = start_response
+        self._clock = clock
+
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
+    ) -> Callable[[bytes], object]:
+        code = status[:3]
+        self.status = int(code) if code.isdigit() else None
+        self.headers = headers
+        if self._clock is not None and self.head_at is None:
+            self.head_at = self._clock()
+        if exc_info is not None:
+            write = self._start(status, headers, exc_info)
+        else:
+            write = self._start(status, headers)
+
+        def counting_write(data: bytes) -> object:
+            self.bytes_sent += len(data)
+            return write(data)
+
+        return counting_write
+
+    def outcome(self) -> Outcome:
+        """Decide how the request ended (call it once the body is closed)."""
+        environ = self.environ
+        exchanges = self.since.since()
+        raised = self.error
+        error = raised
+        if error is None:
+            found = environ.get(keys.ERROR)
+            if found is not None and found is not self.error_before:
+                error = found
+            elif exchanges:
+                error = exchanges[-1].error  # an earlier attempt's error was retried away
+        closed_early = raised is None and not self.exhausted
+        gone = (
+            closed_early
+            or self.status == 499
+            or (raised is not None and client_went_away(raised, environ))
+        )
+        status_sent = None
+        if gone:
+            status = 499
+            if self.status is not None and self.status != 499:
+                status_sent = self.status
+            if not isinstance(error, ClientDisconnected):
+                error = ClientDisconnected()
+        elif self.status is None or (raised is not None and self.bytes_sent == 0):
+            status = 500  # nothing went out: the server answers 500
+        else:
+            status = self.status
+        last = exchanges[-1] if exchanges else None
+        upstream_failed = not gone and (
+            isinstance(raised, UpstreamError) or (last is not None and last.network_error)
+        )
+        return Outcome(
+            status=status,
+            status_sent=status_sent,
+            error=error,
+            client_gone=gone,
+            aborted=raised is not None or closed_early,
+            upstream_failed=upstream_failed,
+            exchanges=exchanges,
+        )
+
+
+Finish = Callable[[Observation], object]
+
+
+class ObservedBody(ClosingIterable):
+    """The response body as a block returns it: counted as it passes, settled once on close."""
+
+    __slots__ = ("_observation", "_on_chunk")
+
+    def __init__(
+        self,
+        iterable: Iterable[bytes],
+        observation: Observation,
+        finish: Finish,
+        on_chunk: Callable[[bytes], object] | None = None,
+    ) -> None:
+        super().__init__(iterable, lambda: finish(observation))
+        self._observation = observation
+        self._on_chunk = on_chunk
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._iterator is None:
+            self._iterator = self._watch()
+        return self._iterator
+
+    def _watch(self) -> Iterator[bytes]:
+        observation = self._observation
+        on_chunk = self._on_chunk
+        try:
+            for chunk in self._iterable:
+                observation.bytes_sent += len(chunk)
+                if on_chunk is not None:
+                    on_chunk(chunk)
+                yield chunk
+        except GeneratorExit:  # the consumer stopped reading: not an error of ours
+            raise
+        except BaseException as exc:
+            observation.error = exc
+            raise
+        observation.exhausted = True
+
+    def close(self) -> None:
+        iterator = self._iterator
+        if iterator is not None and not self._closed:
+            iterator.close()  # type: ignore[attr-defined]
+        super().close()
+
+
+def observe(
+    app: WSGIApplication,
+    environ: WSGIEnvironment,
+    start_response: StartResponse,
+    finish: Finish,
+    *,
+    clock: Clock | None = None,
+    on_chunk: Callable[[bytes], object] | None = None,
+) -> Iterable[bytes]:
+    """Call ``app`` and return its body wrapped; ``finish(observation)`` runs exactly once.
+
+    ``finish`` runs from the body's ``close()``, or before the exception
+    propagates when ``app`` itself raises.  ``StopIteration`` from ``app`` is
+    gunicorn's sign that the app took the connection over (a WebSocket tunnel
+    under ``-k gevent``): the exchange ended normally (status 101 unless set).
+    ``clock`` (optional) stamps :attr:`Observation.head_at`; ``on_chunk`` sees
+    every body chunk as it passes.
+    """
+    observation = Observation(environ, start_response, clock)
+    try:
+        iterable = app(environ, observation.start_response)
+    except StopIteration:
+        if observation.status is None:
+            observation.status = 101
+        observation.exhausted = True
+        finish(observation)
+        raise
+    except BaseException as exc:
+        observation.error = exc
+        finish(observation)
+        raise
+    return ObservedBody(iterable, observation, finish, on_chunk)
