@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from ._core.types import Clock
-from .buffer import Buffer, NoResponse
+from .buffer import Buffer
 from .cbreaker import CircuitBreaker
 from .connlimit import ConnLimit, ConnStore, Lease
 from .errors import ErrorHandler, default_error_handler
@@ -22,6 +22,7 @@ from .exceptions import (
     ClientDisconnected,
     ConfigurationError,
     ConnLimitReached,
+    NoResponse,
     NoServers,
     NoTarget,
     OxypyError,

@@ -18,20 +18,23 @@ from dataclasses import dataclass
 import gevent
 
 from . import environ as keys
-from ._buffer.attempt import Capture, Captured, Final, Streaming, client_probe, close_iterable
+from ._buffer.attempt import Capture, Captured, Failed, Final, Streaming, close_iterable
 from ._buffer.store import Overflow, SpillBuffer
 from ._client.exchange import BodySource
 from ._client.request_head import check_framing
 from ._core.exchange import Exchange, exchange_log
 from ._core.iterables import ClosingIterable
+from ._core.observe import client_probe, client_went_away
 from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import (
     BodyTooLarge,
     ClientDisconnected,
     ConfigurationError,
+    NoResponse,
     RequestError,
     ResponseTooLarge,
+    UpstreamError,
 )
 from .predicate import Func, Predicate, compile_predicate
 
@@ -40,13 +43,6 @@ __all__ = ["Buffer", "NoResponse"]
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
-
-
-class NoResponse(RequestError):
-    """The wrapped app returned a body without ever calling ``start_response`` (502)."""
-
-    status = 502
-    reason = "the wrapped application sent no response status"
 
 
 @dataclass(frozen=True)
@@ -97,14 +93,27 @@ class Buffer:
     ``101`` responses stream through.  Sets ``Content-Length`` on what it sends.
 
     Failures: ambiguous request framing 400; request body over the maximum 413
-    (``Content-Length`` is checked before reading); client gone while uploading
-    499; response body over the maximum 502; an app that never called
-    ``start_response`` 502.
+    (``Content-Length`` is checked before reading); client gone 499 (nobody
+    is left to read it); response body over the maximum 502; an app that
+    never called ``start_response`` 502 (:class:`~oxypy.NoResponse`).  An
+    upstream that fails while its body is being buffered (cut short, reset,
+    garbage) is a network error like a refused connection: retried when the
+    predicate says so, else answered 502 (504 for a timeout) with a short
+    plain-text body; nothing of it reached the client.  With
+    ``buffer_response=False`` (or an event stream passing through) such a
+    failure before the first body byte is answered the same way, and after it
+    the client connection is cut: the response is visibly truncated, never
+    padded.  Other exceptions of the wrapped app propagate.
 
     Retries: after each attempt the ``retry`` predicate is evaluated over that
     attempt (``IsNetworkError()``, ``Attempts()``, ``ResponseCode()``,
-    ``RequestMethod()``).  A request is never retried once the client has gone,
-    nor when its body was not buffered, nor past ``max_attempts`` in total.
+    ``RequestMethod()``).  ``IsNetworkError()`` is true only for Forward's own
+    failures to reach or read the upstream, never for a client that went
+    away.  A request is never retried once the client has gone, nor past
+    ``max_attempts`` in total, nor when its body was not buffered
+    (``buffer_request=False``) unless the upstream was never reached
+    (:attr:`UpstreamError.before_send <oxypy.UpstreamError.before_send>`: a
+    refused connection), since then the body is still unread.
 
     :param retry: predicate string, e.g. ``"IsNetworkError() && Attempts() < 2"``.
     :param max_request_body_bytes: 413 above this (None: unlimited).
@@ -275,8 +284,10 @@ class Buffer:
             if isinstance(outcome, Final):
                 return outcome.body
             new = log_list[before:]
-            gone = any(isinstance(x.error, ClientDisconnected) for x in new)
-            if new:
+            gone = outcome.client_gone or any(x.client_aborted for x in new)
+            if isinstance(outcome, Failed):
+                network = outcome.network_error
+            elif new:
                 network = any(x.network_error for x in new)
             else:
                 network = outcome.code in (502, 504)
@@ -286,12 +297,12 @@ class Buffer:
                 ctx,
                 max_attempts=self.max_attempts,
                 client_gone=gone,
-                replayable=replayable,
+                replayable=replayable or _never_sent(outcome, new),
             )
             if retry:
                 retry = self._wait(attempt, environ)
             if not retry:
-                return outcome.send(environ, start_response)
+                return outcome.send(environ, start_response, self.error_handler)
             log.info("retrying %s %s (attempt %d)", method, environ.get("PATH_INFO"), attempt + 1)
             outcome.discard()
 
@@ -309,16 +320,14 @@ class Buffer:
                 delay -= step
         return not (probe is not None and probe())
 
-    def _buffered(self, env: WSGIEnvironment, start_response: StartResponse) -> Captured | Final:
+    def _buffered(
+        self, env: WSGIEnvironment, start_response: StartResponse
+    ) -> Captured | Failed | Final:
         store = SpillBuffer(self.mem_response, self.max_response)
         capture = Capture(store, start_response)
+        result: Iterable[bytes] | None = None
         try:
             result = self.next_app(env, capture.start_response)
-        except BaseException:
-            store.close()
-            raise
-        iterator: Iterator[bytes] | None = None
-        try:
             iterator = iter(result)
             for chunk in iterator:
                 if capture.passthrough is not None:
@@ -341,10 +350,13 @@ class Buffer:
             close_iterable(result)
             store.close()
             return Final(respond_error(self.error_handler, env, start_response, exc))
-        except BaseException:
+        except BaseException as exc:
             close_iterable(result)
             store.close()
-            raise
+            failed = _failed(exc, env, restart=capture.passthrough is not None)
+            if failed is None:
+                raise  # a bug in the wrapped app: the server answers 500
+            return failed
         close_iterable(result)
         return Captured(capture, store)
 
@@ -365,11 +377,14 @@ class Buffer:
 
         return ClosingIterable(gen(), lambda: close_iterable(result))
 
-    def _head_only(self, env: WSGIEnvironment, start_response: StartResponse) -> Captured | Final:
+    def _head_only(
+        self, env: WSGIEnvironment, start_response: StartResponse
+    ) -> Captured | Failed | Final:
         store = SpillBuffer(self.mem_response, None)
         capture = Capture(store, None)
-        result = self.next_app(env, capture.start_response)
+        result: Iterable[bytes] | None = None
         try:
+            result = self.next_app(env, capture.start_response)
             iterator = iter(result)
             first: list[bytes] = []
             while capture.status is None:
@@ -385,8 +400,45 @@ class Buffer:
             close_iterable(result)
             store.close()
             return Final(respond_error(self.error_handler, env, start_response, exc))
-        except BaseException:
+        except BaseException as exc:
             close_iterable(result)
             store.close()
-            raise
+            failed = _failed(exc, env)
+            if failed is None:
+                raise
+            return failed
         return Captured(capture, store, Streaming(first, iterator, result))
+
+
+def _failed(
+    exc: BaseException, environ: WSGIEnvironment, *, restart: bool = False
+) -> Failed | None:
+    """An attempt that raised, as an outcome to decide on; None for a bug (re-raised).
+
+    A client that went away, an upstream that failed (mid-body: nothing of it
+    reached the client yet) and any other oxypy request error are answered
+    with their own status; anything else is the wrapped app's bug.
+    """
+    if client_went_away(exc, environ):
+        if not isinstance(exc, ClientDisconnected):
+            gone = ClientDisconnected("client went away")
+            gone.__cause__ = exc
+            exc = gone
+        return Failed(exc, restart=restart)
+    if isinstance(exc, RequestError):
+        return Failed(exc, restart=restart)
+    return None
+
+
+def _never_sent(outcome: Captured | Failed, new: list[Exchange]) -> bool:
+    """True when no byte of this attempt's request reached an upstream.
+
+    Then a request whose body Buffer did not read is still intact in
+    ``wsgi.input`` and may be sent again (``UpstreamError.before_send``).
+    """
+    errors = [x.error for x in new]
+    if isinstance(outcome, Failed):
+        errors.append(outcome.error)
+    return bool(errors) and all(
+        isinstance(err, UpstreamError) and err.before_send for err in errors
+    )

@@ -9,8 +9,8 @@ traceback ever reaches a client.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Protocol
 
 from . import environ as keys
 from ._core.types import StartResponse, WSGIEnvironment
@@ -60,3 +60,48 @@ def respond_error(
         method, path = environ.get("REQUEST_METHOD"), environ.get("PATH_INFO")
         log.log(level, "%s %s: %s%s", method, path, exc, cause)
     return handler(environ, start_response, exc)
+
+
+def relay_or_answer(
+    body: Iterable[bytes],
+    handler: ErrorHandler,
+    environ: WSGIEnvironment,
+    start_response: StartResponse,
+    *,
+    started: bool = False,
+) -> Iterator[bytes]:
+    """Relay ``body``; an oxypy error it raises before any byte went out is answered instead.
+
+    Until the first non-empty chunk the server has not sent the response head,
+    so a :class:`~oxypy.RequestError` (an upstream that failed before its
+    first body byte) is answered through ``handler`` with its own status (502,
+    504), replacing the head (``start_response`` with ``exc_info``), instead
+    of the server's 500.  Once a byte went out (or ``started``) the error
+    propagates: the server cuts the connection, so a truncated response is
+    visibly truncated, never padded.  Closing the generator closes nothing
+    else: the caller closes ``body``.
+    """
+    try:
+        for chunk in body:
+            if chunk:
+                started = True
+            yield chunk
+    except RequestError as exc:
+        if started:
+            raise
+        yield from respond_error(handler, environ, restarting(start_response, exc), exc)
+
+
+def restarting(start_response: StartResponse, exc: BaseException) -> StartResponse:
+    """A ``start_response`` that replaces a head not sent yet (passes ``exc`` as ``exc_info``).
+
+    PEP 3333: a server that already sent the head re-raises ``exc`` instead.
+    """
+    exc_info: Any = (type(exc), exc, exc.__traceback__)
+
+    def start(
+        status: str, headers: list[tuple[str, str]], _: Any = None
+    ) -> Callable[[bytes], object]:
+        return start_response(status, headers, exc_info)
+
+    return start

@@ -17,6 +17,7 @@ __all__ = [
     "ClientDisconnected",
     "ConfigurationError",
     "ConnLimitReached",
+    "NoResponse",
     "NoServers",
     "NoTarget",
     "OxypyError",
@@ -108,10 +109,20 @@ class BadRequest(RequestError):
 
 
 class ClientDisconnected(RequestError):
-    """The client went away before the exchange finished (logged as 499)."""
+    """The client went away before the exchange finished (logged as 499).
+
+    Never a failure of the upstream: a breaker, outlier detection, the
+    rebalancer and a retry predicate's ``IsNetworkError()`` ignore it.  Its
+    :attr:`kind` is ``"client_disconnected"`` for every subclass, so logs and
+    metrics name a client abort the same way whoever noticed it.
+    """
 
     status = 499
     reason = "client closed request"
+
+    @property
+    def kind(self) -> str:
+        return "client_disconnected"
 
 
 class NoTarget(RequestError):
@@ -122,13 +133,20 @@ class NoTarget(RequestError):
 
 
 class UpstreamError(RequestError):
-    """The upstream could not be reached or did not answer properly (502)."""
+    """The upstream could not be reached or did not answer properly (502).
+
+    Raised (or recorded on the :class:`~oxypy.Exchange`) by ``Forward`` only:
+    this is what ``IsNetworkError()`` and ``NetworkErrorRatio()`` count.
+    """
 
     status = 502
     reason = "bad gateway"
 
-    #: True when the failure happened before any byte reached the upstream,
-    #: so a retry can never duplicate a request.
+    #: True when the failure happened before any byte of the request reached
+    #: the upstream (the connection was never made), so sending the request
+    #: again cannot duplicate it.  ``Buffer`` relies on it: a request whose body
+    #: it did not buffer is retried only after such a failure (the body was
+    #: never read, so it is still there to send).
     before_send: bool = False
 
 
@@ -149,6 +167,17 @@ class UpstreamProtocolError(UpstreamError):
     """The upstream sent an invalid or ambiguous response (502)."""
 
     reason = "invalid response from upstream"
+
+
+class NoResponse(RequestError):
+    """The wrapped app returned a body without ever calling ``start_response`` (502).
+
+    Raised by ``Buffer``, which must know the status before it can decide.
+    Also importable as ``oxypy.buffer.NoResponse``.
+    """
+
+    status = 502
+    reason = "the wrapped application sent no response status"
 
 
 class BodyTooLarge(RequestError):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import socket
+import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -450,16 +451,39 @@ def test_status_fallback_without_exchanges(proxy: Any) -> None:
     assert attempts == [1, 2]
 
 
-def test_unbuffered_request_with_body_is_never_retried(proxy: Any) -> None:
+def test_unbuffered_body_is_retried_only_when_never_sent(proxy: Any, echo_upstream: str) -> None:
     seen: list[tuple[int, str]] = []
+    # Refused: no byte reached the upstream, the body is still unread: retried.
     app = Buffer(
-        balancer(Forward(), [dead_url()], seen), retry="IsNetworkError()", buffer_request=False
+        balancer(Forward(), [dead_url(), echo_upstream], seen),
+        retry="IsNetworkError()",
+        buffer_request=False,
     )
-    url = proxy(app)
-    assert HTTP.request("POST", url + "/", body=b"payload").status == 502
-    assert len(seen) == 1
+    r = HTTP.request("POST", proxy(app) + "/", body=b"payload")
+    doc = json.loads(r.data)
+    assert r.status == 200 and doc["body_sha256"] == hashlib.sha256(b"payload").hexdigest()
+    assert [t for _, t in seen] == [seen[0][1], echo_upstream]
+
+    # Reset after reading the body: the body is gone, never sent twice.
+    def take_and_reset(sock: socket.socket, data: bytes) -> None:
+        read_exact_body(sock, data)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    raw = RawUpstream(take_and_reset)
+    try:
+        seen.clear()
+        app = Buffer(
+            balancer(Forward(), [raw.url, echo_upstream], seen),
+            retry="IsNetworkError()",
+            buffer_request=False,
+        )
+        assert HTTP.request("POST", proxy(app) + "/", body=b"payload").status == 502
+        assert len(seen) == 1 and raw.connections == 1
+    finally:
+        raw.stop()
     seen.clear()
-    assert HTTP.request("GET", url + "/").status == 502
+    app = Buffer(balancer(Forward(), [dead_url()], seen), retry="IsNetworkError()")
+    assert HTTP.request("GET", proxy(app) + "/").status == 502
     assert len(seen) == 11
 
 

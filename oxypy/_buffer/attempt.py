@@ -2,8 +2,10 @@
 
 :class:`Capture` is the ``start_response`` an attempt sees; :class:`Captured`
 holds a finished attempt until the retry decision, then sends it (with a
-definite ``Content-Length``) or discards it.  :func:`client_probe` tells
-whether the client connection has closed, so retries stop for a gone client.
+definite ``Content-Length``) or discards it.  :class:`Failed` is an attempt
+that raised before anything reached the client (an upstream cut short, a
+client gone): it is decided on like any other, and answered through the
+error handler.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .. import environ as keys
 from .._core.iterables import ClosingIterable
-from .._core.sockets import peer_closed
 from .._core.types import StartResponse, WSGIEnvironment
+from ..errors import ErrorHandler, relay_or_answer, respond_error, restarting
+from ..exceptions import ClientDisconnected, RequestError, UpstreamError
 from .store import SpillBuffer
 
-__all__ = ["Capture", "Captured", "Final", "Streaming", "client_probe", "close_iterable"]
+__all__ = ["Capture", "Captured", "Failed", "Final", "Streaming", "close_iterable"]
 
 _NO_BODY_STATUS = frozenset({204, 304})
 
@@ -91,6 +93,47 @@ class Final:
         self.body = body
 
 
+class Failed:
+    """An attempt that raised before its answer reached the client.
+
+    ``error`` is the :class:`~oxypy.RequestError` (an
+    :class:`~oxypy.UpstreamError` for an upstream that failed mid-body, a
+    :class:`~oxypy.ClientDisconnected` for a client that left); it is answered
+    with its own status (502, 504, 499) through the error handler.  With
+    ``restart`` the head of a pass-through response was already handed to the
+    server (not yet sent): the answer replaces it (``exc_info``).
+    """
+
+    __slots__ = ("error", "restart")
+
+    def __init__(self, error: RequestError, *, restart: bool = False) -> None:
+        self.error = error
+        self.restart = restart
+
+    @property
+    def code(self) -> int:
+        return self.error.status
+
+    @property
+    def network_error(self) -> bool:
+        return isinstance(self.error, UpstreamError)
+
+    @property
+    def client_gone(self) -> bool:
+        return isinstance(self.error, ClientDisconnected)
+
+    def discard(self) -> None:
+        return None
+
+    def send(
+        self, environ: WSGIEnvironment, start_response: StartResponse, handler: ErrorHandler
+    ) -> Iterable[bytes]:
+        exc = self.error
+        if self.restart:
+            start_response = restarting(start_response, exc)
+        return respond_error(handler, environ, start_response, exc)
+
+
 class Captured:
     """A finished attempt: its head, and its body (buffered, or ready to stream)."""
 
@@ -107,12 +150,17 @@ class Captured:
     def code(self) -> int:
         return self.capture.code
 
+    network_error = False
+    client_gone = False
+
     def discard(self) -> None:
         if self.streaming is not None:
             close_iterable(self.streaming.result)
         self.store.close()
 
-    def send(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    def send(
+        self, environ: WSGIEnvironment, start_response: StartResponse, handler: ErrorHandler
+    ) -> Iterable[bytes]:
         capture, store = self.capture, self.store
         status = capture.status
         assert status is not None  # Captured is only built once a status exists
@@ -126,13 +174,17 @@ class Captured:
             except BaseException:
                 self.discard()
                 raise
+            started = store.size > 0
             store.close()
 
             def gen() -> Iterator[bytes]:
                 yield from streaming.first
                 yield from streaming.iterator
 
-            return ClosingIterable(gen(), lambda: close_iterable(streaming.result))
+            # An upstream failing before its first body byte gets its 502/504;
+            # after that the client connection is cut, never padded.
+            body = relay_or_answer(gen(), handler, environ, start_response, started=started)
+            return ClosingIterable(body, lambda: close_iterable(streaming.result))
         headers = capture.headers
         code = capture.code
         no_body = code < 200 or code in _NO_BODY_STATUS or environ.get("REQUEST_METHOD") == "HEAD"
@@ -158,23 +210,7 @@ class Captured:
         return ClosingIterable(store.chunks(), store.close)
 
 
-def close_iterable(result: Iterable[bytes]) -> None:
+def close_iterable(result: Iterable[bytes] | None) -> None:
     close = getattr(result, "close", None)
     if close is not None:
         close()
-
-
-def client_probe(environ: WSGIEnvironment) -> Callable[[], bool] | None:
-    """A ``() -> bool`` telling whether the client connection has closed, if knowable.
-
-    ``oxypy.serve`` provides ``environ["oxypy.client_gone"]``; under gunicorn
-    the client socket it exposes is peeked without blocking.  Other servers
-    give no way to know: then only Forward's ``ClientDisconnected`` tells.
-    """
-    provided = environ.get(keys.CLIENT_GONE)
-    if callable(provided):
-        return provided  # type: ignore[no-any-return]
-    sock = environ.get("gunicorn.socket") or environ.get("gunicorn.sock")
-    if sock is None or not hasattr(sock, "fileno"):
-        return None
-    return lambda: peer_closed(sock, data_is_fine=True)
