@@ -291,7 +291,9 @@ class RateLimit:
     :param trusted_proxies: CIDRs whose ``X-Forwarded-For`` ``client.ip`` believes.
     :param depth: at most this many trusted hops back into ``X-Forwarded-For``.
     :param rates_for: ``(environ) -> list[Rate] | None`` per-request rates (e.g.
-        by API-key tier); None or empty means ``rates``.
+        by API-key tier); None or empty means ``rates``.  If it raises or
+        returns anything but Rates, the request is answered 500 ("rate limit
+        misconfigured") through ``error_handler`` and the cause is logged.
     :param capacity: sources tracked by the default in-memory store.
     :param store: a :class:`RateStore`; default :class:`MemoryStore` (per process).
     :param ratelimit_headers: also send ``RateLimit-Policy``/``RateLimit`` on
@@ -359,9 +361,18 @@ class RateLimit:
             return self.next_app(environ, start_response)
         rates = self.rates
         if self.rates_for is not None:
-            chosen = self.rates_for(environ)
-            if chosen:
-                rates = _check_rates(chosen, "rates_for()")
+            try:
+                chosen = self.rates_for(environ)
+                if chosen:
+                    rates = _check_rates(chosen, "rates_for()")
+            except Exception as exc:  # noqa: BLE001 - the user's callable: answered, logged
+                # Only visible at request time: answered through error_handler
+                # (500, short body), with the cause in the log, never a traceback
+                # to the client.
+                log.error("RateLimit rates_for failed: %r", exc, exc_info=exc)
+                broken = RequestError("rate limit misconfigured: rates_for failed", status=500)
+                broken.__cause__ = exc
+                return respond_error(self.error_handler, environ, start_response, broken)
         verdict = self.store.hit(key, rates)
         if not verdict.allowed:
             wait = verdict.retry_in

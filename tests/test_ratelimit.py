@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
 from werkzeug.middleware.lint import LintMiddleware
 from werkzeug.test import Client
 
+from oxypy.errors import default_error_handler
 from oxypy.exceptions import ConfigurationError, RequestError
 from oxypy.forward import Forward
 from oxypy.ratelimit import MemoryStore, Rate, RateLimit, _go_duration
@@ -295,6 +297,40 @@ def test_rates_for_overrides_defaults() -> None:
     clock.step(1)
     assert get(c, "g", Tier="gold").status_code == 200
     assert [get(c, "s").status_code for _ in range(2)] == [200, 429]  # default 1/s
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        pytest.param(lambda environ: [1, 2], id="not-rates"),
+        pytest.param(lambda environ: 7, id="not-a-list"),
+        pytest.param(lambda environ: 1 / 0, id="raises"),
+    ],
+)
+def test_rates_for_garbage_goes_through_error_handler(
+    broken: Callable[[dict[str, Any]], Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[RequestError] = []
+
+    def handler(environ: Any, start_response: Any, exc: RequestError) -> Iterable[bytes]:
+        seen.append(exc)
+        return default_error_handler(environ, start_response, exc)
+
+    c = client(
+        RateLimit(
+            hello,
+            rates=[Rate(1)],
+            source="request.header.Source",
+            rates_for=broken,
+            error_handler=handler,
+        )
+    )
+    with caplog.at_level(logging.ERROR, logger="oxypy.ratelimit"):
+        r = get(c)
+    assert (r.status_code, r.get_data()) == (500, b"rate limit misconfigured: rates_for failed\n")
+    assert r.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert len(seen) == 1 and seen[0].__cause__ is not None
+    assert any("rates_for failed" in rec.getMessage() for rec in caplog.records)
 
 
 def test_rate_headers_on_success() -> None:
