@@ -99,12 +99,14 @@ def exchange_log(environ: WSGIEnvironment) -> list[Exchange]:
     return log
 
 
-@dataclass(frozen=True, slots=True)
 class Mark:
     """A position in a request's exchange log: :meth:`since` is what came after it."""
 
-    log: list[Exchange]
-    start: int
+    __slots__ = ("log", "start")
+
+    def __init__(self, log: list[Exchange], start: int) -> None:
+        self.log = log
+        self.start = start
 
     def since(self) -> list[Exchange]:
         """The exchanges appended after the mark, oldest first."""

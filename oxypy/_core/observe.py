@@ -32,7 +32,6 @@ true only for Forward's own network errors, never when the client went away.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from .. import environ as keys
@@ -102,26 +101,45 @@ def error_kind(exc: BaseException) -> str:
     return exc.kind if isinstance(exc, RequestError) else type(exc).__name__
 
 
-@dataclass(frozen=True, slots=True)
 class Outcome:
     """How one request ended, as the client saw it (see the module docstring)."""
 
-    #: The status the client got: 499 when it went away, 500 for an error
-    #: before the head went out, else the status of the head.
-    status: int
-    #: The head's status when the client went away after it was set (else None).
-    status_sent: int | None
-    #: Why the request failed, if it did: raised below this block, recorded on
-    #: the environ (``oxypy.error``) or on the last exchange.
-    error: BaseException | None
-    #: The client went away.
-    client_gone: bool
-    #: The response did not end normally (cut short, or failed).
-    aborted: bool
-    #: A network failure of the upstream (Forward's own), never a client abort.
-    upstream_failed: bool
-    #: The exchanges made below this block for this request, oldest first.
-    exchanges: list[Exchange]
+    __slots__ = (
+        "status",
+        "status_sent",
+        "error",
+        "client_gone",
+        "aborted",
+        "upstream_failed",
+        "exchanges",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        status_sent: int | None,
+        error: BaseException | None,
+        client_gone: bool,
+        aborted: bool,
+        upstream_failed: bool,
+        exchanges: list[Exchange],
+    ) -> None:
+        #: The status the client got: 499 when it went away, 500 for an error
+        #: before any byte went out, else the status of the head.
+        self.status = status
+        #: The head's status when the client went away after it was set (else None).
+        self.status_sent = status_sent
+        #: Why the request failed, if it did: raised below this block, recorded
+        #: on the environ (``oxypy.error``) or on the last exchange.
+        self.error = error
+        #: The client went away.
+        self.client_gone = client_gone
+        #: The response did not end normally (cut short, or failed).
+        self.aborted = aborted
+        #: A network failure of the upstream (Forward's own), never a client abort.
+        self.upstream_failed = upstream_failed
+        #: The exchanges made below this block for this request, oldest first.
+        self.exchanges = exchanges
 
     @property
     def error_kind(self) -> str | None:
@@ -129,6 +147,15 @@ class Outcome:
         if self.client_gone:
             return CLIENT_GONE_KIND
         return None if self.error is None else error_kind(self.error)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Outcome {self.status} error={self.error!r} upstream_failed={self.upstream_failed}>"
+        )
+
+
+def _no_write(data: bytes) -> object:
+    raise AssertionError("write() before start_response()")
 
 
 class Observation:
@@ -145,6 +172,7 @@ class Observation:
         "exhausted",
         "error",
         "_start",
+        "_write",
         "_clock",
     )
 
@@ -167,6 +195,7 @@ class Observation:
         #: The exception the app or its body iterator raised, if any.
         self.error: BaseException | None = None
         self._start = start_response
+        self._write: Callable[[bytes], object] = _no_write
         self._clock = clock
 
     def start_response(
@@ -178,15 +207,15 @@ class Observation:
         if self._clock is not None and self.head_at is None:
             self.head_at = self._clock()
         if exc_info is not None:
-            write = self._start(status, headers, exc_info)
+            self._write = self._start(status, headers, exc_info)
         else:
-            write = self._start(status, headers)
+            self._write = self._start(status, headers)
+        return self.write
 
-        def counting_write(data: bytes) -> object:
-            self.bytes_sent += len(data)
-            return write(data)
-
-        return counting_write
+    def write(self, data: bytes) -> object:
+        """The ``write`` callable handed to the app: counted, then passed on."""
+        self.bytes_sent += len(data)
+        return self._write(data)
 
     def outcome(self) -> Outcome:
         """Decide how the request ended (call it once the body is closed)."""
@@ -222,13 +251,13 @@ class Observation:
             isinstance(raised, UpstreamError) or (last is not None and last.network_error)
         )
         return Outcome(
-            status=status,
-            status_sent=status_sent,
-            error=error,
-            client_gone=gone,
-            aborted=raised is not None or closed_early,
-            upstream_failed=upstream_failed,
-            exchanges=exchanges,
+            status,
+            status_sent,
+            error,
+            gone,
+            raised is not None or closed_early,
+            upstream_failed,
+            exchanges,
         )
 
 

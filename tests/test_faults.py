@@ -1,0 +1,316 @@
+"""Faults and hostile clients through real sockets: every failure classified once.
+
+A client that goes away is 499 everywhere and never counts against an
+upstream; an upstream that misbehaves under Buffer is retried or answered 502,
+never 500; everything a request held is given back.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import gevent
+import gevent.event
+import pytest
+import urllib3
+from prometheus_client import CollectorRegistry
+
+from oxypy import (
+    Buffer,
+    CircuitBreaker,
+    ConnLimit,
+    Forward,
+    PrometheusMetrics,
+    RoundRobin,
+    Trace,
+    UpstreamProtocolError,
+)
+from oxypy.cbreaker import State
+from oxypy.connlimit import MemoryConnStore
+
+from _servers import RawUpstream, raw_request
+
+HTTP = urllib3.PoolManager(retries=False, timeout=10)
+MiB = 1 << 20
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        gevent.sleep(0.01)
+
+
+def host_port(url: str) -> tuple[str, int]:
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    return host, int(port)
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the peer gets a TCP reset, not a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+# -- (a) clients that abort their uploads -------------------------------------------
+
+
+def test_aborting_uploaders_never_trip_the_breaker(proxy: Any, pywsgi: Any) -> None:
+    ended = []
+
+    def sink(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        try:
+            environ["wsgi.input"].read()
+        except OSError:
+            pass  # the proxy gave up on the upload: its connection to us closed
+        finally:
+            ended.append(environ["PATH_INFO"])
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    upstream = pywsgi(sink)
+    lines: list[str] = []
+    registry = CollectorRegistry()
+    slots = MemoryConnStore()
+    breaker = CircuitBreaker(Forward(upstream), "NetworkErrorRatio() > 0.5", check_period=0)
+    app = Trace(
+        PrometheusMetrics(ConnLimit(breaker, max_conns=64, store=slots), registry=registry),
+        sink=lines.append,
+    )
+    url = proxy(app)
+    clients = []
+    for _ in range(10):
+        sock = socket.create_connection(host_port(url), timeout=10)
+        sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (10 * MiB))
+        sock.sendall(b"x" * (5 * MiB))
+        clients.append(sock)
+    wait_for(lambda: slots.in_flight("127.0.0.1") == 10)  # all ten reached the chain
+    for sock in clients:
+        reset(sock)
+    wait_for(lambda: len(lines) == 10 and len(slots) == 0)
+    wait_for(lambda: len(ended) == 10)  # every upstream connection was closed too
+
+    for _ in range(5):
+        r = HTTP.request("GET", url + "/healthy")
+        assert (r.status, r.data) == (200, b"ok")
+    assert breaker.state is State.STANDBY
+    assert breaker.metrics.network_error_count() == 0
+    wait_for(lambda: len(lines) == 15)
+    records = [json.loads(line) for line in lines]
+    aborted = [rec for rec in records if rec["url"] == "/up"]
+    assert len(aborted) == 10
+    for rec in aborted:
+        assert rec["status"] == 499, rec
+        assert rec["error"] == "client_disconnected", rec
+        assert [up.get("error") for up in rec["upstream"]] == ["client_disconnected"]
+    assert [rec["status"] for rec in records if rec["url"] == "/healthy"] == [200] * 5
+    assert metric(registry, "oxypy_requests_total", method="POST", code_class="4xx") == 10
+    assert metric(registry, "oxypy_requests_total", method="POST", code_class="5xx") == 0
+    assert metric(registry, "oxypy_requests_total", method="GET", code_class="2xx") == 5
+    assert metric(registry, "oxypy_requests_in_flight") == 0
+    assert len(slots) == 0
+
+
+def test_client_leaving_mid_download_is_499_and_frees_everything(proxy: Any) -> None:
+    sent_head = gevent.event.Event()
+    upstream_closed = gevent.event.Event()
+
+    def trickle(sock: socket.socket, data: bytes) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"a" * 1000)
+        sent_head.set()
+        try:
+            while True:
+                sock.sendall(b"a" * 1000)
+                gevent.sleep(0.01)
+        except OSError:
+            upstream_closed.set()  # the proxy closed its upstream connection
+
+    raw = RawUpstream(trickle)
+    try:
+        lines: list[str] = []
+        slots = MemoryConnStore()
+        breaker = CircuitBreaker(Forward(raw.url), "NetworkErrorRatio() > 0.5", check_period=0)
+        app = Trace(ConnLimit(breaker, max_conns=8, store=slots), sink=lines.append)
+        url = proxy(app)
+        for _ in range(3):
+            sent_head.clear()
+            upstream_closed.clear()
+            sock = socket.create_connection(host_port(url), timeout=10)
+            sock.sendall(b"GET /dl HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
+            reset(sock)
+            assert upstream_closed.wait(10)
+        wait_for(lambda: len(lines) == 3 and len(slots) == 0)
+        for rec in map(json.loads, lines):
+            assert (rec["status"], rec["status_sent"], rec["error"]) == (
+                499,
+                200,
+                "client_disconnected",
+            )
+        assert breaker.metrics.network_error_count() == 0
+        assert breaker.metrics.status_code_counts() == {499: 3}
+    finally:
+        raw.stop()
+
+
+# -- (b) an upstream that cuts its body short, under Buffer --------------------------
+
+
+def short_body(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello")
+
+
+def head_only(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+
+
+def bad_chunks(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    gevent.sleep(0.05)  # let the head be parsed alone: the garbage comes mid-body
+    sock.sendall(b"zz\r\n")
+
+
+def garbage(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(b"\x16\x03\x01 certainly not HTTP\r\n\r\n")
+
+
+@pytest.fixture
+def raw_upstream() -> Iterator[Callable[[Callable[[socket.socket, bytes], None]], RawUpstream]]:
+    started: list[RawUpstream] = []
+
+    def start(handler: Callable[[socket.socket, bytes], None]) -> RawUpstream:
+        server = RawUpstream(handler)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def good_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "4")])
+    return [b"good"]
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        pytest.param(short_body, id="short-body"),
+        pytest.param(head_only, id="head-then-close"),
+        pytest.param(bad_chunks, id="garbage-chunks"),
+        pytest.param(garbage, id="garbage"),
+    ],
+)
+def test_failing_upstream_under_buffer_is_retried_then_502(
+    proxy: Any, raw_upstream: Any, handler: Callable[[socket.socket, bytes], None]
+) -> None:
+    raw = raw_upstream(handler)
+    lines: list[str] = []
+    app = Trace(
+        Buffer(Forward(raw.url), retry="IsNetworkError() && Attempts() < 3"), sink=lines.append
+    )
+    r = HTTP.request("GET", proxy(app) + "/")
+    assert r.status == 502
+    assert r.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert r.data.endswith(b"\n") and len(r.data) < 80 and b"Traceback" not in r.data
+    assert raw.connections == 3
+    wait_for(lambda: len(lines) == 1)
+    rec = json.loads(lines[0])
+    assert rec["status"] == 502 and rec["attempts"] == 3
+    assert all(up["error"].startswith("upstream_") for up in rec["upstream"])
+
+
+CUT = b"upstream closed the connection mid-body\n"
+INVALID = b"invalid response from upstream\n"
+
+
+@pytest.mark.parametrize(
+    ("handler", "answer"),
+    [
+        pytest.param(short_body, CUT, id="short-body"),
+        pytest.param(head_only, CUT, id="head-then-close"),
+        pytest.param(bad_chunks, INVALID, id="garbage-chunks"),
+        pytest.param(garbage, INVALID, id="garbage"),
+    ],
+)
+def test_failing_upstream_without_retry_is_502(
+    proxy: Any,
+    raw_upstream: Any,
+    handler: Callable[[socket.socket, bytes], None],
+    answer: bytes,
+) -> None:
+    raw = raw_upstream(handler)
+    r = HTTP.request("GET", proxy(Buffer(Forward(raw.url))) + "/")
+    assert (r.status, r.data) == (502, answer)
+    assert raw.connections == 1
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        pytest.param(short_body, id="short-body"),
+        pytest.param(head_only, id="head-then-close"),
+        pytest.param(bad_chunks, id="garbage-chunks"),
+        pytest.param(garbage, id="garbage"),
+    ],
+)
+def test_failing_upstream_behind_round_robin_fails_over(
+    proxy: Any, pywsgi: Any, raw_upstream: Any, handler: Callable[[socket.socket, bytes], None]
+) -> None:
+    raw = raw_upstream(handler)
+    good = pywsgi(good_app)
+    app = Buffer(RoundRobin(Forward(), [raw.url, good]), retry="IsNetworkError() && Attempts() < 3")
+    url = proxy(app)
+    for _ in range(4):
+        r = HTTP.request("GET", url + "/")
+        assert (r.status, r.data) == (200, b"good")
+    assert raw.connections >= 2  # the bad one was tried, and failed over each time
+
+
+def test_unbuffered_response_cut_mid_body_aborts_the_client(proxy: Any, raw_upstream: Any) -> None:
+    raw = raw_upstream(short_body)
+    app = Buffer(
+        Forward(raw.url), retry="IsNetworkError() && Attempts() < 3", buffer_response=False
+    )
+    reply = raw_request(proxy(app), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until="close")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 100" in head
+    assert body == b"hello"  # truncated, visibly: never padded to 100 bytes
+    assert raw.connections == 1  # the head went out: no retry
+
+
+def test_unbuffered_response_failing_before_its_first_byte_is_502(
+    proxy: Any, raw_upstream: Any
+) -> None:
+    raw = raw_upstream(head_only)
+    app = Buffer(Forward(raw.url), buffer_response=False)
+    r = HTTP.request("GET", proxy(app) + "/")
+    assert (r.status, r.data) == (502, CUT)
+
+
+def test_body_iterator_failing_under_buffer_is_retried(proxy: Any) -> None:
+    calls = []
+
+    def flaky(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        calls.append(environ["oxypy.attempt"])
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        if len(calls) == 1:
+            yield b"par"
+            raise UpstreamProtocolError("upstream closed the connection mid-body")
+        yield b"whole"
+
+    app = Buffer(flaky, retry="IsNetworkError() && Attempts() < 3")
+    r = HTTP.request("GET", proxy(app) + "/")
+    assert (r.status, r.data) == (200, b"whole")
+    assert calls == [1, 2]
