@@ -44,15 +44,33 @@ class PredicateError(ConfigurationError):
     """A predicate string does not parse or does not type-check.
 
     ``position`` is the 0-based column of the fault in ``expression``; the
-    message ends with the expression and a caret line under that column.
+    message ends with the expression and a caret line under that column (an
+    expression longer than 120 characters is shown as the 120 around the
+    column, cut ends marked ``...``).
     """
 
     def __init__(self, message: str, expression: str, position: int) -> None:
         self.message = message
         self.expression = expression
         self.position = position
-        caret = " " * position + "^"
-        super().__init__(f"{message} at column {position + 1}\n  {expression}\n  {caret}")
+        shown, column = _excerpt(expression, position)
+        caret = " " * column + "^"
+        super().__init__(f"{message} at column {position + 1}\n  {shown}\n  {caret}")
+
+
+def _excerpt(expression: str, position: int, width: int = 120) -> tuple[str, int]:
+    """At most ``width`` characters of ``expression`` around ``position``, and its column there."""
+    if len(expression) <= width:
+        return expression, position
+    start = max(0, min(position - width // 2, len(expression) - width))
+    end = start + width
+    shown = expression[start:end]
+    column = position - start
+    if start > 0:
+        shown, column = "..." + shown, column + 3
+    if end < len(expression):
+        shown += "..."
+    return shown, column
 
 
 class RequestError(OxypyError):

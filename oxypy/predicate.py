@@ -20,18 +20,35 @@ A comparison needs exactly one function call and one literal.  Ints and floats
 compare freely; strings compare only with ``==`` and ``!=``.  A bool-returning
 call may stand alone, be negated or be combined with ``&&``/``||``; any other
 call must be compared.  ``&&`` and ``||`` short-circuit.
+
+Limits, so that no expression can exhaust the stack at construction or at
+request time: at most :data:`MAX_LENGTH` characters, at most :data:`MAX_DEPTH`
+levels of nesting (parentheses, ``!`` and calls as arguments all count), and
+numeric literals of at most :data:`MAX_NUMBER_LENGTH` characters.  A chain of
+``&&`` (or ``||``) compiles into one n-ary node evaluated by a loop, so its
+length costs no stack; the depth of the compiled tree is bounded by the
+nesting limit.  Anything beyond a limit raises :class:`PredicateError` naming
+its column.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .exceptions import ConfigurationError, PredicateError
 
-__all__ = ["Func", "Predicate", "compile_predicate"]
+__all__ = ["MAX_DEPTH", "MAX_LENGTH", "MAX_NUMBER_LENGTH", "Func", "Predicate", "compile_predicate"]
+
+#: Longest accepted expression, in characters.
+MAX_LENGTH = 4096
+#: Deepest accepted nesting of parentheses, ``!`` and calls used as arguments.
+MAX_DEPTH = 64
+#: Longest accepted numeric literal, in characters (sign excluded).
+MAX_NUMBER_LENGTH = 64
 
 _TYPES: tuple[type, ...] = (bool, int, float, str)
 _TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "string"}
@@ -102,9 +119,20 @@ class Predicate:
 
 
 def compile_predicate(expression: str, funcs: Mapping[str, Func]) -> Predicate:
-    """Parse, type-check and compile ``expression``; raise :class:`PredicateError`."""
+    """Parse, type-check and compile ``expression``; raise :class:`PredicateError`.
+
+    :param expression: the source, at most :data:`MAX_LENGTH` characters and
+        :data:`MAX_DEPTH` levels of nesting.
+    :param funcs: the functions the expression may call, by name.
+    """
     if not isinstance(expression, str):
         raise PredicateError(f"expression must be a string, not {type(expression).__name__}", "", 0)
+    if len(expression) > MAX_LENGTH:
+        raise PredicateError(
+            f"expression too long ({len(expression)} characters, at most {MAX_LENGTH})",
+            expression,
+            MAX_LENGTH,
+        )
     parser = _Parser(expression, funcs)
     node = parser.parse()
     return Predicate(expression, node.fn)
@@ -193,8 +221,15 @@ def _number(src: str, start: int) -> _Token:
     text = src[start:i]
     if not text.isascii():
         raise PredicateError("malformed number", src, start)
+    if len(text) > MAX_NUMBER_LENGTH:
+        raise PredicateError(
+            f"number too long ({len(text)} characters, at most {MAX_NUMBER_LENGTH})", src, start
+        )
     if is_float:
-        return _Token("float", text, start, float(text))
+        value = float(text)
+        if math.isinf(value):
+            raise PredicateError("number out of range", src, start)
+        return _Token("float", text, start, value)
     return _Token("int", text, start, int(text, 10))
 
 
@@ -243,6 +278,9 @@ class _Node:
     pos: int
     literal: bool = False
     value: Any = None
+    #: "and"/"or" for an n-ary chain, whose operands are ``children``.
+    kind: str = ""
+    children: tuple[Callable[[Any], Any], ...] = ()
 
 
 class _Parser:
@@ -251,6 +289,7 @@ class _Parser:
         self.funcs = funcs
         self.tokens = _tokenize(src)
         self.i = 0
+        self.depth = 0
 
     # helpers
     def peek(self) -> _Token:
@@ -279,6 +318,15 @@ class _Parser:
             raise self.unexpected(self.peek(), repr(text))
         return self.advance()
 
+    def enter(self, pos: int) -> None:
+        """One more level of nesting starts at ``pos``; refuse beyond MAX_DEPTH."""
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise self.error(f"expression nested too deeply (more than {MAX_DEPTH} levels)", pos)
+
+    def leave(self) -> None:
+        self.depth -= 1
+
     def predicate(self, node: _Node) -> _Node:
         if node.type is not bool:
             kind = "a literal" if node.literal else f"{_article(node.type)} value"
@@ -296,27 +344,34 @@ class _Parser:
         return node
 
     def parse_or(self) -> _Node:
-        left = self.parse_and()
-        while self.at("||"):
-            self.advance()
-            self.predicate(left)
-            right = self.predicate(self.parse_and())
-            left = _Node(bool, _or(left.fn, right.fn), left.pos)
-        return left
+        return self.chain("||", "or", self.parse_and)
 
     def parse_and(self) -> _Node:
-        left = self.parse_unary()
-        while self.at("&&"):
+        return self.chain("&&", "and", self.parse_unary)
+
+    def chain(self, op: str, kind: str, operand: Callable[[], _Node]) -> _Node:
+        """``operand (op operand)*`` as one n-ary node: a loop, not a nest of closures."""
+        first = operand()
+        if not self.at(op):
+            return first
+        fns: list[Callable[[Any], Any]] = []
+        node = first
+        while True:
+            self.predicate(node)
+            fns.extend(node.children if node.kind == kind else (node.fn,))
+            if not self.at(op):
+                break
             self.advance()
-            self.predicate(left)
-            right = self.predicate(self.parse_unary())
-            left = _Node(bool, _and(left.fn, right.fn), left.pos)
-        return left
+            node = operand()
+        combine = _any if kind == "or" else _all
+        return _Node(bool, combine(tuple(fns)), first.pos, kind=kind, children=tuple(fns))
 
     def parse_unary(self) -> _Node:
         if self.at("!"):
             pos = self.advance().pos
+            self.enter(pos)
             inner = self.predicate(self.parse_unary_operand())
+            self.leave()
             return _Node(bool, _not(inner.fn), pos)
         return self.parse_compare()
 
@@ -384,9 +439,11 @@ class _Parser:
         tok = self.peek()
         if tok.kind == "op" and tok.text == "(":
             self.advance()
+            self.enter(tok.pos)
             inner = self.parse_or()
             self.expect(")")
-            return _Node(inner.type, inner.fn, tok.pos, inner.literal, inner.value)
+            self.leave()
+            return replace(inner, pos=tok.pos)
         if tok.kind == "name":
             return self.parse_call()
         if tok.kind in ("int", "float", "str") or self.at("-"):
@@ -438,7 +495,12 @@ class _Parser:
 
     def parse_arg(self, name: str, want: type) -> _Node:
         tok = self.peek()
-        node = self.parse_call() if tok.kind == "name" else self.parse_literal()
+        if tok.kind == "name":
+            self.enter(tok.pos)
+            node = self.parse_call()
+            self.leave()
+        else:
+            node = self.parse_literal()
         got = node.type
         if got is want or (want is float and got is int):
             if node.literal and want is float:
@@ -453,12 +515,34 @@ class _Parser:
         )
 
 
-def _or(lf: Callable[[Any], Any], rf: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    return lambda ctx: lf(ctx) or rf(ctx)
+def _any(fns: tuple[Callable[[Any], Any], ...]) -> Callable[[Any], Any]:
+    """``||`` over ``fns``, left to right, stopping at the first true one."""
+    if len(fns) == 2:
+        lf, rf = fns
+        return lambda ctx: lf(ctx) or rf(ctx)
+
+    def any_(ctx: Any) -> bool:
+        for f in fns:
+            if f(ctx):
+                return True
+        return False
+
+    return any_
 
 
-def _and(lf: Callable[[Any], Any], rf: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    return lambda ctx: lf(ctx) and rf(ctx)
+def _all(fns: tuple[Callable[[Any], Any], ...]) -> Callable[[Any], Any]:
+    """``&&`` over ``fns``, left to right, stopping at the first false one."""
+    if len(fns) == 2:
+        lf, rf = fns
+        return lambda ctx: lf(ctx) and rf(ctx)
+
+    def all_(ctx: Any) -> bool:
+        for f in fns:
+            if not f(ctx):
+                return False
+        return True
+
+    return all_
 
 
 def _not(f: Callable[[Any], Any]) -> Callable[[Any], Any]:

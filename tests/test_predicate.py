@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import pytest
@@ -12,7 +15,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from oxypy import ConfigurationError, PredicateError
-from oxypy.predicate import Func, Predicate, compile_predicate
+from oxypy.predicate import (
+    MAX_DEPTH,
+    MAX_LENGTH,
+    MAX_NUMBER_LENGTH,
+    Func,
+    Predicate,
+    compile_predicate,
+)
 
 
 @dataclass(frozen=True)
@@ -214,7 +224,7 @@ PROP_FUNCS = {
 }
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, derandomize=True)
 @given(
     st.text(
         alphabet=st.one_of(st.sampled_from(list('AFRI()!&|=<>-."`,0123456789 ')), st.characters())
@@ -229,7 +239,7 @@ def test_random_text_only_raises_predicate_error(text: str) -> None:
     assert isinstance(pred(Ctx()), bool)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(
     st.lists(
         st.sampled_from(
@@ -388,10 +398,227 @@ CONTEXTS = st.builds(
 )
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=400,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(trees(), st.lists(CONTEXTS, min_size=1, max_size=8))
 def test_valid_trees_evaluate_like_reference(tree: tuple[str, Any, int], ctxs: list[Ctx]) -> None:
     text, ref, _ = tree
     pred = compile_predicate(text, PROP_FUNCS)
     for ctx in ctxs:
         assert pred(ctx) is reference(ref, ctx), (text, ctx)
+
+
+# ----------------------------------------------------------------- limits (fuzzing findings)
+
+
+def _stack_depth() -> int:
+    depth = 0
+    frame: FrameType | None = sys._getframe()
+    while frame is not None:
+        depth, frame = depth + 1, frame.f_back
+    return depth
+
+
+def _depth_probe(depths: list[int], value: bool = True) -> Func:
+    """A bool function recording the stack depth it is called at."""
+
+    def impl(ctx: object) -> bool:
+        depths.append(_stack_depth())
+        return value
+
+    return Func(impl, returns=bool)
+
+
+PAREN_198 = "(" * 198 + "IsNetworkError()" + ")" * 198
+NOT_495 = "!" * 495 + "IsNetworkError()"
+INT_4301 = "Attempts() < " + "9" * 4301
+AND_995 = " && ".join(["IsNetworkError()"] * 995)
+
+
+@pytest.mark.parametrize(
+    ("expression", "column", "fragment"),
+    [
+        pytest.param(PAREN_198, MAX_DEPTH, "nested too deeply", id="198-parens"),
+        pytest.param(NOT_495, MAX_DEPTH, "nested too deeply", id="495-nots"),
+        pytest.param(INT_4301, MAX_LENGTH, "expression too long", id="4301-digit-int"),
+        pytest.param(AND_995, MAX_LENGTH, "expression too long", id="995-ands"),
+        pytest.param(
+            "(" * MAX_DEPTH + "!(Attempts() < 2)" + ")" * MAX_DEPTH,
+            MAX_DEPTH,
+            "nested too deeply",
+            id="parens-then-not",
+        ),
+        pytest.param(
+            "!(" * (MAX_DEPTH // 2) + "!IsNetworkError()" + ")" * (MAX_DEPTH // 2),
+            MAX_DEPTH,
+            "nested too deeply",
+            id="not-paren-alternating",
+        ),
+        pytest.param(
+            "Attempts() < " + "9" * (MAX_NUMBER_LENGTH + 1),
+            13,
+            "number too long",
+            id="65-digit-int",
+        ),
+        pytest.param(
+            "Ratio() < 1." + "5" * MAX_NUMBER_LENGTH, 10, "number too long", id="long-float"
+        ),
+        pytest.param("Ratio() < 1e400", 10, "number out of range", id="float-overflow"),
+        pytest.param("Ratio() > -1e309", 11, "number out of range", id="float-overflow-neg"),
+        pytest.param(" " * (MAX_LENGTH + 1), MAX_LENGTH, "too long", id="long-blank"),
+    ],
+)
+def test_oversized_expressions_raise_predicate_error(
+    expression: str, column: int, fragment: str
+) -> None:
+    with pytest.raises(PredicateError) as info:
+        compile_predicate(expression, {**FUNCS, **PROP_FUNCS})
+    err = info.value
+    assert fragment in err.message, err.message
+    assert err.position == column
+    assert err.expression == expression
+    assert str(err).startswith(f"{err.message} at column {column + 1}\n")
+
+
+def test_limits_are_inclusive() -> None:
+    funcs = {**FUNCS, **PROP_FUNCS}
+    deep = compile_predicate("(" * MAX_DEPTH + "IsNetworkError()" + ")" * MAX_DEPTH, funcs)
+    assert deep(Ctx()) is True
+    nots = compile_predicate("!" * MAX_DEPTH + "IsNetworkError()", funcs)
+    assert nots(Ctx()) is True  # an even number of negations
+    digits = "1" + "0" * (MAX_NUMBER_LENGTH - 1)
+    assert compile_predicate(f"Attempts() < {digits}", funcs)(Ctx()) is True
+    chain = " || ".join(["Flag()"] * ((MAX_LENGTH - 16) // 10)) + " || IsNetworkError()"
+    assert len(chain) <= MAX_LENGTH
+    assert compile_predicate(chain, funcs)(Ctx()) is True
+    assert compile_predicate("Ratio() < 1e308", funcs)(Ctx()) is True
+
+
+def test_nested_calls_as_arguments_count_toward_depth() -> None:
+    funcs = {
+        "Double": Func(lambda c, x: x * 2, args=(int,), returns=int),
+        "N": Func(lambda c: c, returns=int),
+    }
+    ok = "Double(" * MAX_DEPTH + "N()" + ")" * MAX_DEPTH + " > 0"
+    assert compile_predicate(ok, funcs)(1) is True
+    too_deep = "Double(" * (MAX_DEPTH + 1) + "N()" + ")" * (MAX_DEPTH + 1) + " > 0"
+    with pytest.raises(PredicateError) as info:
+        compile_predicate(too_deep, funcs)
+    assert "nested too deeply" in info.value.message
+    # The outermost call is level 0; N() is the 65th call nested as an argument.
+    assert info.value.position == len("Double(") * (MAX_DEPTH + 1)
+
+
+@pytest.mark.parametrize("op", ["&&", "||"])
+def test_long_chains_evaluate_in_a_loop_with_short_circuit(op: str) -> None:
+    # The longest chain that fits in MAX_LENGTH: 819 clauses of "A()&&".
+    depths: list[int] = []
+    last = op == "&&"  # all but the last clause let the chain continue
+    n = (MAX_LENGTH + 2) // 5
+    funcs = {"A": _depth_probe(depths, value=last), "B": _depth_probe(depths, value=not last)}
+    expression = op.join(["A()"] * (n - 1) + ["B()"])
+    assert len(expression) <= MAX_LENGTH
+    pred = compile_predicate(expression, funcs)
+    base = _stack_depth()
+    assert pred(None) is (not last)
+    assert len(depths) == n  # every clause ran once, in order, up to the deciding one
+    assert max(depths) - base <= 4, (max(depths), base)
+    # Short circuit: a deciding first clause stops the chain.
+    depths.clear()
+    stop = op.join(["B()"] + ["A()"] * 3)
+    assert compile_predicate(stop, funcs)(None) is (not last)
+    assert len(depths) == 1
+
+
+def test_evaluation_depth_is_bounded_by_nesting() -> None:
+    depths: list[int] = []
+    funcs = {"A": _depth_probe(depths), "Z": _depth_probe(depths, value=False)}
+    # Maximal nesting, with a chain at every level: (Z() || (Z() || (... A())))
+    expression = "(Z() || " * MAX_DEPTH + "A()" + ")" * MAX_DEPTH
+    pred = compile_predicate(expression, funcs)
+    base = _stack_depth()
+    assert pred(None) is True
+    assert len(depths) == MAX_DEPTH + 1
+    assert max(depths) - base <= 2 * MAX_DEPTH + 4
+
+
+# Random text built to reach the limits: deep nesting, long chains, huge numbers, unicode.
+ATOMS = st.sampled_from(
+    [
+        "IsNetworkError()",
+        "Attempts() < 3",
+        "ResponseCode() == 502",
+        'RequestMethod() == "GET"',
+        "NetworkErrorRatio() > 0.5",
+        "LatencyAtQuantileMS(50.0) > 10",
+        "ResponseCodeRatio(500, 600, 0, 600) > 0.5",
+        "Attempts()",
+        "1",
+        "",
+    ]
+)
+NUMBER: st.SearchStrategy[str] = st.builds(
+    lambda sign, digits, frac, exp: sign + digits + frac + exp,
+    st.sampled_from(["", "-", "--"]),
+    st.integers(1, 5000).map(lambda n: "9" * n),
+    st.sampled_from(["", ".", ".5", "." + "1" * 80]),
+    st.sampled_from(["", "e10", "e400", "e-400", "e99999", "E+"]),
+)
+
+
+@st.composite
+def hostile(draw: st.DrawFn) -> str:
+    kind = draw(st.sampled_from(["parens", "nots", "chain", "number", "calls", "unicode", "mix"]))
+    atom = draw(ATOMS)
+    n = draw(st.one_of(st.integers(0, 80), st.integers(0, 1500)))
+    if kind == "parens":
+        close = draw(st.integers(0, n + 1))
+        return "(" * n + atom + ")" * close
+    if kind == "nots":
+        return draw(st.sampled_from(["!", "! ", "!("])) * n + atom
+    if kind == "chain":
+        op = draw(st.sampled_from([" && ", " || ", "&&", "||", " && !"]))
+        return op.join([atom] * n)
+    if kind == "number":
+        call = draw(st.sampled_from(["Attempts()", "NetworkErrorRatio()"]))
+        op = draw(st.sampled_from(["<", "==", ">="]))
+        number: str = draw(NUMBER)
+        return f"{call} {op} {number}"
+    if kind == "calls":
+        return "LatencyAtQuantileMS(" * n + "Attempts()" + ")" * n + " > 1"
+    if kind == "unicode":
+        return draw(st.text(min_size=0, max_size=200))
+    parts = draw(
+        st.lists(
+            st.one_of(ATOMS, st.sampled_from(["(", ")", "!", "&&", "||"]), st.text(max_size=3)),
+            max_size=60,
+        )
+    )
+    text: str = " ".join(parts) * draw(st.integers(1, 100))
+    return text
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(hostile())
+def test_fuzz_hostile_text_compiles_or_raises_predicate_error(text: str) -> None:
+    started = time.monotonic()
+    try:
+        pred = compile_predicate(text, FUNCS)
+    except PredicateError as exc:
+        assert 0 <= exc.position <= len(text)
+        assert exc.expression == text
+        assert len(str(exc).splitlines()[1]) <= 130  # a long expression is shown in part
+    else:
+        assert len(text) <= MAX_LENGTH
+        for ctx in (Ctx(), Ctx(attempt=5, status=200, network_error=False, ratio=0.9)):
+            assert isinstance(pred(ctx), bool)
+    assert time.monotonic() - started < 1.0
