@@ -4,7 +4,13 @@
 Buffer → balancer → Forward from flags and serves it; ``oxypy serve
 module:app`` serves any WSGI application on the embedded server; ``oxypy
 demo`` runs two local upstreams (one flaky) behind the full chain.  Bad
-flags, URLs or predicates exit with status 2 and a message naming the flag.
+flags, URLs or predicates exit with status 2 and a message naming the flag,
+never a traceback.
+
+The command shows the toolkit's warnings (upstream failures answered 502/504,
+a Redis store failing open, a breaker tripping) on stderr, one line each:
+unless logging was configured already, it gives the ``oxypy`` logger a stderr
+handler at WARNING.  The library itself configures no logging.
 
 The process cooperates with gevent: :func:`main` monkey-patches it before
 anything opens a socket.  When ``ssl`` was already imported unpatched (the
@@ -16,17 +22,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
+import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from ._cli.chain import FlagError, argtype, parse_listen_flag, parse_rate, parse_upstream
+from .exceptions import ConfigurationError
 
 __all__ = ["main", "make_parser"]
 
 PROG = "oxypy"
 _REEXEC_ENV = "OXYPY_CLI_PATCHED"
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _BOOT = (
     "from gevent import monkey; monkey.patch_all()\n"
     "import sys\n"
@@ -131,7 +142,7 @@ def _chain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--breaker", metavar="EXPR", help="CircuitBreaker trigger predicate")
     p.add_argument(
         "--breaker-duration",
-        type=float,
+        type=_duration,
         metavar="SECONDS",
         help="seconds the breaker stays open and ramps back (default 10)",
     )
@@ -190,6 +201,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _duration(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def _non_negative(text: str) -> int:
     try:
         value = int(text)
@@ -221,7 +242,8 @@ def load_app(target: str) -> Any:
     call = attr.endswith("()")
     if call:
         attr = attr[:-2]
-    if not module_name or not attr.replace(".", "").replace("_", "").isalnum():
+    names_ok = all(part.isidentifier() for part in module_name.split("."))
+    if not names_ok or not all(part.isidentifier() for part in attr.split(".")):
         raise FlagError("APP", f"expected module:attribute or module:factory(), got {target!r}")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -235,6 +257,14 @@ def load_app(target: str) -> Any:
         except AttributeError:
             raise FlagError("APP", f"module {module_name!r} has no attribute {attr!r}") from None
     if call:
+        if not callable(obj):
+            raise FlagError("APP", f"{module_name}:{attr} is not callable")
+        try:
+            inspect.signature(obj).bind()
+        except TypeError as exc:
+            raise FlagError("APP", f"{module_name}:{attr}() cannot be called: {exc}") from None
+        except ValueError:
+            pass  # no signature to check (some builtins): call it and see
         obj = obj()
     if not callable(obj):
         raise FlagError("APP", f"{target!r} is not a WSGI application (not callable)")
@@ -248,6 +278,21 @@ def _serve(app: Any, args: argparse.Namespace, banner: str) -> None:
     print(f"oxypy: {banner} on {server.url} (Ctrl-C to stop)", flush=True)
     server.serve_forever()
     print("oxypy: stopped", flush=True)
+
+
+def _show_warnings() -> None:
+    """Give the ``oxypy`` logger a one-line stderr handler unless logging is configured."""
+    package = logging.getLogger("oxypy")
+    configured = logging.getLogger().handlers or any(
+        not isinstance(h, logging.NullHandler) for h in package.handlers
+    )
+    if configured:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    package.addHandler(handler)
+    if package.level == logging.NOTSET:
+        package.setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -266,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "proxy":
             from ._cli.chain import build_proxy
 
+            _show_warnings()
             proxy = build_proxy(args)
             try:
                 _serve(proxy.app, args, f"proxying to {', '.join(args.upstreams)}")
@@ -273,6 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 proxy.close()
         elif args.command == "serve":
             app = load_app(args.target)
+            _show_warnings()  # after the app's import, which may configure logging itself
             try:
                 _serve(app, args, f"serving {args.target}")
             finally:
@@ -282,9 +329,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from ._cli.demo import run_demo
 
+            _show_warnings()
             run_demo(args)
     except FlagError as exc:
         subparsers[args.command].error(str(exc))  # exits with status 2
+    except ConfigurationError as exc:  # a value no flag check caught: still no traceback
+        subparsers[args.command].error(str(exc))
     except OSError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

@@ -69,6 +69,8 @@ def parse_rate(text: str) -> tuple[float, float, int | None]:
         raise ValueError(f"unknown unit {unit!r} in {text!r} (use s, m or h)")
     if average <= 0:
         raise ValueError(f"the rate must be above 0, got {text!r}")
+    if average == float("inf"):
+        raise ValueError(f"the rate is too large: {text!r}")
     burst = int(m.group(3)) if m.group(3) is not None else None
     if burst is not None and burst < 1:
         raise ValueError(f"the burst must be at least 1, got {text!r}")
