@@ -22,9 +22,9 @@ call may stand alone, be negated or be combined with ``&&``/``||``; any other
 call must be compared.  ``&&`` and ``||`` short-circuit.
 
 Limits, so that no expression can exhaust the stack at construction or at
-request time: at most :data:`MAX_LENGTH` characters, at most :data:`MAX_DEPTH`
-levels of nesting (parentheses, ``!`` and calls as arguments all count), and
-numeric literals of at most :data:`MAX_NUMBER_LENGTH` characters.  A chain of
+request time: at most 4096 characters (``MAX_LENGTH``), at most 64 levels of
+nesting (``MAX_DEPTH``: parentheses, ``!`` and calls as arguments all count),
+and numeric literals of at most 64 characters (``MAX_NUMBER_LENGTH``).  A chain of
 ``&&`` (or ``||``) compiles into one n-ary node evaluated by a loop, so its
 length costs no stack; the depth of the compiled tree is bounded by the
 nesting limit.  Anything beyond a limit raises :class:`PredicateError` naming
@@ -41,7 +41,7 @@ from typing import Any
 
 from .exceptions import ConfigurationError, PredicateError
 
-__all__ = ["MAX_DEPTH", "MAX_LENGTH", "MAX_NUMBER_LENGTH", "Func", "Predicate", "compile_predicate"]
+__all__ = ["Func", "Predicate", "compile_predicate"]
 
 #: Longest accepted expression, in characters.
 MAX_LENGTH = 4096
@@ -121,8 +121,8 @@ class Predicate:
 def compile_predicate(expression: str, funcs: Mapping[str, Func]) -> Predicate:
     """Parse, type-check and compile ``expression``; raise :class:`PredicateError`.
 
-    :param expression: the source, at most :data:`MAX_LENGTH` characters and
-        :data:`MAX_DEPTH` levels of nesting.
+    :param expression: the source, at most ``MAX_LENGTH`` characters and
+        ``MAX_DEPTH`` levels of nesting.
     :param funcs: the functions the expression may call, by name.
     """
     if not isinstance(expression, str):
