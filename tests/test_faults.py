@@ -25,6 +25,7 @@ from oxypy import (
     CircuitBreaker,
     ConnLimit,
     Forward,
+    OutlierDetection,
     PrometheusMetrics,
     RoundRobin,
     Trace,
@@ -66,9 +67,10 @@ def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 
 def test_aborting_uploaders_never_trip_the_breaker(proxy: Any, pywsgi: Any) -> None:
-    ended = []
+    started, ended = [], []
 
     def sink(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        started.append(environ["PATH_INFO"])
         try:
             environ["wsgi.input"].read()
         except OSError:
@@ -94,7 +96,8 @@ def test_aborting_uploaders_never_trip_the_breaker(proxy: Any, pywsgi: Any) -> N
         sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (10 * MiB))
         sock.sendall(b"x" * (5 * MiB))
         clients.append(sock)
-    wait_for(lambda: slots.in_flight("127.0.0.1") == 10)  # all ten reached the chain
+    # all ten reached the chain, and their uploads the upstream
+    wait_for(lambda: slots.in_flight("127.0.0.1") == 10 and len(started) == 10)
     for sock in clients:
         reset(sock)
     wait_for(lambda: len(lines) == 10 and len(slots) == 0)
@@ -313,3 +316,82 @@ def test_body_iterator_failing_under_buffer_is_retried(proxy: Any) -> None:
     r = HTTP.request("GET", proxy(app) + "/")
     assert (r.status, r.data) == (200, b"whole")
     assert calls == [1, 2]
+
+
+# -- client aborts never count against an upstream: outlier detection, retries ------
+
+
+def _abort_uploads(
+    url: str, count: int, in_flight: Callable[[], int], arrived: Callable[[], int]
+) -> None:
+    """``count`` clients send half of a 1 MiB upload; once all reached the upstream, reset."""
+    clients = []
+    for _ in range(count):
+        sock = socket.create_connection(host_port(url), timeout=10)
+        sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % MiB)
+        sock.sendall(b"x" * (MiB // 2))
+        clients.append(sock)
+    wait_for(lambda: in_flight() == count and arrived() == count)
+    for sock in clients:
+        reset(sock)
+    wait_for(lambda: in_flight() == 0)
+
+
+def reading_app(arrived: list[str]) -> Callable[..., list[bytes]]:
+    """An upstream that reads the whole upload; ``arrived`` records each request."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        arrived.append(environ["REQUEST_METHOD"])
+        try:
+            environ["wsgi.input"].read()
+        except OSError:
+            pass
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+        return [b"ok"]
+
+    return app
+
+
+def test_outlier_detection_ignores_aborting_clients(proxy: Any, pywsgi: Any) -> None:
+    events: list[tuple[str, str]] = []
+    arrived: list[str] = []
+    first, second = pywsgi(reading_app(arrived)), pywsgi(reading_app(arrived))
+    slots = MemoryConnStore()
+    lb = RoundRobin(
+        Forward(),
+        [first, second],
+        outlier_detection=OutlierDetection(consecutive_errors=2),
+        on_change=lambda url, event: events.append((url, event)),
+    )
+    url = proxy(ConnLimit(lb, max_conns=64, store=slots))
+    _abort_uploads(url, 6, lambda: slots.in_flight("127.0.0.1"), lambda: len(arrived))
+    assert [e for e in events if e[1] == "ejected"] == []
+    for _ in range(4):
+        assert HTTP.request("GET", url + "/").status == 200
+
+    # The same detector does eject a server that really fails.
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    dead.close()
+    lb.upsert_server(dead_url)
+    for _ in range(6):
+        HTTP.request("GET", url + "/")
+    assert (dead_url, "ejected") in events
+    assert [e for e in events if e[1] == "ejected"] == [(dead_url, "ejected")]
+
+
+def test_buffer_never_retries_for_a_client_that_left(proxy: Any, pywsgi: Any) -> None:
+    seen: list[str] = []
+    upstream = pywsgi(reading_app(seen))
+    slots = MemoryConnStore()
+    app = ConnLimit(
+        Buffer(Forward(upstream), retry="Attempts() < 5", buffer_request=False),
+        max_conns=64,
+        store=slots,
+    )
+    url = proxy(app)
+    _abort_uploads(url, 3, lambda: slots.in_flight("127.0.0.1"), lambda: len(seen))
+    wait_for(lambda: len(slots) == 0)
+    assert len(seen) == 3  # one upstream request each: never sent again
+    assert HTTP.request("GET", url + "/").status == 200
