@@ -26,7 +26,7 @@ from ._core.exchange import Exchange, exchange_log
 from ._core.iterables import ClosingIterable
 from ._core.observe import client_probe, client_went_away
 from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
-from .errors import ErrorHandler, default_error_handler, respond_error
+from .errors import ErrorHandler, default_error_handler, relay_or_answer, respond_error
 from .exceptions import (
     BodyTooLarge,
     ClientDisconnected,
@@ -331,12 +331,14 @@ class Buffer:
             iterator = iter(result)
             for chunk in iterator:
                 if capture.passthrough is not None:
-                    return Final(self._stream(store, [chunk], iterator, result))
+                    return Final(
+                        self._stream(store, [chunk], iterator, result, env, start_response)
+                    )
                 if chunk and capture.status is None:
                     raise NoResponse()
                 store.write(chunk)
             if capture.passthrough is not None:
-                return Final(self._stream(store, [], iterator, result))
+                return Final(self._stream(store, [], iterator, result, env, start_response))
             if capture.status is None:
                 raise NoResponse()
         except Overflow:
@@ -353,9 +355,14 @@ class Buffer:
         except BaseException as exc:
             close_iterable(result)
             store.close()
-            failed = _failed(exc, env, restart=capture.passthrough is not None)
+            passed_through = capture.passthrough is not None
+            failed = _failed(exc, env, restart=passed_through)
             if failed is None:
                 raise  # a bug in the wrapped app: the server answers 500
+            if passed_through:
+                # The stream's head already went to the server (not sent yet):
+                # answer in its place; no retry can start the response again.
+                return Final(failed.send(env, start_response, self.error_handler))
             return failed
         close_iterable(result)
         return Captured(capture, store)
@@ -366,8 +373,14 @@ class Buffer:
         first: list[bytes],
         iterator: Iterator[bytes],
         result: Iterable[bytes],
+        env: WSGIEnvironment,
+        start_response: StartResponse,
     ) -> Iterable[bytes]:
-        """Pass the rest of an SSE/upgrade response through untouched."""
+        """Pass the rest of an SSE/upgrade response through untouched.
+
+        An upstream failing before the stream's first byte is answered 502/504;
+        after it the client connection is cut (never padded).
+        """
         pending = list(store.chunks()) + first
         store.close()
 
@@ -375,7 +388,8 @@ class Buffer:
             yield from pending
             yield from iterator
 
-        return ClosingIterable(gen(), lambda: close_iterable(result))
+        body = relay_or_answer(gen(), self.error_handler, env, start_response)
+        return ClosingIterable(body, lambda: close_iterable(result))
 
     def _head_only(
         self, env: WSGIEnvironment, start_response: StartResponse

@@ -395,3 +395,32 @@ def test_buffer_never_retries_for_a_client_that_left(proxy: Any, pywsgi: Any) ->
     wait_for(lambda: len(slots) == 0)
     assert len(seen) == 3  # one upstream request each: never sent again
     assert HTTP.request("GET", url + "/").status == 200
+
+
+def test_event_stream_failing_before_its_first_byte_is_502(proxy: Any, raw_upstream: Any) -> None:
+    def sse_dies(sock: socket.socket, data: bytes) -> None:
+        sock.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+
+    raw = raw_upstream(sse_dies)
+    app = Buffer(Forward(raw.url), retry="IsNetworkError() && Attempts() < 3")
+    r = HTTP.request("GET", proxy(app) + "/")
+    assert (r.status, r.data) == (502, CUT)
+    assert raw.connections == 1  # the stream's head was handed on: never retried
+
+
+def test_event_stream_failing_mid_stream_aborts_the_client(proxy: Any, raw_upstream: Any) -> None:
+    def sse_event_then_dies(sock: socket.socket, data: bytes) -> None:
+        sock.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n9\r\ndata: hi\n\r\n"
+        )
+
+    raw = raw_upstream(sse_event_then_dies)
+    app = Buffer(Forward(raw.url), retry="IsNetworkError() && Attempts() < 3")
+    reply = raw_request(proxy(app), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until="close")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"chunked" in head.lower()
+    assert body == b"9\r\ndata: hi\n\r\n"  # no terminating chunk: visibly cut
