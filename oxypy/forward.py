@@ -25,7 +25,7 @@ from ._core.exchange import Exchange, exchange_log
 from ._core.headers import HOP_BY_HOP, connection_tokens
 from ._core.net import TrustedProxies
 from ._core.types import StartResponse, WSGIEnvironment
-from .errors import ErrorHandler, default_error_handler, respond_error
+from .errors import ErrorHandler, default_error_handler, respond_error, restarting
 from .exceptions import (
     ClientDisconnected,
     ConfigurationError,
@@ -122,8 +122,10 @@ class Forward:
     Errors (plain-text bodies through ``error_handler``): ambiguous framing
     400, no target 500, refused/reset/unreachable/invalid upstream 502, upstream
     timeout 504, client gone 499 (logged; nobody is left to read it).  An
-    upstream that dies mid-body aborts the client connection: the response is
-    visibly truncated, never completed with fake bytes.
+    upstream that fails before its first body byte is answered 502/504 in
+    place of its head (not sent yet); one that dies later in the body aborts
+    the client connection: the response is visibly truncated, never
+    completed with fake bytes.
 
     :param target: fixed upstream base URL (positional).
     :param pool: a ``urllib3.PoolManager`` to draw connections from; by default
@@ -343,7 +345,7 @@ class Forward:
         except BaseException:
             resp.close()
             raise
-        return _ResponseBody(resp, record, environ)
+        return _ResponseBody(resp, record, environ, self.error_handler, start_response)
 
 
 def _closed(pool: Any) -> bool:
@@ -388,26 +390,46 @@ def _encode_head(method: str, path: str, headers: list[tuple[str, str]]) -> byte
 
 
 class _ResponseBody:
-    """The relayed body: yields upstream chunks; ``close()`` settles the exchange once."""
+    """The relayed body: yields upstream chunks; ``close()`` settles the exchange once.
 
-    __slots__ = ("resp", "record", "environ", "_closed")
+    An upstream failing before its first body byte is answered through the
+    error handler (the head was not sent yet: 502/504 replaces it, never the
+    server's 500); after that the error propagates and the server cuts the
+    client connection.
+    """
 
-    def __init__(self, resp: UpstreamResponse, record: Exchange, environ: WSGIEnvironment):
+    __slots__ = ("resp", "record", "environ", "handler", "start_response", "_closed")
+
+    def __init__(
+        self,
+        resp: UpstreamResponse,
+        record: Exchange,
+        environ: WSGIEnvironment,
+        handler: ErrorHandler,
+        start_response: StartResponse,
+    ):
         self.resp = resp
         self.record = record
         self.environ = environ
+        self.handler = handler
+        self.start_response = start_response
         self._closed = False
 
     def __iter__(self) -> Iterator[bytes]:
+        record = self.record
         try:
             for chunk in self.resp:
-                self.record.bytes_received += len(chunk)
+                record.bytes_received += len(chunk)
                 yield chunk
         except RequestError as exc:
-            exc.target = exc.target or self.record.target
-            self.record.error = exc
+            exc.target = exc.target or record.target
+            record.error = exc
+            if record.bytes_received == 0:
+                start = restarting(self.start_response, exc)
+                yield from respond_error(self.handler, self.environ, start, exc)
+                return
             self.environ[keys.ERROR] = exc
-            log.warning("aborting response from %s: %s", self.record.target, exc.reason)
+            log.warning("aborting response from %s: %s", record.target, exc.reason)
             raise
 
     def close(self) -> None:

@@ -424,3 +424,21 @@ def test_event_stream_failing_mid_stream_aborts_the_client(proxy: Any, raw_upstr
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and b"chunked" in head.lower()
     assert body == b"9\r\ndata: hi\n\r\n"  # no terminating chunk: visibly cut
+
+
+def test_forward_alone_answers_a_failure_before_the_first_byte(
+    proxy: Any, raw_upstream: Any
+) -> None:
+    lines: list[str] = []
+    url = proxy(Trace(Forward(raw_upstream(head_only).url), sink=lines.append))
+    r = HTTP.request("GET", url + "/")
+    assert (r.status, r.data) == (502, CUT)  # not the server's 500
+    wait_for(lambda: len(lines) == 1)
+    rec = json.loads(lines[0])
+    assert (rec["status"], rec["error"]) == (502, "upstream_protocol_error")
+
+    # After the first byte: the client connection is cut, never padded.
+    url = proxy(Forward(raw_upstream(short_body).url))
+    reply = raw_request(url, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until="close")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and body == b"hello"

@@ -174,6 +174,11 @@ class Captured:
             except BaseException:
                 self.discard()
                 raise
+            # From now on the attempt talks to the server: a later
+            # start_response (with exc_info, an app answering an error in place
+            # of a head not sent yet) goes straight through.
+            capture.passthrough = write
+            capture._start = start_response
             started = store.size > 0
             store.close()
 
