@@ -12,16 +12,16 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
-from ._balance.pool import Balancer, OnChange, ServerSpec, ServerState
+from ._balance.address import ServerSpec
+from ._balance.balancer import Balancer
+from ._balance.pool import OnChange
+from ._balance.state import ServerState
 from ._core.types import Clock, Skip, WSGIApplication
 from .errors import ErrorHandler, default_error_handler
 from .exceptions import ConfigurationError
-
-if TYPE_CHECKING:
-    from .health import HealthCheck, OutlierDetection
-    from .sticky import StickySession
+from .health import HealthCheck, OutlierDetection
+from .sticky import StickySession
 
 __all__ = ["LeastRequest"]
 
@@ -86,12 +86,7 @@ class LeastRequest(Balancer):
 
     def in_flight(self, url: str) -> int | None:
         """Requests in flight to ``url`` now, or None when it is not in the pool."""
-        from ._balance.pool import parse_server
-
-        _, identity = parse_server(url)
-        with self._pool.lock:
-            found = self._pool.by_identity.get(identity)
-            return None if found is None else found.in_flight
+        return self.pool.in_flight(url)
 
     def _choose(self, candidates: list[ServerState]) -> ServerState:
         # Draw without replacement (with replacement, two servers would be

@@ -18,15 +18,17 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Protocol
 
-from ._balance.pool import Balancer, parse_server
+from ._balance.address import parse_server
+from ._balance.balancer import Balancer
 from ._core.exchange import Mark, mark, upstream_verdict
 from ._core.iterables import ClosingIterable
 from ._core.types import Clock, Skip, StartResponse, WSGIEnvironment
-from .errors import ErrorHandler, default_error_handler
+from .errors import ErrorHandler
 from .exceptions import ConfigurationError
 from .rolling import RatioCounter
 
@@ -123,7 +125,8 @@ class Rebalancer:
     :param meter: ``fn(url) -> Meter`` making a server's meter; default
         :class:`CodeMeter` on ``clock``.
     :param clock: monotonic seconds, for the backoff and the default meters.
-    :param error_handler: kept for symmetry; errors are answered by the inner balancer.
+    :param error_handler: deprecated and ignored (it never did anything: errors
+        are answered by the inner balancer); passing it warns.
     :param skip: ``fn(environ) -> bool``; True passes the request to the
         inner balancer without metering it.
 
@@ -143,9 +146,16 @@ class Rebalancer:
         backoff: float = 10.0,
         meter: Callable[[str], Meter] | None = None,
         clock: Clock = time.monotonic,
-        error_handler: ErrorHandler = default_error_handler,
+        error_handler: ErrorHandler | None = None,
         skip: Skip | None = None,
     ) -> None:
+        if error_handler is not None:
+            warnings.warn(
+                "Rebalancer(error_handler=) does nothing and will be removed: errors are "
+                "answered by the inner balancer's error_handler",
+                DeprecationWarning,
+                stacklevel=2,
+            )
         if not isinstance(round_robin, Balancer):
             raise ConfigurationError("Rebalancer wraps an oxypy balancer (e.g. RoundRobin)")
         if (
@@ -158,7 +168,6 @@ class Rebalancer:
         self.balancer = round_robin
         self.backoff = float(backoff)
         self.clock = clock
-        self.error_handler = error_handler
         self.skip = skip
         self._make_meter: Callable[[str], Meter] = meter or (lambda _url: CodeMeter(clock))
         self._lock = threading.Lock()
@@ -200,12 +209,10 @@ class Rebalancer:
     # -- internals (lock held) ---------------------------------------------------
     def _sync(self) -> None:
         """Follow the inner pool: new servers, removed ones, weights set directly."""
-        pool = self.balancer._pool
+        pool = self.balancer.pool
         if pool.version == self._seen_version:
             return
-        with pool.lock:
-            current = [(s.identity, s.url, s.weight) for s in pool.order]
-            version = pool.version
+        version, current = pool.members()
         records: dict[str, _Record] = {}
         changed = False
         for identity, url, weight in current:
@@ -230,12 +237,10 @@ class Rebalancer:
         self._timer = self.clock() - 1.0
 
     def _apply(self) -> None:
-        balancer = self.balancer
+        pool = self.balancer.pool
         for identity, record in self._records.items():
-            if balancer._pool.by_identity.get(identity) is not None:
-                if balancer.server_weight(record.url) != record.cur:
-                    balancer.upsert_server(record.url, record.cur)
-        self._seen_version = balancer._pool.version
+            pool.reweight(identity, record.cur)  # a server removed meanwhile stays removed
+        self._seen_version = pool.version
 
     def _adjust(self, now: float) -> None:
         """oxy's ``adjustWeights``: grow the good, or converge back."""

@@ -4,22 +4,22 @@ The pick is nginx's smooth weighted round robin: every server's running
 weight grows by its weight, the largest wins and gives back the total, so
 weights a=3, b=1 give ``a, a, b, a``, never ``a, a, a, b`` (oxy's interleaved
 WRR bunches picks).  Sticky sessions, health checks and outlier ejection are
-shared with the other balancers (see :mod:`oxypy._balancer`).
+shared with the other balancers (see :mod:`oxypy._balance`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
-from ._balance.pool import Balancer, OnChange, ServerSpec, ServerState
+from ._balance.address import ServerSpec
+from ._balance.balancer import Balancer
+from ._balance.pool import OnChange
+from ._balance.state import ServerState
 from ._core.types import Clock, Skip, WSGIApplication
 from .errors import ErrorHandler, default_error_handler
-
-if TYPE_CHECKING:
-    from .health import HealthCheck, OutlierDetection
-    from .sticky import StickySession
+from .health import HealthCheck, OutlierDetection
+from .sticky import StickySession
 
 __all__ = ["RoundRobin"]
 

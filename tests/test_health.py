@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import gevent
+import gevent.event
 import pytest
 import urllib3
 from gevent.pywsgi import WSGIServer
@@ -15,7 +17,10 @@ from werkzeug.middleware.lint import LintMiddleware
 from werkzeug.test import EnvironBuilder
 
 from oxypy import environ as keys
-from oxypy._balance.pool import ServerState
+from oxypy._balance.health import count_probe
+from oxypy._balance.outlier import count_result, expire_ejections
+from oxypy._balance.state import Input, ServerState, State, transition
+from oxypy._core.iterables import ClosingIterable
 from oxypy.exceptions import ClientDisconnected, ConfigurationError, UpstreamConnectError
 from oxypy.forward import Exchange, Forward
 from oxypy.health import HealthCheck, OutlierDetection
@@ -81,6 +86,41 @@ def test_outlier_configuration_errors(options: dict[str, Any]) -> None:
         OutlierDetection(**options)
 
 
+def test_plain_frozen_values() -> None:
+    hc = HealthCheck("/ready", interval=1, expect_status=[200, 204])
+    assert (hc.interval, hc.expect_status) == (1.0, frozenset({200, 204}))
+    assert hc == HealthCheck("/ready", interval=1.0, expect_status={204, 200})
+    assert hc.accepts(204) and not hc.accepts(500)
+    assert HealthCheck(expect_status=range(200, 300)).accepts(299)
+    od = OutlierDetection(consecutive_errors=3, base_ejection_time=60, max_ejection_time=10)
+    assert od.max_ejection_time == 60.0  # never below the first ejection
+    assert od == OutlierDetection(
+        consecutive_errors=3, base_ejection_time=60.0, max_ejection_time=60
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        od.window = 3  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        HealthCheck("/", 5)  # type: ignore[call-arg]  # options are keyword-only
+    with pytest.raises(TypeError):
+        OutlierDetection(3)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("make", "option"),
+    [
+        pytest.param(lambda: HealthCheck(interval=0), "interval", id="interval"),
+        pytest.param(lambda: HealthCheck(host="a b"), "host", id="host"),
+        pytest.param(lambda: OutlierDetection(window=0), "window", id="window"),
+        pytest.param(
+            lambda: OutlierDetection(max_ejection_percent=-1), "max_ejection_percent", id="pct"
+        ),
+    ],
+)
+def test_errors_name_the_option(make: Callable[[], object], option: str) -> None:
+    with pytest.raises(ConfigurationError, match=option):
+        make()
+
+
 def test_balancer_rejects_wrong_option_types() -> None:
     with pytest.raises(ConfigurationError):
         RoundRobin(lambda e, s: [], [], health_check=OutlierDetection())  # type: ignore[arg-type]
@@ -89,7 +129,10 @@ def test_balancer_rejects_wrong_option_types() -> None:
 
 
 def servers(n: int) -> list[ServerState]:
-    return [ServerState(f"http://s{i}", f"http://s{i}:80/", 1) for i in range(n)]
+    pool = [ServerState(f"http://s{i}", f"http://s{i}:80/", 1) for i in range(n)]
+    for server in pool:
+        transition(server, Input.ADD, [])
+    return pool
 
 
 def feed(
@@ -98,7 +141,7 @@ def feed(
     """Feed ``results`` ('x' failure, '.' success) for pool[0]; return the events."""
     events: list[tuple[str, str]] = []
     for ch in results:
-        od._record(pool[0], ch == "x", now, pool, events)
+        count_result(od, pool[0], ch == "x", now, pool, events)
     return events
 
 
@@ -132,6 +175,7 @@ def test_ejection_rules(options: dict[str, Any], results: str, ejected: bool) ->
     pool = servers(4)
     events = feed(OutlierDetection(**options), pool, results)
     assert (pool[0].ejected_until is not None) is ejected
+    assert pool[0].state is (State.EJECTED if ejected else State.ACTIVE)
     assert events == ([("http://s0", "ejected")] if ejected else [])
 
 
@@ -140,7 +184,7 @@ def test_max_ejection_percent_caps_the_pool() -> None:
     pool = servers(4)
     events: list[tuple[str, str]] = []
     for server in pool:
-        od._record(server, True, 0.0, pool, events)
+        count_result(od, server, True, 0.0, pool, events)
     assert [s.ejected_until is not None for s in pool] == [True, True, False, False]
     single = servers(1)
     assert feed(od, single, "xxxx") == []  # a lone server is never ejected at 50 %
@@ -154,17 +198,23 @@ def test_ejection_time_grows_and_decays() -> None:
     now = 0.0
     events: list[tuple[str, str]] = []
     for duration in expected_durations:
-        od._record(s, True, now, pool, events)
+        count_result(od, s, True, now, pool, events)
         assert s.ejected_until == now + duration
+        expire_ejections(pool, now + duration - 0.001, events)
+        assert s.ejected
         now = s.ejected_until
-        s.ejected_until, s.returned_at = None, now  # what the pool does on return
+        expire_ejections(pool, now, events)
+        assert s.state is State.ACTIVE and s.returned_at == now
         now += 1  # fails again right after returning
     # Staying in for as long as the last ejection lasted resets the multiplier.
-    od._record(s, True, now + 100, pool, events)
+    count_result(od, s, True, now + 100, pool, events)
     assert s.ejected_until == now + 100 + 30
     # Results of requests still in flight while ejected are ignored.
-    od._record(s, True, now + 101, pool, events)
+    count_result(od, s, True, now + 101, pool, events)
     assert s.ejected_until == now + 100 + 30 and s.ejections == 1
+    assert events == [("http://s0", "ejected"), ("http://s0", "returned")] * 4 + [
+        ("http://s0", "ejected")
+    ]
 
 
 def test_health_check_thresholds() -> None:
@@ -172,9 +222,9 @@ def test_health_check_thresholds() -> None:
     (s,) = servers(1)
     events: list[tuple[str, str]] = []
     for passed in [False, False, True, False, False, False, True, True]:
-        hc._apply(s, passed, events)
+        count_probe(hc, s, passed, events)
     assert events == [("http://s0", "unhealthy"), ("http://s0", "healthy")]
-    assert s.healthy
+    assert s.state is State.ACTIVE
 
 
 # -- tier 1b: the balancer's passive path, in process, with made-up exchanges ----------
@@ -436,3 +486,125 @@ def test_a_hanging_server_does_not_delay_the_others_checks() -> None:
     finally:
         lb.close()
         hanging.stop()
+
+
+def test_a_hanging_upstream_is_ejected_after_consecutive_timeouts(
+    pywsgi: Any, proxy: Any, http: Any
+) -> None:
+    """Accepts, reads the request, never answers: three 504s eject it, no probe needed."""
+    from _servers import RawUpstream
+
+    release = gevent.event.Event()
+    hang = RawUpstream(lambda sock, data: release.wait(10))
+    good = pywsgi(health_app("good", lambda: True))
+    clock = FakeClock()  # the ejection must not run out during the test
+    events: list[tuple[str, str]] = []
+    rr = RoundRobin(
+        Forward(read_timeout=0.5),
+        [hang.url, good],
+        outlier_detection=OutlierDetection(consecutive_errors=3, base_ejection_time=30),
+        on_change=lambda url, event: events.append((url, event)),
+        clock=clock,
+    )
+    url = proxy(rr)
+    try:
+        started = time.monotonic()
+        got = [http.request("GET", url + "/x") for _ in range(12)]
+        took = time.monotonic() - started
+        assert [(r.status, r.data) for r in got[:6]] == [
+            (504, b"upstream timed out\n"),
+            (200, b"good"),
+        ] * 3
+        assert [(r.status, r.data) for r in got[6:]] == [(200, b"good")] * 6
+        assert len(hang.requests) == 3 and hang.requests[0].startswith(b"GET /x HTTP/1.1\r\n")
+        assert events[-1] == (hang.url, "ejected") and events.count((hang.url, "ejected")) == 1
+        assert took < 5.0  # three 0.5 s timeouts, not a probe interval
+    finally:
+        release.set()
+        hang.stop()
+
+
+class RecordingMeter:
+    """A Rebalancer meter that keeps every status it is given."""
+
+    def __init__(self, seen: dict[str, list[int]], url: str) -> None:
+        self.statuses = seen.setdefault(url, [])
+
+    def rating(self) -> float:
+        return 0.0
+
+    def record(self, status: int, latency: float) -> None:
+        self.statuses.append(status)
+
+    def is_ready(self) -> bool:
+        return False
+
+
+def test_client_aborts_never_count_against_a_server(pywsgi: Any, proxy: Any, http: Any) -> None:
+    """Uploads cut mid-body and downloads abandoned mid-stream: no ejection, no meter entry."""
+    import socket
+    import struct
+
+    from oxypy.rebalancer import Rebalancer
+
+    def upstream(name: str) -> Callable[..., Iterable[bytes]]:
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ["REQUEST_METHOD"] == "POST":
+                uploads.append(environ["wsgi.input"].read(1))
+                environ["wsgi.input"].read()
+                start_response("200 OK", [("Content-Length", str(len(name)))])
+                return [name.encode()]
+            if environ["PATH_INFO"] == "/stream":
+                start_response("200 OK", [("Content-Type", "text/plain")])
+                return (gevent.sleep(0.02) or b"x" * 1024 for _ in range(500))
+            start_response("200 OK", [("Content-Length", str(len(name)))])
+            return [name.encode()]
+
+        return app
+
+    uploads: list[bytes] = []
+    a, b = pywsgi(upstream("a")), pywsgi(upstream("b"))
+    events: list[tuple[str, str]] = []
+    statuses: dict[str, list[int]] = {}
+    rr = RoundRobin(
+        Forward(),
+        [a, b],
+        outlier_detection=OutlierDetection(consecutive_errors=1, max_ejection_percent=100),
+        on_change=lambda url, event: events.append((url, event)),
+    )
+    rb = Rebalancer(rr, meter=lambda url: RecordingMeter(statuses, url))
+    settled: list[int] = []
+
+    def counting(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        try:
+            result = rb(environ, start_response)
+        except BaseException:
+            settled.append(1)
+            raise
+        return ClosingIterable(result, lambda: settled.append(1))
+
+    host, port = proxy(counting).split("//")[1].rsplit(":", 1)
+
+    def reset(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    for n in range(4):  # half an upload, then a reset
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n")
+            sock.sendall(b"y" * 100000)
+            wait_for(lambda: len(uploads) == n + 1)  # noqa: B023 - the upstream is reading it
+            reset(sock)
+        wait_for(lambda: len(settled) == 2 * n + 1)  # noqa: B023
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+            reset(sock)
+        wait_for(lambda: len(settled) == 2 * n + 2)  # noqa: B023
+    assert events == [(a, "added"), (b, "added")]
+    assert statuses == {a: [], b: []}
+    assert sorted(http.request("GET", f"http://{host}:{port}/").data for _ in range(2)) == [
+        b"a",
+        b"b",
+    ]
+    assert statuses == {a: [200], b: [200]}

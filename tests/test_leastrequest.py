@@ -116,7 +116,7 @@ def named(name: str, delay: float) -> Callable[..., Iterable[bytes]]:
 
 
 def test_steers_away_from_a_slow_server(pywsgi: Any, proxy: Any) -> None:
-    fast, slow = pywsgi(named("fast", 0.0)), pywsgi(named("slow", 0.05))
+    fast, slow = pywsgi(named("fast", 0.0)), pywsgi(named("slow", 0.25))
     lb = LeastRequest(Forward(), [fast, slow], rng=random.Random(3))
     url = proxy(lb)
     http = urllib3.PoolManager(maxsize=32, retries=False, timeout=10)

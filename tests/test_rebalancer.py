@@ -113,6 +113,15 @@ def test_configuration_errors() -> None:
         Rebalancer(RoundRobin(target_app), backoff=-1)
 
 
+def test_error_handler_is_deprecated_and_ignored() -> None:
+    def never(environ: Any, start_response: Any, exc: Exception) -> Iterable[bytes]:
+        raise AssertionError("the Rebalancer never answers errors itself")
+
+    with pytest.warns(DeprecationWarning, match="error_handler"):
+        rb = Rebalancer(RoundRobin(target_app, []), error_handler=never)
+    assert call(rb) == ("503 Service Unavailable", b"no servers in the pool\n")
+
+
 def test_normal_operation_and_no_servers() -> None:
     rb, _, _ = make(["http://a"], {})
     assert [call(rb)[1] for _ in range(3)] == [b"http://a"] * 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import pytest
 import urllib3
 
+from oxypy._balance.sticky import StickyCookies
 from oxypy.exceptions import ConfigurationError
 from oxypy.forward import Forward
 from oxypy.roundrobin import RoundRobin
@@ -60,8 +62,8 @@ def name_app(name: str) -> Callable[..., Iterable[bytes]]:
     ],
 )
 def test_set_cookie_rendering(options: dict[str, Any], suffix: str) -> None:
-    sticky = StickySession("test", value="raw", **options)
-    assert sticky.render("http://a:1", "ignored") == "test=http://a:1" + suffix
+    cookies = StickyCookies(StickySession("test", value="raw", **options))
+    assert cookies.render("http://a:1", "ignored") == "test=http://a:1" + suffix
 
 
 @pytest.mark.parametrize(
@@ -86,13 +88,31 @@ def test_configuration_errors(options: dict[str, Any]) -> None:
 
 
 def test_hmac_value_is_opaque_stable_and_keyed() -> None:
-    one = StickySession("s", secret="k1")
-    value = one.value_for("http://10.1.2.3:8080", "http://10.1.2.3:8080/")
-    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", value)
-    assert "10.1.2.3" not in value and "8080" not in value
-    assert StickySession("s", secret="k1").value_for("x", "http://10.1.2.3:8080/") == value
-    assert StickySession("s", secret="k2").value_for("x", "http://10.1.2.3:8080/") != value
-    assert StickySession("s").value_for("x", "http://10.1.2.3:8080/") != value  # random key
+    def value(sticky: StickySession) -> str:
+        return StickyCookies(sticky).value_for("http://10.1.2.3:8080/")
+
+    one = value(StickySession("s", secret="k1"))
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", one)
+    assert "10.1.2.3" not in one and "8080" not in one
+    assert value(StickySession("s", secret=b"k1")) == one
+    assert value(StickySession("s", secret="k2")) != one
+    assert value(StickySession("s")) != one  # random key
+    anonymous = StickySession("s")
+    assert value(anonymous) == value(anonymous)  # ... made once per instance
+
+
+def test_a_plain_frozen_value() -> None:
+    sticky = StickySession("s", secret="k", same_site="strict")
+    assert (sticky.same_site, sticky.secret) == ("Strict", b"k")  # canonical forms
+    assert sticky == StickySession("s", secret=b"k", same_site="Strict")
+    assert StickySession("s") != StickySession("s")  # two random keys
+    assert "secret" not in repr(sticky) and "k'" not in repr(sticky)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sticky.secure = True  # type: ignore[misc]
+    with pytest.raises(ConfigurationError, match="same_site"):
+        StickySession("s", same_site="sometimes")
+    with pytest.raises(TypeError):
+        StickySession("s", True)  # type: ignore[call-arg]  # options are keyword-only
 
 
 @pytest.mark.parametrize(
@@ -110,7 +130,7 @@ def test_hmac_value_is_opaque_stable_and_keyed() -> None:
 )
 def test_requested_hmac(header: str | None, expected: str | None) -> None:
     env = {} if header is None else {"HTTP_COOKIE": header}
-    assert StickySession("s").requested(env) == expected
+    assert StickyCookies(StickySession("s")).requested(env) == expected
 
 
 @pytest.mark.parametrize(
@@ -123,7 +143,8 @@ def test_requested_hmac(header: str | None, expected: str | None) -> None:
     ],
 )
 def test_requested_raw(header: str, expected: str | None) -> None:
-    assert StickySession("s", value="raw").requested({"HTTP_COOKIE": header}) == expected
+    cookies = StickyCookies(StickySession("s", value="raw"))
+    assert cookies.requested({"HTTP_COOKIE": header}) == expected
 
 
 # -- tier 2: real upstreams ----------------------------------------------------------

@@ -1,0 +1,218 @@
+"""The request path shared by the balancers.
+
+A balancer subclasses :class:`Balancer` and supplies only
+``_choose(candidates)``: the pick among the servers that may take this
+request.  Everything else is here, so RoundRobin and LeastRequest behave the
+same way around their pick: the sticky cookie, the health and ejection
+filters, the retry rule of avoiding ``oxypy.tried_targets``, the environ
+copy, and settling the request in ``close()`` (the in-flight count, the
+outlier result).
+
+A server is a *candidate* when it is in rotation (state ``ACTIVE``, see
+:mod:`oxypy._balance.state`) and its weight is above 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import partial
+from typing import Any
+
+from .. import environ as keys
+from .._core.exchange import Mark, mark
+from .._core.iterables import ClosingIterable
+from .._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from ..errors import ErrorHandler, respond_error
+from ..exceptions import ConfigurationError, NoServers
+from ..health import HealthCheck, OutlierDetection
+from ..sticky import StickySession
+from .address import ServerSpec
+from .health import HealthChecker
+from .outlier import count_result, expire_ejections, outcome
+from .pool import OnChange, Pool
+from .state import Event, ServerState, State
+from .sticky import StickyCookies
+
+__all__ = ["Balancer"]
+
+
+class Balancer:
+    """Base of the balancers: picks a server per request and sets ``oxypy.target``.
+
+    Subclasses implement :meth:`_choose`, called with the pool lock held.
+    :attr:`pool` is the server pool (internal machinery, read by the
+    Rebalancer through :meth:`Pool.members` and :meth:`Pool.reweight`).
+    """
+
+    _tracks_in_flight = False
+
+    def __init__(
+        self,
+        next_app: WSGIApplication,
+        servers: Iterable[ServerSpec],
+        *,
+        sticky: StickySession | None,
+        health_check: HealthCheck | None,
+        outlier_detection: OutlierDetection | None,
+        on_change: OnChange | None,
+        error_handler: ErrorHandler,
+        skip: Skip | None,
+        clock: Clock,
+    ) -> None:
+        if not callable(next_app):
+            raise ConfigurationError("next_app must be a WSGI callable")
+        if sticky is not None and not isinstance(sticky, StickySession):
+            raise ConfigurationError("sticky must be a StickySession")
+        if health_check is not None and not isinstance(health_check, HealthCheck):
+            raise ConfigurationError("health_check must be a HealthCheck")
+        if outlier_detection is not None and not isinstance(outlier_detection, OutlierDetection):
+            raise ConfigurationError("outlier_detection must be an OutlierDetection")
+        if isinstance(servers, str | bytes):
+            raise ConfigurationError("servers must be a list of URLs or (url, weight) pairs")
+        self.next_app = next_app
+        self.error_handler = error_handler
+        self.skip = skip
+        self.outlier = outlier_detection
+        self.cookies = StickyCookies(sticky) if sticky is not None else None
+        self.pool = Pool(
+            clock=clock,
+            on_change=on_change,
+            sticky_value=self.cookies.value_for if self.cookies is not None else None,
+        )
+        for spec in servers:
+            if isinstance(spec, tuple):
+                if len(spec) != 2:
+                    raise ConfigurationError(f"server must be url or (url, weight): {spec!r}")
+                self.pool.upsert(spec[0], spec[1])
+            else:
+                self.pool.upsert(spec, 1)
+        self._needs_close = self._tracks_in_flight or outlier_detection is not None
+        # Without health checks or ejection no server ever leaves rotation, so
+        # the candidate list only changes with the pool's version.
+        self._static = health_check is None and outlier_detection is None
+        self._cached: list[ServerState] = []
+        self._cached_version = -1
+        self._checker: HealthChecker | None = None
+        if health_check is not None:
+            self._checker = HealthChecker(health_check, self.pool)
+            self._checker.start()
+
+    # -- runtime changes -------------------------------------------------------
+    def upsert_server(self, url: str, weight: int = 1) -> None:
+        """Add ``url`` or change its weight; the same server is never duplicated."""
+        self.pool.upsert(url, weight)
+
+    def remove_server(self, url: str) -> None:
+        """Remove ``url``; :class:`ConfigurationError` if it is not in the pool.
+
+        Requests already sent to it finish normally.
+        """
+        self.pool.remove(url)
+
+    def servers(self) -> list[str]:
+        """The servers' target URLs, in the order they were added."""
+        return self.pool.urls()
+
+    def server_weight(self, url: str) -> int | None:
+        """The weight of ``url``, or ``None`` when it is not in the pool (oxy: -1)."""
+        return self.pool.weight(url)
+
+    def close(self) -> None:
+        """Stop the health-check greenlet (if any).  Idempotent."""
+        if self._checker is not None:
+            self._checker.stop()
+
+    # -- the pick ----------------------------------------------------------------
+    def _choose(self, candidates: list[ServerState]) -> ServerState:
+        raise NotImplementedError
+
+    def _pick(
+        self, environ: WSGIEnvironment, tried: set[str] | None
+    ) -> tuple[ServerState | None, bool]:
+        """(server or None, whether a new sticky cookie must be set)."""
+        pool = self.pool
+        events: list[Event] = []
+        cookies = self.cookies
+        wanted = cookies.requested(environ) if cookies is not None else None
+        with pool.lock:
+            if self.outlier is not None:
+                expire_ejections(pool.order, pool.clock(), events)
+            if self._static:
+                if self._cached_version != pool.version:
+                    self._cached = [s for s in pool.order if s.weight > 0]
+                    self._cached_version = pool.version
+                candidates = self._cached  # never mutated below: filters make new lists
+            else:
+                candidates = [s for s in pool.order if s.weight > 0 and s.state is State.ACTIVE]
+            chosen: ServerState | None = None
+            if candidates and tried:
+                fresh = [s for s in candidates if s.url not in tried]
+                if fresh:
+                    candidates = fresh
+            if wanted is not None:
+                for server in candidates:
+                    if server.sticky_value == wanted:
+                        chosen = server
+                        break
+            set_cookie = cookies is not None and chosen is None
+            if chosen is None and candidates:
+                chosen = candidates[0] if len(candidates) == 1 else self._choose(candidates)
+            if chosen is not None and self._tracks_in_flight:
+                chosen.in_flight += 1
+        pool.notify(events)
+        return chosen, set_cookie
+
+    def _no_server(self) -> NoServers:
+        _, members = self.pool.members()
+        if not members:
+            return NoServers("no servers in the pool")
+        if all(weight == 0 for _, _, weight in members):
+            return NoServers("all servers have weight 0")
+        return NoServers("no healthy upstream server")
+
+    # -- the WSGI application ----------------------------------------------------
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self.skip is not None and self.skip(environ):
+            return self.next_app(environ, start_response)
+        tried: set[str] | None = environ.get(keys.TRIED_TARGETS)
+        server, set_cookie = self._pick(environ, tried)
+        if server is None:
+            return respond_error(self.error_handler, environ, start_response, self._no_server())
+        if tried is not None:
+            tried.add(server.url)
+        since = mark(environ) if self.outlier is not None else None
+        env = dict(environ)
+        env[keys.TARGET] = server.url
+        cookies = self.cookies
+        if set_cookie and cookies is not None:
+            cookie = ("Set-Cookie", cookies.render(server.url, server.sticky_value))
+            outer = start_response
+
+            def start_response(status: str, headers: list[tuple[str, str]], *exc: Any) -> Any:
+                headers.append(cookie)
+                return outer(status, headers, *exc)
+
+        if not self._needs_close:
+            return self.next_app(env, start_response)
+        done = partial(self._done, server, since)
+        try:
+            result = self.next_app(env, start_response)
+        except BaseException:
+            done()
+            raise
+        return ClosingIterable(result, done)
+
+    def _done(self, server: ServerState, since: Mark | None) -> None:
+        """Settle one request: release the in-flight slot, feed outlier detection."""
+        config = self.outlier
+        failed = None
+        if config is not None and since is not None:
+            failed = outcome(since.since(), server.url)
+        pool = self.pool
+        events: list[Event] = []
+        with pool.lock:
+            if self._tracks_in_flight:
+                server.in_flight -= 1
+            if failed is not None and config is not None:
+                count_result(config, server, failed, pool.clock(), pool.order, events)
+        pool.notify(events)

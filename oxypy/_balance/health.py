@@ -1,0 +1,99 @@
+"""The active health checker: one greenlet per balancer probing its pool.
+
+Each round probes every server at once (so one hanging server delays no
+other), counts each result into the server's streak (:func:`count_probe`)
+and, when a streak reaches its threshold, hands ``PROBES_FAILED`` or
+``PROBES_PASSED`` to the state machine (:mod:`oxypy._balance.state`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import gevent
+import urllib3
+
+from ..health import HealthCheck
+from .pool import Pool
+from .state import Event, Input, ServerState, transition
+
+__all__ = ["HealthChecker", "count_probe"]
+
+log = logging.getLogger(__name__)
+
+
+def count_probe(
+    config: HealthCheck, server: ServerState, passed: bool, events: list[Event]
+) -> None:
+    """Count one probe result for ``server`` (pool lock held)."""
+    streak = server.check_streak
+    if passed:
+        server.check_streak = streak = streak + 1 if streak > 0 else 1
+        if streak >= config.healthy_threshold:
+            transition(server, Input.PROBES_PASSED, events)
+    else:
+        server.check_streak = streak = streak - 1 if streak < 0 else -1
+        if -streak >= config.unhealthy_threshold:
+            transition(server, Input.PROBES_FAILED, events)
+
+
+class HealthChecker:
+    """The greenlet probing a balancer's pool: one round every ``interval``."""
+
+    def __init__(self, config: HealthCheck, pool: Pool) -> None:
+        self.config = config
+        self.pool = pool
+        self.http = urllib3.PoolManager(
+            num_pools=64,
+            maxsize=1,
+            retries=False,
+            timeout=urllib3.Timeout(connect=config.timeout, read=config.timeout),
+        )
+        self.greenlet: gevent.Greenlet | None = None
+
+    def start(self) -> None:
+        self.greenlet = gevent.spawn(self._run)
+
+    def stop(self) -> None:
+        """Kill the greenlet and close the probe connections.  Idempotent."""
+        greenlet, self.greenlet = self.greenlet, None
+        if greenlet is not None:
+            greenlet.kill(block=True, timeout=self.config.timeout + 1)
+        self.http.clear()
+
+    def probe(self, url: str) -> bool:
+        config = self.config
+        headers = {"Host": config.host} if config.host else {}
+        headers["User-Agent"] = "oxypy-health-check"
+        try:
+            resp = self.http.request(
+                "GET", url.rstrip("/") + config.path, headers=headers, redirect=False
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            log.debug("health check of %s failed: %s", url, exc)
+            return False
+        return config.accepts(resp.status)
+
+    def check(self, server: ServerState) -> None:
+        """Probe one server and count the result as soon as it is known."""
+        passed = self.probe(server.url)
+        events: list[Event] = []
+        with self.pool.lock:
+            count_probe(self.config, server, passed, events)
+        self.pool.notify(events)
+
+    def round(self) -> None:
+        """Probe every server at once, so one hanging server delays no other."""
+        jobs = [gevent.spawn(self.check, server) for server in self.pool.snapshot()]
+        try:
+            gevent.joinall(jobs, timeout=2 * self.config.timeout + 1)
+        finally:
+            gevent.killall([job for job in jobs if not job.dead], block=False)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.round()
+            except Exception:  # keep checking: a bug here must not stop health checks
+                log.exception("health check round failed")
+            gevent.sleep(self.config.interval)
