@@ -175,6 +175,13 @@ def _chain_flags(p: argparse.ArgumentParser) -> None:
         help="seconds between health check rounds (10)",
     )
     p.add_argument(
+        "--eject-after",
+        type=_positive_int,
+        metavar="N",
+        help="eject an upstream for 30 s (longer if it fails again) after N network errors "
+        "or timeouts in a row (passive outlier detection)",
+    )
+    p.add_argument(
         "--trusted-proxy",
         action="append",
         metavar="CIDR",
@@ -208,6 +215,16 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text!r}")
     return value
 
 

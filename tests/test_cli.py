@@ -181,6 +181,7 @@ UP = "http://127.0.0.1:9"
         pytest.param(["proxy", UP, "--conn-limit", "-1"], "--conn-limit", "0 or more", id="conn"),
         pytest.param(["proxy", UP, "--conn-limit", "x"], "--conn-limit", "integer", id="conn-nan"),
         pytest.param(["proxy", UP, "--timeout", "0"], "--timeout", "above 0", id="timeout"),
+        pytest.param(["proxy", UP, "--eject-after", "0"], "--eject-after", "1 or more", id="eject"),
         pytest.param(["proxy", UP, "--listen", "8080"], "--listen", "HOST:PORT", id="listen"),
         pytest.param(["proxy", "ftp://h"], "UPSTREAM", "http://", id="scheme"),
         pytest.param(["proxy", "http://"], "UPSTREAM", "no host", id="no-host"),
@@ -399,6 +400,40 @@ def test_health_check_takes_a_sick_upstream_out(
         assert {gw.get("/").data for _ in range(6)} == {b"good"}
     finally:
         gw.stop()
+
+
+def test_eject_after_takes_a_hanging_upstream_out(
+    oxypy: Callable[..., Running], pywsgi: Callable[[Any], str]
+) -> None:
+    import gevent.event
+
+    from _servers import RawUpstream
+
+    release = gevent.event.Event()
+    hang = RawUpstream(lambda sock, data: release.wait(10))
+    good = pywsgi(named(b"good"))
+    gw = oxypy(
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        hang.url,
+        good,
+        "--timeout",
+        "0.5",
+        "--eject-after",
+        "2",
+    )
+    try:
+        got = [gw.get("/") for _ in range(10)]
+        assert [(r.status, r.data) for r in got] == [
+            (504, b"upstream timed out\n"),
+            (200, b"good"),
+        ] * 2 + [(200, b"good")] * 6
+        assert len(hang.requests) == 2
+    finally:
+        gw.stop()
+        release.set()
+        hang.stop()
 
 
 # --------------------------------------------------------------------------- serve, demo

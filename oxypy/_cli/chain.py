@@ -160,6 +160,7 @@ def build_proxy(
         Forward,
         HealthCheck,
         LeastRequest,
+        OutlierDetection,
         Rate,
         RateLimit,
         RequestID,
@@ -190,6 +191,11 @@ def build_proxy(
             "--health-check",
             lambda: HealthCheck(args.health_check, interval=args.health_interval),
         )
+    outlier = None
+    if args.eject_after is not None:
+        outlier = _block(
+            "--eject-after", lambda: OutlierDetection(consecutive_errors=args.eject_after)
+        )
     balancer_cls: Any = LeastRequest if args.least_request else RoundRobin
     # Validate everything that starts no greenlet before the balancer starts its checker.
     rates: list[Rate] = []
@@ -199,7 +205,13 @@ def build_proxy(
 
     balancer = _block(
         "UPSTREAM",
-        lambda: balancer_cls(fwd, args.upstreams, sticky=sticky, health_check=health),
+        lambda: balancer_cls(
+            fwd,
+            args.upstreams,
+            sticky=sticky,
+            health_check=health,
+            outlier_detection=outlier,
+        ),
     )
     proxy.balancer = balancer
     proxy.closers.append(balancer.close)

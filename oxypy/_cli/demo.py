@@ -177,6 +177,7 @@ def run_demo(args: argparse.Namespace) -> None:
         sticky_secret=None,
         health_check=None,
         health_interval=10.0,
+        eject_after=None,
         trusted_proxy=None,
         least_request=False,
         timeout=5.0,
