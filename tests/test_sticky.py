@@ -82,6 +82,7 @@ def test_set_cookie_rendering(options: dict[str, Any], suffix: str) -> None:
     ],
 )
 def test_configuration_errors(options: dict[str, Any]) -> None:
+    options = dict(options)  # the parameter is shared by repeated runs
     name = options.pop("cookie_name")
     with pytest.raises(ConfigurationError):
         StickySession(name, **options)
