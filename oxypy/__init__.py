@@ -13,7 +13,9 @@ import logging
 from ._core.types import Clock
 from .buffer import Buffer
 from .cbreaker import CircuitBreaker
+from .compress import Compress
 from .connlimit import ConnLimit, ConnStore, Lease
+from .cors import CORS
 from .errors import ErrorHandler, default_error_handler
 from .exceptions import (
     BadRequest,
@@ -38,7 +40,10 @@ from .exceptions import (
 from .extractors import SourceExtractor
 from .fallback import RedirectFallback, ResponseFallback, Webhook
 from .forward import Exchange, Forward, OutgoingRequest, ResponseHead
+from .forwardauth import ForwardAuth
+from .headers import Headers
 from .health import HealthCheck, OutlierDetection
+from .ipallow import IPAllowList
 from .leastrequest import LeastRequest
 from .predicate import Func, Predicate, compile_predicate
 from .prometheus import BreakerStateGauge, PrometheusMetrics, metrics_app
@@ -69,9 +74,14 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     # building blocks
     "Buffer",
+    "CORS",
     "CircuitBreaker",
+    "Compress",
     "ConnLimit",
     "Forward",
+    "ForwardAuth",
+    "Headers",
+    "IPAllowList",
     "LeastRequest",
     "Metrics",
     "PrometheusMetrics",

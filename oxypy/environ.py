@@ -14,6 +14,7 @@ __all__ = [
     "CLIENT_GONE",
     "ERROR",
     "EXCHANGES",
+    "FORWARDAUTH_FAILURE",
     "RAW_URI",
     "REQUEST_ID",
     "REQUEST_ID_ORIG",
@@ -66,3 +67,7 @@ SERVER = "oxypy.server"
 #: the client connection has closed.  ``Buffer`` polls it to stop retrying (and
 #: backing off) for a client that has gone.
 CLIENT_GONE = "oxypy.client_gone"
+
+#: ``ForwardAuth``: on the auth request's own environ, the error that kept the
+#: auth service from answering (set by its Forward's error hook).
+FORWARDAUTH_FAILURE = "oxypy.forwardauth.failure"

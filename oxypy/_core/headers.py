@@ -93,3 +93,49 @@ def connection_tokens(value: str | None) -> set[str]:
 def has_token(value: str | None, token: str) -> bool:
     """True when the comma-separated header ``value`` contains ``token`` (any case)."""
     return token in connection_tokens(value)
+
+
+#: RFC 9110 ``token`` characters: what a field name may contain.
+_TCHAR = frozenset("!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def is_field_name(name: object) -> bool:
+    """True for a non-empty RFC 9110 token without ``_`` (WSGI folds ``_`` into ``-``)."""
+    return (
+        isinstance(name, str) and bool(name) and "_" not in name and all(c in _TCHAR for c in name)
+    )
+
+
+def is_field_value(value: object) -> bool:
+    """True for a latin-1 string without CR, LF or NUL (no header injection)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return not any(c in value for c in "\r\n\x00")
+
+
+def merge_vary(headers: list[tuple[str, str]], *fields: str) -> list[tuple[str, str]]:
+    """``headers`` with ``fields`` added to its ``Vary`` (one field line, no duplicates).
+
+    An existing ``Vary: *`` already covers everything and is left alone.
+    """
+    present: set[str] = set()
+    first = -1
+    for index, (name, value) in enumerate(headers):
+        if name.lower() == "vary":
+            if first < 0:
+                first = index
+            present.update(t.strip().lower() for t in value.split(","))
+    missing = [f for f in fields if f.lower() not in present]
+    if "*" in present or not missing:
+        return headers
+    if first < 0:
+        headers.append(("Vary", ", ".join(missing)))
+        return headers
+    name, value = headers[first]
+    value = value.strip()
+    headers[first] = (name, f"{value}, {', '.join(missing)}" if value else ", ".join(missing))
+    return headers
