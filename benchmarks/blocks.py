@@ -73,6 +73,18 @@ CHAINS = (
     Chain("cbreaker", '`CircuitBreaker(Forward(up1), "NetworkErrorRatio() > 0.5")`'),
     Chain("trace", '`Trace(Forward(up1), sink=open("/dev/null", "w"))`'),
     Chain(
+        "headers",
+        '`Headers(Forward(up1), request={"X-Env": "bench"}, response={"Server": None})`',
+    ),
+    Chain("ipallow", '`IPAllowList(Forward(up1), ["10.0.0.0/8", "127.0.0.0/8"])`'),
+    Chain(
+        "cors",
+        '`CORS(Forward(up1), allow_origins=["https://app.example.com"])`, requests without Origin',
+    ),
+    Chain("cors_star", '`CORS(Forward(up1), allow_origins=["*"])`, requests without Origin'),
+    Chain("compress", "`Compress(Forward(up1))`, requests without Accept-Encoding"),
+    Chain("forwardauth", "`ForwardAuth(Forward(up1), <in-process WSGI app answering 204>)`"),
+    Chain(
         "full",
         "Trace → ConnLimit → RateLimit → CircuitBreaker → Buffer → RoundRobin → Forward "
         "(2 upstreams, huge limits)",
@@ -427,6 +439,25 @@ def goals(s: Settings, r: Results) -> list[str]:
             "{:+.1f}",
             None,
         )
+        for name in ("headers", "ipallow", "cors", "cors_star"):
+            row(
+                f"#15 {name} cost on a non-CORS request ≤ 5 µs (µs/req)",
+                r.diff(name, "cpu"),
+                "{:+.1f}",
+                lambda v: v <= 5,
+            )
+        row(
+            "#15 Compress cost, no Accept-Encoding (µs/req)",
+            r.diff("compress", "cpu"),
+            "{:+.1f}",
+            None,
+        )
+        row(
+            "#15 ForwardAuth (in-process app) cost (µs/req)",
+            r.diff("forwardauth", "cpu"),
+            "{:+.1f}",
+            None,
+        )
         row("#6 RateLimit (memory) cost (µs/req)", r.diff("ratelimit_mem", "cpu"), "{:+.1f}", None)
         row("#6 RateLimit (Redis) cost (µs/req)", r.diff("ratelimit_redis", "cpu"), "{:+.1f}", None)
     if "upload" in s.only:
@@ -445,7 +476,7 @@ def goals(s: Settings, r: Results) -> list[str]:
     rows = [x for x in rows if x[1] != "-"]
     if not rows:
         return []
-    out = ["### Issues 3, 4 and 6", "", "| ask | measured | met |", "|---|---:|:---:|"]
+    out = ["### Issues 3, 4, 6 and 15", "", "| ask | measured | met |", "|---|---:|:---:|"]
     out += [f"| {label} | {value} | {met} |" for label, value, met in rows]
     return [*out, ""]
 

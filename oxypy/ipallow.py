@@ -17,7 +17,7 @@ from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import ConfigurationError, RequestError
 from .extractors import make_extractor
 
-__all__ = ["AddressForbidden", "IPAllowList", "parse_cidrs"]
+__all__ = ["AddressForbidden", "IPAllowList"]
 
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _CACHE_MAX = 4096

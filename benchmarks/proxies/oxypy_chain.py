@@ -12,6 +12,11 @@ Chains (every rate and limit is huge, so nothing is ever rejected):
 - ``ratelimit_redis``: the same with ``RedisStore(--redis)``
 - ``cbreaker``: ``CircuitBreaker(Forward(up1), "NetworkErrorRatio() > 0.5")``
 - ``trace``: ``Trace(Forward(up1), sink=open("/dev/null", "w"))``
+- ``headers``: ``Headers(Forward(up1), request={...}, response={...})``
+- ``ipallow``: ``IPAllowList(Forward(up1), ["10.0.0.0/8", "127.0.0.0/8"])``
+- ``cors`` / ``cors_star``: ``CORS(Forward(up1), allow_origins=[one origin] / ["*"])``
+- ``compress``: ``Compress(Forward(up1))``
+- ``forwardauth``: ``ForwardAuth(Forward(up1), <in-process WSGI app answering 204>)``
 - ``full``: Trace → ConnLimit → RateLimit → CircuitBreaker → Buffer → RoundRobin → Forward
 """
 
@@ -31,10 +36,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from _common import ready  # noqa: E402
 
 from oxypy import (  # noqa: E402
+    CORS,
     Buffer,
     CircuitBreaker,
+    Compress,
     ConnLimit,
     Forward,
+    ForwardAuth,
+    Headers,
+    IPAllowList,
     LeastRequest,
     Rate,
     RateLimit,
@@ -64,6 +74,11 @@ def _redis_store(url: str | None) -> Any:
     return RedisStore(url, timeout=5.0, on_error="deny")
 
 
+def _allow(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("204 No Content", [("X-User", "bench")])
+    return []
+
+
 def build(chain: str, ups: list[str], redis_url: str | None) -> Any:
     builders: dict[str, Callable[[], Any]] = {
         "forward": lambda: Forward(ups[0]),
@@ -77,6 +92,14 @@ def build(chain: str, ups: list[str], redis_url: str | None) -> Any:
         ),
         "cbreaker": lambda: CircuitBreaker(Forward(ups[0]), TRIGGER),
         "trace": lambda: Trace(Forward(ups[0]), sink=open(os.devnull, "w")),  # noqa: SIM115
+        "headers": lambda: Headers(
+            Forward(ups[0]), request={"X-Env": "bench"}, response={"Server": None}
+        ),
+        "ipallow": lambda: IPAllowList(Forward(ups[0]), ["10.0.0.0/8", "127.0.0.0/8"]),
+        "cors": lambda: CORS(Forward(ups[0]), allow_origins=["https://app.example.com"]),
+        "cors_star": lambda: CORS(Forward(ups[0]), allow_origins=["*"]),
+        "compress": lambda: Compress(Forward(ups[0])),
+        "forwardauth": lambda: ForwardAuth(Forward(ups[0]), _allow, response_headers=["X-User"]),
         "full": lambda: Trace(
             ConnLimit(
                 RateLimit(
@@ -106,6 +129,12 @@ CHAINS = (
     "ratelimit_redis",
     "cbreaker",
     "trace",
+    "headers",
+    "ipallow",
+    "cors",
+    "cors_star",
+    "compress",
+    "forwardauth",
     "full",
 )
 
