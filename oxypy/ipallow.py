@@ -103,9 +103,9 @@ class IPAllowList:
             raise ConfigurationError("skip must be a callable (environ) -> bool")
         self.next_app = next_app
         self.networks = parse_cidrs(cidrs)
-        self.client_ip = make_extractor(
-            "client.ip", trusted_proxies=TrustedProxies(trusted_proxies)
-        )
+        self.trusted = TrustedProxies(trusted_proxies)
+        #: The ``client.ip`` source extractor under the same trust rule.
+        self.client_ip = make_extractor("client.ip", trusted_proxies=self.trusted)
         self.error_handler = error_handler
         self.skip = skip
         # Address text -> verdict.  A bounded cache shared by requests: plain dict
@@ -125,9 +125,22 @@ class IPAllowList:
             self._verdicts[address] = verdict
         return verdict
 
+    def _allowed(self, environ: WSGIEnvironment) -> bool:
+        peer = environ.get("REMOTE_ADDR")
+        forwarded = environ.get("HTTP_X_FORWARDED_FOR") if self.trusted else None
+        if not forwarded:
+            # The extractor would answer the peer itself: skip its parse and str().
+            return self.allows(peer)
+        key = f"{peer}\x00{forwarded}"
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            verdict = self.allows(self.client_ip(environ))
+            self._verdicts[key] = verdict
+        return verdict
+
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self.skip is not None and self.skip(environ):
             return self.next_app(environ, start_response)
-        if self.allows(self.client_ip(environ)):
+        if self._allowed(environ):
             return self.next_app(environ, start_response)
         return respond_error(self.error_handler, environ, start_response, AddressForbidden())

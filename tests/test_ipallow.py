@@ -125,6 +125,10 @@ def test_client_address_matches_the_client_ip_extractor() -> None:
     block = IPAllowList(noop, ["203.0.113.0/24"], trusted_proxies=trusted)
     for peer, xff in [
         ("127.0.0.1", "203.0.113.5, 10.0.0.2"),
+        ("127.0.0.1", "203.0.113.5"),
+        ("127.0.0.1", None),
+        ("203.0.113.9", None),
+        ("::ffff:203.0.113.9", None),
         ("127.0.0.1", "198.51.100.1, 203.0.113.5"),
         ("10.0.0.1", None),
         ("192.0.2.1", "203.0.113.5"),
@@ -133,6 +137,9 @@ def test_client_address_matches_the_client_ip_extractor() -> None:
         if xff:
             environ["HTTP_X_FORWARDED_FOR"] = xff
         assert block.client_ip(environ) == extract(environ)
+        expected = block.allows(extract(environ))
+        assert block._allowed(environ) is expected
+        assert block._allowed(environ) is expected  # cached
 
 
 def test_skip_bypasses_the_check(proxy: Any, pywsgi: Any) -> None:
