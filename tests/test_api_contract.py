@@ -77,8 +77,13 @@ def test_forward_without_target_answers_500(proxy: Any) -> None:
 
 MIDDLEWARE = [
     oxypy.Buffer,
+    oxypy.CORS,
     oxypy.CircuitBreaker,
+    oxypy.Compress,
     oxypy.ConnLimit,
+    oxypy.ForwardAuth,
+    oxypy.Headers,
+    oxypy.IPAllowList,
     oxypy.LeastRequest,
     oxypy.PrometheusMetrics,
     oxypy.RateLimit,
