@@ -196,6 +196,22 @@ def _chain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pass-host-header", action="store_true", help="send the client's Host upstream"
     )
+    p.add_argument(
+        "--ip-allow",
+        action="append",
+        metavar="CIDR",
+        help="answer 403 to clients outside these networks (repeatable; client ip as "
+        "--trusted-proxy allows)",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="answer CORS preflights and label responses for this origin, or * (repeatable)",
+    )
+    p.add_argument(
+        "--compress", action="store_true", help="compress responses (zstd, br, gzip as installed)"
+    )
 
 
 def _positive(text: str) -> float:

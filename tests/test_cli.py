@@ -192,6 +192,12 @@ UP = "http://127.0.0.1:9"
             ["proxy", UP, "--trusted-proxy", "not-a-cidr"], "--trusted-proxy", "", id="cidr"
         ),
         pytest.param(["proxy", UP, "--sticky", "bad name"], "--sticky", "", id="sticky"),
+        pytest.param(
+            ["proxy", UP, "--ip-allow", "10.0.0.0/33"], "--ip-allow", "'10.0.0.0/33'", id="ipallow"
+        ),
+        pytest.param(
+            ["proxy", UP, "--cors-origin", "app.example"], "--cors-origin", "'app.example'", id="co"
+        ),
         pytest.param(["proxy", UP, "--nope"], "--nope", "unrecognized", id="unknown-flag"),
         pytest.param(["serve", "no_such_module_xyz:app"], "APP", "cannot import", id="import"),
         pytest.param(["serve", "os:no_such_attr"], "APP", "no attribute", id="attr"),
@@ -546,3 +552,35 @@ def test_sigterm_lets_an_in_flight_request_finish(
     gw.stop()
     response = pending.get(timeout=5)
     assert (response.status, response.data) == (200, b"done")
+
+
+def test_proxy_edge_flags(oxypy: Callable[..., Running], pywsgi: Callable[[Any], str]) -> None:
+    big = b"edge " * 1000
+
+    def upstream(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5000")])
+        return [big]
+
+    up = pywsgi(upstream)
+    common = ["proxy", "--listen", "127.0.0.1:0", up, "--compress"]
+    gw = oxypy(*common, "--ip-allow", "127.0.0.0/8", "--cors-origin", "https://app.example")
+    refused = oxypy(*common, "--ip-allow", "10.0.0.0/8", "--ip-allow", "::1")
+    try:
+        r = gw.get("/", headers={"Accept-Encoding": "gzip", "Origin": "https://app.example"})
+        assert r.status == 200
+        assert r.headers["Content-Encoding"] == "gzip"
+        assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert r.headers["Vary"] == "Accept-Encoding, Origin"
+        assert r.data == big  # urllib3 decoded the gzip body
+        pre = HTTP.request(
+            "OPTIONS",
+            gw.url + "/",
+            headers={"Origin": "https://app.example", "Access-Control-Request-Method": "GET"},
+        )
+        assert pre.status == 204
+        assert pre.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        no = refused.get("/")
+        assert (no.status, no.data) == (403, b"client address not allowed\n")
+    finally:
+        gw.stop()
+        refused.stop()

@@ -148,17 +148,20 @@ def build_proxy(
     trace_sink: Any = None,
     fallback: WSGIApplication | None = None,
 ) -> Proxy:
-    """Build Trace → RequestID → ConnLimit → RateLimit → CircuitBreaker → Buffer →
-    balancer → Forward from parsed flags.
+    """Build Trace → RequestID → IPAllowList → CORS → Compress → ConnLimit →
+    RateLimit → CircuitBreaker → Buffer → balancer → Forward from parsed flags.
 
     Blocks whose flag is absent are left out; Buffer is there only with ``--retry``.
     """
     from .. import (
+        CORS,
         Buffer,
         CircuitBreaker,
+        Compress,
         ConnLimit,
         Forward,
         HealthCheck,
+        IPAllowList,
         LeastRequest,
         OutlierDetection,
         Rate,
@@ -243,6 +246,19 @@ def build_proxy(
                 lambda: ConnLimit(
                     inner, max_conns=args.conn_limit, source="client.ip", trusted_proxies=trusted
                 ),
+            )
+        # The edge blocks, outermost last: an address outside --ip-allow is
+        # refused before anything else runs; Trace and RequestID still see it.
+        if getattr(args, "compress", False):
+            app = Compress(app)
+        if getattr(args, "cors_origin", None):
+            inner = app
+            app = _block("--cors-origin", lambda: CORS(inner, allow_origins=args.cors_origin))
+        if getattr(args, "ip_allow", None):
+            inner = app
+            app = _block(
+                "--ip-allow",
+                lambda: IPAllowList(inner, args.ip_allow, trusted_proxies=trusted),
             )
         if args.request_id:
             app = RequestID(app)
