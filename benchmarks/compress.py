@@ -187,7 +187,6 @@ def stall(duration: int) -> list[str]:
                 f"| {label} | {alone.p50_ms:.2f} | {alone.p99_ms:.2f} | {loaded.p50_ms:.2f} | "
                 f"{loaded.p99_ms:.2f} | {loaded.rps:.0f} | {dl.count} |"
             )
-            print(rows[-1], flush=True)
         finally:
             proc.stop()
     return [
