@@ -270,20 +270,31 @@ class ForwardAuth:
 
         body = self.auth_app(sub, auth_start_response)
         failure = sub.get(keys.FORWARDAUTH_FAILURE)
-        if failure is None and not head.status:
-            # A lazy app calls start_response on its first chunk.
+        if failure is None:
+            # Read up to the first body byte before deciding: a lazy app calls
+            # start_response only then, and an auth service failing before
+            # its first byte is "unreachable" (Forward's hook records it).
             chunks = iter(body)
-            first = next(chunks, b"")
+            first = b""
+            try:
+                first = next(chunks, b"")
+            except UpstreamError as broken:
+                failure = broken
+            else:
+                failure = sub.get(keys.FORWARDAUTH_FAILURE)
             body = _Prepended(first, chunks, body)
-            if not head.status:
-                _close(body)
-                raise RuntimeError("ForwardAuth: the auth app returned without start_response")
+        if failure is None and not head.status:
+            _close(body)
+            raise RuntimeError("ForwardAuth: the auth app returned without start_response")
         if failure is None and head.status[:1] == "2":
             try:
-                self._grant(environ, head.headers, body)
+                _drain(body)
             except UpstreamError as broken:  # the grant's body broke off
                 failure = broken
             else:
+                failure = sub.get(keys.FORWARDAUTH_FAILURE)
+            if failure is None:
+                self._grant(environ, head.headers)
                 return self.next_app(environ, start_response)
         if failure is not None:
             _close(body)
@@ -298,23 +309,25 @@ class ForwardAuth:
             raise
         return body
 
-    def _grant(
-        self, environ: WSGIEnvironment, headers: list[tuple[str, str]], body: Iterable[bytes]
-    ) -> None:
-        try:
-            seen = 0
-            for chunk in body:
-                seen += len(chunk)
-                if seen > MAX_GRANT_BODY:
-                    break
-        finally:
-            _close(body)
+    def _grant(self, environ: WSGIEnvironment, headers: list[tuple[str, str]]) -> None:
         for lower, key in self.response_headers:
             values = [v for n, v in headers if n.lower() == lower]
             if values:
                 environ[key] = ", ".join(values)
             else:
                 environ.pop(key, None)
+
+
+def _drain(body: Iterable[bytes]) -> None:
+    """Read a granted answer's body (so its connection is reused), then close it."""
+    try:
+        seen = 0
+        for chunk in body:
+            seen += len(chunk)
+            if seen > MAX_GRANT_BODY:
+                break
+    finally:
+        _close(body)
 
 
 def _names(values: Iterable[str], option: str) -> tuple[str, ...]:

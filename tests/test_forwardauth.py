@@ -237,6 +237,28 @@ def test_auth_silent_times_out_to_502(proxy: Any, pywsgi: Any) -> None:
         silent.stop()
 
 
+@pytest.mark.parametrize("status", [b"200 OK", b"401 Unauthorized"], ids=["grant", "deny"])
+def test_auth_dying_before_its_body_is_502(proxy: Any, pywsgi: Any, status: bytes) -> None:
+    def cut(sock: socket.socket, data: bytes) -> None:
+        # A head promising 10 bytes, then the connection closes: no body byte.
+        sock.sendall(b"HTTP/1.1 " + status + b"\r\nX-User: alice\r\nContent-Length: 10\r\n\r\n")
+
+    broken = RawUpstream(cut)
+    try:
+        upstream = Upstream()
+        url = proxy(
+            ForwardAuth(
+                Forward(pywsgi(upstream)), broken.url + "/verify", response_headers=["X-User"]
+            )
+        )
+        resp = HTTP.request("GET", url + "/")
+        assert resp.status == 502
+        assert resp.data == b"authentication service unavailable\n"
+        assert upstream.seen == []
+    finally:
+        broken.stop()
+
+
 def test_auth_connections_are_reused(proxy: Any, pywsgi: Any) -> None:
     service = AuthService()
     url = proxy(ForwardAuth(Forward(pywsgi(Upstream())), pywsgi(service) + "/verify"))
