@@ -8,8 +8,10 @@ never 500; everything a request held is given back.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -442,3 +444,41 @@ def test_forward_alone_answers_a_failure_before_the_first_byte(
     reply = raw_request(url, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", until="close")
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and body == b"hello"
+
+
+def _spool_files() -> set[str]:
+    """The temp files this process holds open (Buffer's spools are unlinked ones)."""
+    tmp = tempfile.gettempdir()
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if path.startswith(tmp + "/"):
+            found.add(f"{fd}:{path}")
+    return found
+
+
+def test_buffer_spool_of_an_aborted_upload_is_freed(proxy: Any, pywsgi: Any) -> None:
+    arrived: list[str] = []
+    slots = MemoryConnStore()
+    app = ConnLimit(
+        Buffer(Forward(pywsgi(reading_app(arrived))), mem_request_body_bytes=64 * 1024),
+        max_conns=64,
+        store=slots,
+    )
+    url = proxy(app)
+    before = _spool_files()
+    clients = []
+    for _ in range(4):
+        sock = socket.create_connection(host_port(url), timeout=10)
+        sock.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (2 * MiB))
+        sock.sendall(b"x" * MiB)
+        clients.append(sock)
+    wait_for(lambda: slots.in_flight("127.0.0.1") == 4 and len(_spool_files() - before) == 4)
+    for sock in clients:
+        reset(sock)
+    wait_for(lambda: len(slots) == 0)
+    assert _spool_files() - before == set()
+    assert arrived == []  # nothing half-read was ever sent upstream
