@@ -22,7 +22,7 @@ from ._buffer.attempt import Capture, Captured, Failed, Final, Streaming, close_
 from ._buffer.store import Overflow, SpillBuffer
 from ._client.exchange import BodySource
 from ._client.request_head import check_framing
-from ._core.exchange import Exchange, exchange_log
+from ._core.exchange import Exchange, counts_against_upstream, exchange_log
 from ._core.iterables import ClosingIterable
 from ._core.observe import client_probe, client_went_away
 from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
@@ -288,7 +288,7 @@ class Buffer:
             if isinstance(outcome, Failed):
                 network = outcome.network_error
             elif new:
-                network = any(x.network_error for x in new)
+                network = any(counts_against_upstream(x) for x in new)
             else:
                 network = outcome.code in (502, 504)
             ctx = Attempt(attempt, outcome.code, network, method)

@@ -36,7 +36,7 @@ from typing import Any
 
 from .. import environ as keys
 from ..exceptions import ClientDisconnected, RequestError, UpstreamError
-from .exchange import Exchange, Mark, mark
+from .exchange import Exchange, Mark, counts_against_upstream, mark
 from .iterables import ClosingIterable
 from .sockets import peer_closed
 from .types import Clock, StartResponse, WSGIApplication, WSGIEnvironment
@@ -248,7 +248,8 @@ class Observation:
             status = self.status
         last = exchanges[-1] if exchanges else None
         upstream_failed = not gone and (
-            isinstance(raised, UpstreamError) or (last is not None and last.network_error)
+            isinstance(raised, UpstreamError)
+            or (last is not None and counts_against_upstream(last))
         )
         return Outcome(
             status,
