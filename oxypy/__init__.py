@@ -35,6 +35,7 @@ from .exceptions import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
+    UpstreamReadError,
     UpstreamTimeout,
 )
 from .extractors import SourceExtractor
@@ -142,5 +143,6 @@ __all__ = [
     "UpstreamConnectError",
     "UpstreamError",
     "UpstreamProtocolError",
+    "UpstreamReadError",
     "UpstreamTimeout",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "UpstreamConnectError",
     "UpstreamError",
     "UpstreamProtocolError",
+    "UpstreamReadError",
     "UpstreamTimeout",
 ]
 
@@ -169,9 +170,17 @@ class UpstreamError(RequestError):
 
 
 class UpstreamConnectError(UpstreamError):
-    """Connection refused, reset, unreachable, DNS or TLS failure (502)."""
+    """The connection could not be opened: refused, unreachable, DNS or TLS failure (502)."""
 
     reason = "upstream unreachable"
+
+
+class UpstreamReadError(UpstreamError):
+    """The connection failed after it was opened: reset or closed while the
+    request was sent or the response was read (502; Trace kind
+    ``upstream_read_error``)."""
+
+    reason = "upstream connection reset"
 
 
 class UpstreamTimeout(UpstreamError):

@@ -8,6 +8,7 @@ the fixture that started it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import socket
@@ -119,6 +120,37 @@ class RawUpstream:
 
     def stop(self) -> None:
         self.server.stop(timeout=1)
+
+
+@contextlib.contextmanager
+def full_backlog() -> Iterator[int]:
+    """A listening port whose accept queue is full: a connect to it times out.
+
+    Fillers connect (blocking, short timeout) until one times out, so the
+    queue is known to be full before the port is handed out (Linux drops the
+    SYNs of a full accept queue).
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port: int = listener.getsockname()[1]
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(64):
+            sock = socket.socket()
+            sock.settimeout(0.2)
+            fillers.append(sock)
+            try:
+                sock.connect(("127.0.0.1", port))
+            except TimeoutError:
+                break
+        else:
+            raise AssertionError("the accept queue never filled")
+        yield port
+    finally:
+        for sock in fillers:
+            sock.close()
+        listener.close()
 
 
 def read_exact_body(sock: socket.socket, data: bytes) -> bytes:

@@ -1,8 +1,10 @@
 """One HTTP/1.1 exchange with an upstream, over a connection from urllib3's pool.
 
 urllib3 owns connections, TLS (verification, SNI, client certificates) and
-pooling.  The per-request path is ours and lean: the request head is written
-in one ``sendall`` (with a small body), and the response is parsed by llhttp
+pooling, reached only through :mod:`oxypy._client.pool`; socket errors become
+oxypy errors only in :mod:`oxypy._client.errors`.  The per-request path is
+ours and lean: the request head is written in one ``sendall`` (with a small
+body), and the response is parsed by llhttp
 (``httptools``), which rejects what a proxy must never relay: an invalid,
 negative or duplicated Content-Length, Content-Length with chunked, NUL or CR
 in header values, a garbage status line.  Interim 1xx responses are skipped.
@@ -14,32 +16,22 @@ closes it and frees the pool slot.
 
 from __future__ import annotations
 
-import socket
-import ssl
 from collections.abc import Iterator
-from queue import Empty
 from typing import Any
 
 import httptools
-from urllib3.connectionpool import HTTPConnectionPool
-from urllib3.exceptions import (
-    ClosedPoolError,
-    ConnectTimeoutError,
-    EmptyPoolError,
-    HTTPError,
-    NewConnectionError,
-    ProxyError,
-    SSLError,
-)
 
-from .._core.sockets import peer_closed, send_all
+from .._core.sockets import send_all
 from ..exceptions import (
     ClientDisconnected,
-    UpstreamConnectError,
+    RequestError,
     UpstreamError,
     UpstreamProtocolError,
+    UpstreamReadError,
     UpstreamTimeout,
 )
+from .errors import READ, SEND, upstream_error
+from .pool import HostPool
 
 __all__ = ["BodySource", "UpstreamResponse", "exchange"]
 
@@ -53,8 +45,11 @@ class BodySource:
     """The request body, read from ``wsgi.input`` as it arrives.
 
     ``length`` is the declared Content-Length, or None for a chunked upload
-    (read to EOF; the server has set ``wsgi.input_terminated``).  Read errors
-    and a short body mean the client went away: :class:`ClientDisconnected`.
+    (read to EOF; the server has set ``wsgi.input_terminated``).  Any failure
+    to read (a socket error, the server's own "client gone" signal) and a
+    short body mean the client went away: :class:`ClientDisconnected` (499),
+    never an upstream error.  A :class:`RequestError` the server raises (a
+    malformed chunked body: 400) passes through.
     """
 
     __slots__ = ("stream", "length", "sent", "_read")
@@ -73,7 +68,9 @@ class BodySource:
             want = RECV_SIZE if remaining is None else min(RECV_SIZE, remaining)
             try:
                 data = read(want)
-            except (OSError, ValueError) as exc:
+            except RequestError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - whatever the server raises: client gone
                 raise ClientDisconnected("client went away during the upload") from exc
             if not data:
                 if remaining is None:
@@ -113,7 +110,7 @@ class UpstreamResponse:
         "_read_timeout",
     )
 
-    def __init__(self, pool: HTTPConnectionPool, conn: Any, max_head: int) -> None:
+    def __init__(self, pool: HostPool, conn: Any, max_head: int) -> None:
         self.pool = pool
         self.conn = conn
         self.sock: Any = None
@@ -203,10 +200,8 @@ class UpstreamResponse:
     def _recv(self) -> bytes:
         try:
             data: bytes = self.sock.recv(RECV_SIZE)
-        except TimeoutError as exc:
-            raise UpstreamTimeout("upstream timed out") from exc
-        except (OSError, ssl.SSLError) as exc:
-            raise UpstreamConnectError("upstream connection reset") from exc
+        except OSError as exc:  # ssl.SSLError and TimeoutError included
+            raise upstream_error(exc, READ) from exc
         self.received += len(data)
         return data
 
@@ -216,7 +211,7 @@ class UpstreamResponse:
             data = self._recv()
             if not data:
                 if self.received == 0:
-                    raise UpstreamConnectError("upstream closed the connection without a response")
+                    raise UpstreamReadError("upstream closed the connection without a response")
                 raise UpstreamProtocolError("upstream closed the connection mid-head")
             self._feed(data)
         if method == "HEAD" or self.status in (204, 304):
@@ -253,22 +248,15 @@ class UpstreamResponse:
         if self._released:
             return
         self._released = True
-        conn = self.conn
         if self.complete and self.reusable and not self.upgraded:
-            self.pool._put_conn(conn)
+            self.pool.checkin(self.conn)
         else:
-            try:
-                conn.close()
-            finally:
-                self.pool._put_conn(None)
+            self.pool.discard(self.conn)
 
     def detach(self) -> Any:
         """Hand the raw socket over (WebSocket tunnel); the pool slot is freed."""
         self._released = True
-        sock = self.sock
-        self.conn.sock = None  # the tunnel owns and closes the socket now
-        self.pool._put_conn(None)
-        return sock
+        return self.pool.detach(self.conn)  # the tunnel owns and closes the socket now
 
     def close(self) -> None:
         if not self.complete:
@@ -276,77 +264,12 @@ class UpstreamResponse:
         self.release()
 
 
-def _checkout(pool: HTTPConnectionPool, pool_timeout: float | None) -> Any:
-    """A connection from the pool, without urllib3's per-checkout poll().
-
-    ``HTTPConnectionPool._get_conn`` checks a reused connection with a poll
-    object (a large share of a small request's CPU under gevent); for plain
-    TCP one non-blocking peek answers the same question.  TLS connections keep
-    urllib3's check, since a peek cannot see through TLS records.
-    """
-    if pool.scheme == "https":
-        return pool._get_conn(timeout=pool_timeout)
-    queue = pool.pool
-    if queue is None:
-        raise ClosedPoolError(pool, "Pool is closed.")
-    try:
-        conn = queue.get(block=pool.block, timeout=pool_timeout)
-    except Empty as exc:
-        if pool.block:
-            raise EmptyPoolError(pool, "Pool is empty.") from exc
-        conn = None
-    if conn is not None and conn.sock is not None and peer_closed(conn.sock):
-        conn.close()
-    return conn or pool._new_conn()
-
-
-def _connect(pool: HTTPConnectionPool, pool_timeout: float | None) -> tuple[Any, bool]:
-    try:
-        conn: Any = _checkout(pool, pool_timeout)
-    except (EmptyPoolError, ClosedPoolError) as exc:
-        raise UpstreamConnectError("no upstream connection available") from exc
-    reused = conn.sock is not None
-    if not reused:
-        try:
-            conn.connect()
-        except BaseException as exc:
-            conn.close()
-            pool._put_conn(None)
-            raise _connect_error(exc) from exc
-    return conn, reused
-
-
-def _connect_error(exc: BaseException) -> BaseException:
-    """Map a failed connect to 504 (timeout) or 502 (anything else)."""
-    # NewConnectionError subclasses ConnectTimeoutError in urllib3 2.x: test it first.
-    if isinstance(exc, NewConnectionError):
-        cause = exc.__cause__ or exc.__context__
-        if isinstance(cause, socket.timeout):
-            return UpstreamTimeout("upstream connect timed out")
-    elif isinstance(exc, (ConnectTimeoutError, socket.timeout)):
-        return UpstreamTimeout("upstream connect timed out")
-    elif not isinstance(exc, (ProxyError, SSLError, OSError, HTTPError)):
-        return exc
-    text = str(exc).lower()
-    if isinstance(exc, (SSLError, ssl.SSLError)) or "ssl" in text or "certificate" in text:
-        reason = "TLS handshake with upstream failed"
-    elif "refused" in text:
-        reason = "upstream refused the connection"
-    elif "name or service" in text or "resolution" in text or "nodename" in text:
-        reason = "upstream host name does not resolve"
-    else:
-        reason = "upstream unreachable"
-    err = UpstreamConnectError(reason)
-    err.before_send = True
-    return err
-
-
 def _frame_chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 def exchange(
-    pool: HTTPConnectionPool,
+    pool: HostPool,
     method: str,
     head: bytes,
     body: BodySource | None,
@@ -359,12 +282,13 @@ def exchange(
 ) -> UpstreamResponse:
     """Send one request and read the final response head.
 
-    A request without a body that meets a stale keep-alive connection (closed
-    before any response byte) is sent once more on a fresh connection; no
-    request with a body is ever sent twice here.
+    A request without a body that meets a stale keep-alive connection (reset
+    or closed before any response byte) is sent once more on a fresh
+    connection; no request with a body is ever sent twice here.  Connect
+    errors come from :meth:`HostPool.checkout`, already mapped.
     """
     for attempt in (1, 2):
-        conn, reused = _connect(pool, pool_timeout)
+        conn, reused = pool.checkout(pool_timeout)
         resp = UpstreamResponse(pool, conn, max_head)
         try:
             sock = conn.sock
@@ -373,13 +297,11 @@ def exchange(
             _send(resp, sock, method, head, body, chunked, expect_timeout, read_timeout)
             resp.read_head(method)
             return resp
-        except UpstreamConnectError as exc:
+        except UpstreamReadError:
             resp.close()
             stale = reused and resp.received == 0 and body is None and method in IDEMPOTENT
             if stale and attempt == 1:
                 continue
-            if resp.received == 0 and body is None:
-                exc.before_send = False
             raise
         except BaseException:
             resp.close()
@@ -409,7 +331,7 @@ def _send(
                 while not resp.head_done:
                     data = resp._recv()
                     if not data:
-                        raise UpstreamConnectError("upstream closed the connection")
+                        raise UpstreamReadError("upstream closed the connection")
                     resp._feed(data)
                     if resp.interim and not resp.head_done:
                         break  # 100 Continue arrived: send the body
@@ -439,8 +361,8 @@ def _send(
         if pending or tail:
             send_all(sock, pending + tail)
     except TimeoutError as exc:
-        raise UpstreamTimeout("upstream timed out receiving the request") from exc
-    except (OSError, ssl.SSLError) as exc:
+        raise upstream_error(exc, SEND) from exc
+    except OSError as exc:  # ssl.SSLError included
         # The upstream may have answered early (413, 401) and closed: read it.
         try:
             sock.settimeout(min(read_timeout or 1.0, 1.0))
@@ -449,4 +371,4 @@ def _send(
             return
         except UpstreamError:
             pass
-        raise UpstreamConnectError("upstream connection reset while sending") from exc
+        raise upstream_error(exc, SEND) from exc

@@ -15,9 +15,11 @@ from .._core.headers import (
     HOP_BY_HOP_ENVIRON,
     connection_tokens,
     environ_to_header,
+    header_to_environ,
 )
 from .._core.net import TrustedProxies, normalize_ip
 from .._core.types import WSGIEnvironment
+from .._core.urls import origin_form
 from ..exceptions import BadRequest, RequestError
 
 __all__ = ["Framing", "build_headers", "check_framing", "request_target"]
@@ -82,9 +84,7 @@ def request_target(environ: WSGIEnvironment, base_path: str) -> str:
     raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     target = None
     if raw:
-        if raw[0] != "/" and "://" in raw:  # absolute-form: keep path and query
-            slash = raw.find("/", raw.find("://") + 3)
-            raw = raw[slash:] if slash >= 0 else "/"
+        raw = origin_form(raw)
         raw_path, sep, raw_query = raw.partition("?")
         if raw_path == path or unquote_to_bytes(raw_path).decode("latin-1") == path:
             if raw_query == query:
@@ -149,7 +149,7 @@ def build_headers(
     named = environ.get("HTTP_CONNECTION")
     if named:
         tokens = connection_tokens(named)
-        drop = drop | {"HTTP_" + t.upper().replace("-", "_") for t in tokens}
+        drop = drop | {header_to_environ(t) for t in tokens}
     peer = environ.get("REMOTE_ADDR")
     peer_trusted = trusted.trusts(peer) if trusted else False
     if not peer_trusted:

@@ -13,7 +13,10 @@ Servers expose the client connection differently:
 * gunicorn ``-k gevent`` (gunicorn's own parser) drops body bytes after a 101,
   so the raw ``gunicorn.socket`` is taken over, the tunnel runs to its end, and
   ``StopIteration`` tells gunicorn the connection was handled.
-* gevent-websocket answers the handshake itself: see :mod:`oxypy._wsrelay`.
+* gevent-websocket answers the handshake itself: see :mod:`oxypy._tunnel.ws_relay`.
+
+The tunnel depends on ``_client`` (the upstream response it takes the socket
+from) and ``_core`` only; Forward calls it, never the other way round.
 """
 
 from __future__ import annotations
@@ -22,19 +25,17 @@ import logging
 import socket
 import time
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gevent
 
 from .._client.exchange import UpstreamResponse
+from .._core.exchange import Exchange
 from .._core.headers import HOP_BY_HOP
 from .._core.types import StartResponse, WSGIEnvironment
-from ..errors import respond_error
+from ..errors import ErrorHandler, respond_error
 from ..exceptions import UpstreamProtocolError
-
-if TYPE_CHECKING:
-    from .._core.exchange import Exchange
-    from ..forward import Forward
+from .ws_relay import relay_messages
 
 __all__ = ["relay_upgrade"]
 
@@ -45,30 +46,34 @@ LINGER = 5.0
 
 
 def relay_upgrade(
-    fwd: Forward,
     environ: WSGIEnvironment,
     start_response: StartResponse,
     resp: UpstreamResponse,
     record: Exchange,
     requested: str | None,
+    *,
+    idle_timeout: float | None,
+    error_handler: ErrorHandler,
 ) -> Iterable[bytes]:
-    """Answer the client's upgrade with the upstream's 101 and join the sockets."""
+    """Answer the client's upgrade with the upstream's 101 and join the sockets.
+
+    ``idle_timeout`` bounds how long either side may stay silent; a 101 for a
+    protocol the client did not ask for is answered through ``error_handler``.
+    """
     offered = next((v for n, v in resp.headers if n.lower() == "upgrade"), None)
     if requested is None or offered is None or offered.strip().lower() != requested.lower():
         resp.close()
         exc = UpstreamProtocolError("upstream switched to a protocol the client did not ask for")
         record.error = exc
-        return respond_error(fwd.error_handler, environ, start_response, exc)
+        return respond_error(error_handler, environ, start_response, exc)
     headers = [(n, v) for n, v in resp.headers if n.lower() not in HOP_BY_HOP]
     headers.append(("Connection", "Upgrade"))
     headers.append(("Upgrade", offered))
     leftover = resp.leftover
     upstream = resp.detach()
-    upstream.settimeout(fwd.tunnel_idle_timeout)
+    upstream.settimeout(idle_timeout)
 
     if "wsgi.websocket" in environ:
-        from .ws_relay import relay_messages
-
         return relay_messages(environ, upstream, leftover, record)
 
     if "gunicorn.socket" in environ and "gunicorn.sock" not in environ:
@@ -78,7 +83,7 @@ def relay_upgrade(
         head.append("\r\n")
         try:
             client.sendall("".join(head).encode("latin-1") + leftover)
-            client.settimeout(fwd.tunnel_idle_timeout)
+            client.settimeout(idle_timeout)
             _join(client.recv, client, upstream)
         finally:
             record.ended = time.monotonic()

@@ -15,14 +15,14 @@ import os
 import struct
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gevent
 
-if TYPE_CHECKING:
-    from .._core.exchange import Exchange
+from .._core.exchange import Exchange
 
 __all__ = ["relay_messages"]
+
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 #: Largest message relayed (gevent-websocket itself has no cap).
