@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Literal, Protocol
 
+from ._core.headers import header_to_environ
 from ._core.net import TrustedProxies
 from ._core.types import WSGIEnvironment
 from .exceptions import BadRequest, ConfigurationError
@@ -50,9 +51,7 @@ def _request_host(environ: WSGIEnvironment) -> str | None:
 
 
 def _header(name: str) -> SourceExtractor:
-    key = name.upper().replace("-", "_")
-    if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-        key = "HTTP_" + key
+    key = header_to_environ(name)
 
     def header(environ: WSGIEnvironment) -> str | None:
         value = environ.get(key)

@@ -17,6 +17,7 @@ import urllib3
 
 from ._core.deprecation import keyword_only_since
 from ._core.types import StartResponse, WSGIEnvironment
+from ._core.urls import parse_target_url
 from .exceptions import ConfigurationError
 
 __all__ = ["RedirectFallback", "ResponseFallback", "Webhook"]
@@ -25,11 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def _check_http_url(url: str, what: str) -> None:
-    parts = urlsplit(url) if isinstance(url, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigurationError(f"{what} must be an absolute http(s) URL, got {url!r}")
-    if any(ch in url for ch in "\r\n\t "):
-        raise ConfigurationError(f"{what} must not contain whitespace: {url!r}")
+    parse_target_url(url, what=what, allow_query=True)
 
 
 class ResponseFallback:

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import environ as keys
 from ._core.deprecation import keyword_only_since
+from ._core.headers import header_to_environ
 from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .exceptions import ConfigurationError
 
@@ -87,7 +88,7 @@ class RequestID:
         self.next_app = next_app
         self.header = header
         self.header_lower = header.lower()
-        self.environ_key = "HTTP_" + header.upper().replace("-", "_")
+        self.environ_key = header_to_environ(header)
         self.generator = generator or _mint
         self.trust_incoming = trust_incoming
         self.skip = skip

@@ -15,6 +15,7 @@ from urllib.parse import quote, unquote_to_bytes
 from . import environ as keys
 from ._core.deprecation import keyword_only_since
 from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from ._core.urls import origin_form
 from .exceptions import ConfigurationError
 
 __all__ = ["Rewrite"]
@@ -263,9 +264,7 @@ class Rewrite:
         raw_script = raw_rest = None
         raw_query = None
         if raw:
-            if raw[0] != "/" and "://" in raw:  # absolute-form: keep path and query
-                slash = raw.find("/", raw.find("://") + 3)
-                raw = raw[slash:] if slash >= 0 else "/"
+            raw = origin_form(raw)
             raw_path, sep, rq = raw.partition("?")
             split = _split_raw(raw_path, script)
             if split is not None and _decode(split[1]) == path_info:

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from . import environ as keys
+from ._core.headers import header_to_environ
 from ._core.net import TrustedProxies, normalize_ip
 from ._core.observe import Observation, error_kind, observe
 from ._core.tracewriter import TraceWriter
@@ -88,11 +89,6 @@ def tls_info(environ: WSGIEnvironment) -> dict[str, str] | None:
     if cipher:
         info["cipher"] = str(cipher)
     return info
-
-
-def _header_key(name: str) -> str:
-    upper = name.upper().replace("-", "_")
-    return upper if upper in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_" + upper
 
 
 #: One compact encoder, built once (``json.dumps`` with options builds one per call).
@@ -279,7 +275,7 @@ class Trace:
             raise ConfigurationError("queue_size must be >= 1")
         self.next_app = next_app
         self.request_headers = tuple(
-            (name.lower(), _header_key(name)) for name in _names(request_headers)
+            (name.lower(), header_to_environ(name)) for name in _names(request_headers)
         )
         self.response_headers = frozenset(name.lower() for name in _names(response_headers))
         self.trusted = TrustedProxies(trusted_proxies) if trusted_proxies is not None else None

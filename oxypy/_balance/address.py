@@ -6,8 +6,7 @@ name servers the same way through :func:`parse_server`.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
+from .._core.urls import parse_target_url
 from ..exceptions import ConfigurationError
 
 __all__ = ["ServerSpec", "check_weight", "parse_server"]
@@ -26,21 +25,10 @@ def parse_server(url: object) -> tuple[str, str]:
     """
     if not isinstance(url, str):
         raise ConfigurationError(f"server URL must be a string, got {url!r}")
-    parts = urlsplit(url.strip())
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigurationError(f"server URL must be http(s)://host[:port][/path]: {url!r}")
-    if parts.query or parts.fragment:
-        raise ConfigurationError(f"server URL must not carry a query or fragment: {url!r}")
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigurationError(f"invalid port in server URL {url!r}") from exc
-    host = parts.hostname
-    shown = f"[{host}]" if ":" in host else host
-    default = 443 if scheme == "https" else 80
-    target = f"{scheme}://{shown}{'' if port is None else f':{port}'}{parts.path}"
-    identity = f"{scheme}://{shown}:{port or default}{parts.path or '/'}"
+    parsed = parse_target_url(url.strip(), what="server URL")
+    scheme, shown, port = parsed.scheme, parsed.shown_host, parsed.explicit_port
+    target = f"{scheme}://{shown}{'' if port is None else f':{port}'}{parsed.path}"
+    identity = f"{scheme}://{shown}:{parsed.port}{parsed.path or '/'}"
     return target, identity
 
 

@@ -16,7 +16,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+
+from .._core.urls import parse_target_url
 
 if TYPE_CHECKING:
     from .._core.types import WSGIApplication
@@ -78,19 +79,9 @@ def parse_rate(text: str) -> tuple[float, float, int | None]:
 
 
 def parse_upstream(text: str) -> str:
-    """An upstream base URL: ``http(s)://host[:port][/path]``, no query or fragment."""
-    try:
-        parts = urlsplit(text)
-        port = parts.port  # raises ValueError on a bad port
-    except ValueError as exc:
-        raise ValueError(f"invalid URL {text!r}: {exc}") from None
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"upstream must be an http:// or https:// URL, got {text!r}")
-    if not parts.hostname:
-        raise ValueError(f"upstream URL has no host: {text!r}")
-    if parts.query or parts.fragment or parts.username or parts.password:
-        raise ValueError(f"upstream URL must not carry a query, fragment or userinfo: {text!r}")
-    del port
+    """An upstream base URL: ``http(s)://host[:port][/path]``, no query, fragment or userinfo."""
+    # ConfigurationError is a ValueError: argparse reports its message.
+    parse_target_url(text, what="upstream", allow_userinfo=False)
     return text
 
 

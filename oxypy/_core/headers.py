@@ -24,8 +24,14 @@ X_REAL_IP = "X-Real-Ip"
 RETRY_AFTER = "Retry-After"
 SET_COOKIE = "Set-Cookie"
 
-#: Lower-cased hop-by-hop header names, never forwarded in either direction.
-#: "trailers" is not a header (oxy's list gets that wrong); "trailer" is.
+#: Lower-cased hop-by-hop header names, never forwarded in either direction
+#: and never written by the embedded server for an app: the one set oxypy uses.
+#: It is Go's ``net/http/httputil`` list (what oxy v2 forwards with), which is
+#: RFC 9110 §7.6.1 plus ``Proxy-Authenticate``/``Proxy-Authorization``: those
+#: two are addressed to the proxy that demanded authentication (RFC 9110
+#: §11.7.1-2), so relaying a client's proxy credentials to the upstream would
+#: leak them.  "trailers" is not a header (oxy's legacy list gets that wrong);
+#: "trailer" is.
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -76,7 +82,10 @@ def environ_to_header(key: str) -> str:
 
 
 def header_to_environ(name: str) -> str:
-    """``X-Foo-Bar`` -> ``HTTP_X_FOO_BAR``."""
+    """``X-Foo-Bar`` -> ``HTTP_X_FOO_BAR``; ``Content-Type``/``Content-Length`` keep no prefix.
+
+    The one mapping from a header name to its WSGI environ key (PEP 3333).
+    """
     key = name.upper().replace("-", "_")
     if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
         return key

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .._core.headers import HOP_BY_HOP
+
 __all__ = [
     "BODY",
     "END",
@@ -20,17 +22,8 @@ LINGER_SECONDS = 1.0
 #: Parser events queued by a connection: a head, a body piece, the end.
 HEAD, BODY, END = 0, 1, 2
 NO_BODY_STATUS = frozenset({204, 304})
-HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-    }
-)
+#: Hop-by-hop response headers the server never takes from an app: the one set.
+HOP = HOP_BY_HOP
 
 
 class BadRequest(Exception):
