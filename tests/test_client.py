@@ -201,7 +201,7 @@ def test_client_abort_during_upload_is_499_and_closes_the_upstream(proxy: Any) -
         assert isinstance(error, ClientDisconnected) and error.status == 499
         (record,) = seen[0][EXCHANGES]
         assert record.error is error
-        assert record.network_error is False
+        assert record.network_error is False and record.client_aborted is True
         assert fwd._target(upstream.url).pool.idle == 0  # not returned to the pool
         assert upstream.opened == 1
     finally:
