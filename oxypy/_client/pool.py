@@ -25,6 +25,7 @@ The interface the rest of oxypy sees is :class:`Pools` (one per Forward) and
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import weakref
@@ -41,6 +42,8 @@ from ..exceptions import UpstreamConnectError
 from .errors import CONNECT, map_exceptions
 
 __all__ = ["HostPool", "Pools"]
+
+log = logging.getLogger(__name__)
 
 #: Attribute stamped on a pooled connection: when it went idle (clock seconds).
 _IDLE_SINCE = "_oxypy_idle_since"
@@ -192,9 +195,13 @@ class HostPool:
 class Pools:
     """Forward's upstream pools: one :class:`HostPool` per ``scheme://host:port``.
 
-    With an idle bound, a greenlet sweeps idle connections every half bound
-    (at most every 30 s) so an idle process releases them too; it holds the
-    pools weakly and ends with :meth:`close` or when Forward is collected.
+    With an idle bound, a timer on the gevent hub sweeps idle connections
+    every half bound (at most every 30 s), so an idle process releases them
+    too.  It is a loop timer, not a greenlet: the sweep never blocks (it only
+    closes sockets), the timer does not keep the hub alive (``ref=False``),
+    it holds the pools weakly and stops with :meth:`close` or once Forward is
+    collected.  Under a server without a gevent hub only the checkout check
+    runs.
     """
 
     def __init__(
@@ -209,7 +216,7 @@ class Pools:
         self._hosts: weakref.WeakValueDictionary[tuple[str, str, int], HostPool] = (
             weakref.WeakValueDictionary()
         )
-        self._sweeper: gevent.Greenlet | None = None
+        self._sweeper: Any = None  # the hub's timer watcher
 
     def host(self, scheme: str, host: str, port: int) -> HostPool:
         """The pool for one upstream (created by the manager on first use)."""
@@ -226,8 +233,22 @@ class Pools:
         # construction, which may run in a pre-fork master).
         assert self.idle_timeout is not None
         interval = min(max(self.idle_timeout / 2, 0.05), 30.0)
+        timer = gevent.get_hub().loop.timer(interval, interval, ref=False)
+        ref = weakref.ref(self)
+
+        def tick() -> None:
+            pools = ref()
+            if pools is None or pools._sweeper is not timer:
+                timer.close()
+                return
+            try:
+                pools.sweep()
+            except Exception:  # noqa: BLE001 - a timer callback must never raise into the hub
+                log.warning("sweeping idle upstream connections failed", exc_info=True)
+
         _ALL.add(self)
-        self._sweeper = gevent.spawn(_sweep_forever, weakref.ref(self), interval)
+        self._sweeper = timer
+        timer.start(tick)
 
     def sweep(self) -> int:
         """Close every connection idle longer than the bound, in every pool."""
@@ -235,9 +256,9 @@ class Pools:
 
     def close(self) -> None:
         """Close every pooled connection and stop the sweeper."""
-        if self._sweeper is not None:
-            self._sweeper.kill(block=False)
-            self._sweeper = None
+        timer, self._sweeper = self._sweeper, None
+        if timer is not None:
+            timer.close()
         self.manager.clear()
 
 
@@ -247,18 +268,8 @@ _ALL: weakref.WeakSet[Pools] = weakref.WeakSet()
 
 def _forget_sweepers() -> None:
     for pools in list(_ALL):
-        pools._sweeper = None
+        pools._sweeper = None  # the inherited timer stops itself at its next tick
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_sweepers)
-
-
-def _sweep_forever(ref: weakref.ref[Pools], interval: float) -> None:
-    while True:
-        gevent.sleep(interval)
-        pools = ref()
-        if pools is None:
-            return
-        pools.sweep()
-        del pools
