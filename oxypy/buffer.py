@@ -11,6 +11,7 @@ attempt's response is the one the client gets.  ``text/event-stream`` and
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -126,6 +127,13 @@ class Buffer:
         decision is made on the response head and the body streams).
     :param retry_backoff: ``(base, max)`` seconds: sleep a random time in
         ``[0, min(max, base * 2**(n-1))]`` before retry n (full jitter).
+    :param rng: the ``random.Random`` the backoff jitter is drawn from (default:
+        a private one per instance, never the global ``random`` module); tests
+        pass a seeded one.
+    :param spool_dir: directory for the temp files of bodies over the memory
+        thresholds (default: the system temp dir, ``tempfile.gettempdir()``).
+        The files are anonymous (unlinked at creation) and closed when the
+        request ends.  Must be an existing directory, else ConfigurationError.
     :param sleep: how to wait (``gevent.sleep``); tests inject a fake.
     :param error_handler: ``(environ, start_response, exc)`` for request errors.
     :param skip: ``callable(environ) -> bool``; True passes the request straight on.
@@ -154,6 +162,8 @@ class Buffer:
         buffer_request: bool = True,
         buffer_response: bool = True,
         retry_backoff: tuple[float, float] | None = None,
+        rng: random.Random | None = None,
+        spool_dir: str | os.PathLike[str] | None = None,
         sleep: Callable[[float], object] = gevent.sleep,
         error_handler: ErrorHandler = default_error_handler,
         skip: Skip | None = None,
@@ -183,6 +193,14 @@ class Buffer:
                 raise ConfigurationError("retry_backoff base must not exceed max")
         if retry is not None and not isinstance(retry, str):
             raise ConfigurationError("retry must be a predicate string or None")
+        if rng is not None and not isinstance(rng, random.Random):
+            raise ConfigurationError("rng must be a random.Random or None")
+        if spool_dir is not None:
+            if not isinstance(spool_dir, (str, os.PathLike)):
+                raise ConfigurationError("spool_dir must be a directory path or None")
+            spool_dir = os.fspath(spool_dir)
+            if not isinstance(spool_dir, str) or not os.path.isdir(spool_dir):
+                raise ConfigurationError(f"spool_dir {spool_dir!r} is not an existing directory")
         self.next_app = next_app
         self.retry: Predicate | None = (
             compile_predicate(retry, RETRY_FUNCS) if retry is not None else None
@@ -195,6 +213,8 @@ class Buffer:
         self.buffer_request = buffer_request
         self.buffer_response = buffer_response
         self.retry_backoff = retry_backoff
+        self._rng = rng if rng is not None else random.Random()
+        self.spool_dir: str | None = spool_dir
         self.sleep = sleep
         self.error_handler = error_handler
         self.skip = skip
@@ -246,7 +266,7 @@ class Buffer:
         length = framing.length
         if length is not None and self.max_request is not None and length > self.max_request:
             raise BodyTooLarge(f"request body of {length} bytes is over the limit")
-        store = SpillBuffer(self.mem_request, self.max_request)
+        store = SpillBuffer(self.mem_request, self.max_request, self.spool_dir)
         try:
             for data in BodySource(environ["wsgi.input"], length).chunks():
                 store.write(data)
@@ -311,7 +331,7 @@ class Buffer:
         probe = client_probe(environ)
         if self.retry_backoff is not None:
             low, high = self.retry_backoff
-            delay = random.uniform(0.0, min(high, low * 2 ** (attempt - 1)))
+            delay = self._rng.uniform(0.0, min(high, low * 2 ** (attempt - 1)))
             while delay > 0:
                 if probe is not None and probe():
                     return False
@@ -323,7 +343,7 @@ class Buffer:
     def _buffered(
         self, env: WSGIEnvironment, start_response: StartResponse
     ) -> Captured | Failed | Final:
-        store = SpillBuffer(self.mem_response, self.max_response)
+        store = SpillBuffer(self.mem_response, self.max_response, self.spool_dir)
         capture = Capture(store, start_response)
         result: Iterable[bytes] | None = None
         try:
@@ -394,7 +414,7 @@ class Buffer:
     def _head_only(
         self, env: WSGIEnvironment, start_response: StartResponse
     ) -> Captured | Failed | Final:
-        store = SpillBuffer(self.mem_response, None)
+        store = SpillBuffer(self.mem_response, None, self.spool_dir)
         capture = Capture(store, None)
         result: Iterable[bytes] | None = None
         try:

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -239,3 +240,16 @@ def raw_request(url: str, data: bytes, *, timeout: float = 5.0, until: str = "re
 def stream_sleep(seconds: float) -> Iterator[None]:
     gevent.sleep(seconds)
     yield None
+
+
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.01
+) -> None:
+    """Poll ``predicate`` (cooperatively) until it is true; fail the test after ``timeout``.
+
+    The one way tests wait for something to happen: never a bare sleep.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        gevent.sleep(interval)

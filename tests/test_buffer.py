@@ -6,14 +6,16 @@ import gc
 import hashlib
 import json
 import os
+import random
 import socket
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import gevent
+import gevent.event
 import psutil
 import pytest
 import urllib3
@@ -23,7 +25,7 @@ from oxypy import environ as keys
 from oxypy.buffer import RETRY_FUNCS, Attempt, Buffer, should_retry
 from oxypy.predicate import compile_predicate
 
-from _servers import RawUpstream, raw_request, read_exact_body
+from _servers import RawUpstream, raw_request, read_exact_body, wait_for
 
 HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=20))
 App = Callable[..., Any]
@@ -530,19 +532,22 @@ def test_environ_per_attempt(proxy: Any) -> None:
     ]
 
 
-def test_backoff_uses_injected_sleep(proxy: Any) -> None:
+def test_backoff_uses_injected_sleep_and_rng(proxy: Any) -> None:
     slept: list[float] = []
     seen: list[tuple[int, str]] = []
     app = Buffer(
         balancer(Forward(), [dead_url()], seen),
         retry="IsNetworkError() && Attempts() < 4",
         retry_backoff=(0.01, 0.02),
+        rng=random.Random(7),
         sleep=slept.append,
     )
+    global_state = random.getstate()
     assert HTTP.request("GET", proxy(app) + "/").status == 502
+    assert random.getstate() == global_state  # the global random module is never used
     assert len(seen) == 4
-    assert all(0 <= s <= 0.02 for s in slept)
-    assert sum(slept) <= 0.01 + 0.02 + 0.02 + 1e-9
+    jitter = random.Random(7)  # full jitter: uniform(0, min(max, base * 2**(n-1)))
+    assert slept == [jitter.uniform(0.0, cap) for cap in (0.01, 0.02, 0.02)]
 
 
 def test_skip(proxy: Any, echo_upstream: str) -> None:
@@ -554,31 +559,67 @@ def test_skip(proxy: Any, echo_upstream: str) -> None:
 
 def test_client_disconnect_stops_retry_loop(proxy: Any) -> None:
     seen: list[tuple[int, str]] = []
-    app = Buffer(
+    in_backoff = gevent.event.Event()
+    client_closed = gevent.event.Event()
+    finished = gevent.event.Event()
+
+    def sleep(seconds: float) -> None:
+        in_backoff.set()
+        assert client_closed.wait(10)
+        gevent.sleep(seconds)
+
+    buffer = Buffer(
         balancer(Forward(), [dead_url()], seen),
         retry="IsNetworkError()",
         retry_backoff=(0.3, 0.3),
+        sleep=sleep,
     )
-    url = proxy(app)
+
+    def watched(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        try:
+            return buffer(environ, start_response)
+        finally:
+            finished.set()  # the retry loop runs inside the call
+
+    url = proxy(watched)
     host, port = url.split("//")[1].split(":")
     sock = socket.create_connection((host, int(port)))
     sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-    gevent.sleep(0.2)
+    assert in_backoff.wait(10)  # the first attempt failed; waiting before the second
     sock.close()
-    gevent.sleep(1.5)
-    settled = len(seen)
-    gevent.sleep(1.0)
-    assert len(seen) == settled
-    assert settled < 11
+    client_closed.set()
+    assert finished.wait(10)
+    assert len(seen) == 1  # never retried for a client that has gone (else 11 attempts)
 
 
 # ------------------------------------------------------------------ big upload
 
 
 @pytest.mark.slow
-def test_50_mib_upload_spills_to_disk(proxy: Any, pywsgi: Any) -> None:
-    live = pywsgi(sink_app)
-    url = proxy(Buffer(Forward(live), retry="IsNetworkError() && Attempts() < 2"))
+def test_50_mib_upload_spills_to_disk(proxy: Any, pywsgi: Any, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    spilled_at_upstream: list[set[str]] = []
+
+    def spool_files() -> set[str]:
+        """This process's open files in the spool dir (anonymous: only /proc shows them)."""
+        found = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                path = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if path.startswith(f"{spool}{os.sep}"):
+                found.add(f"{fd}:{path}")
+        return found
+
+    def upstream(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        spilled_at_upstream.append(spool_files())  # the request body is in flight now
+        return sink_app(environ, start_response)
+
+    live = pywsgi(upstream)
+    buffer = Buffer(Forward(live), retry="IsNetworkError() && Attempts() < 2", spool_dir=spool)
+    url = proxy(buffer)
     block = bytes(range(256)) * 256  # 64 KiB
     count = 800  # 50 MiB
     expected = hashlib.sha256()
@@ -586,22 +627,6 @@ def test_50_mib_upload_spills_to_disk(proxy: Any, pywsgi: Any) -> None:
         expected.update(block)
     gc.collect()
     proc = psutil.Process()
-    tmp = tempfile.gettempdir()
-
-    def temp_files() -> set[str]:
-        found = set()
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                path = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                continue
-            if path.startswith(tmp + "/"):
-                found.add(f"{fd}:{path}")
-        return found
-
-    temps_before = temp_files()
-    temps_during: set[str] = set()
-    listing_before = set(os.listdir(tmp))
     rss_before = proc.memory_info().rss
     peak = [rss_before]
     done = gevent.event.Event()
@@ -609,7 +634,6 @@ def test_50_mib_upload_spills_to_disk(proxy: Any, pywsgi: Any) -> None:
     def sample() -> None:
         while not done.is_set():
             peak[0] = max(peak[0], proc.memory_info().rss)
-            temps_during.update(temp_files() - temps_before)
             gevent.sleep(0.02)
 
     sampler = gevent.spawn(sample)
@@ -635,10 +659,20 @@ def test_50_mib_upload_spills_to_disk(proxy: Any, pywsgi: Any) -> None:
     assert head.startswith(b"HTTP/1.1 200 ")
     assert json.loads(body) == {"len": len(block) * count, "sha": expected.hexdigest()}
     assert peak[0] - rss_before < 10 * 1024 * 1024, (peak[0] - rss_before) / 2**20
-    gevent.sleep(0.1)
-    assert temps_during, "the body never went to a temp file"
-    assert temp_files() == temps_before
-    assert set(os.listdir(tmp)) - listing_before == set()
+    assert len(spilled_at_upstream) == 1 and len(spilled_at_upstream[0]) == 1, spilled_at_upstream
+    wait_for(lambda: not spool_files())  # closed with the response
+    assert os.listdir(spool) == []  # anonymous files: never a name on disk
+
+
+def test_spool_dir_must_be_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="spool_dir"):
+        Buffer(text_app(b""), spool_dir=tmp_path / "missing")
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(ConfigurationError, match="spool_dir"):
+        Buffer(text_app(b""), spool_dir=tmp_path / "file")
+    with pytest.raises(ConfigurationError, match="spool_dir"):
+        Buffer(text_app(b""), spool_dir=3)  # type: ignore[arg-type]
+    assert Buffer(text_app(b""), spool_dir=str(tmp_path)).spool_dir == str(tmp_path)
 
 
 def test_body_too_large_is_exported() -> None:

@@ -2,8 +2,9 @@
 
 A :class:`SpillBuffer` holds one body.  Bytes go to memory until the memory
 threshold would be passed, then everything moves to an anonymous
-``tempfile.TemporaryFile`` (unlinked at creation, so nothing is left on disk
-even if the process dies).  :meth:`SpillBuffer.reader` hands out independent
+``tempfile.TemporaryFile`` in the spool directory (the system temp dir unless
+given; unlinked at creation, so nothing is left on disk even if the process
+dies).  :meth:`SpillBuffer.reader` hands out independent
 readers positioned at 0, one per attempt, so a retry replays the body
 byte-exact; :meth:`SpillBuffer.close` releases the file exactly once.
 """
@@ -29,11 +30,21 @@ class Overflow(Exception):
 class SpillBuffer:
     """One body, in memory up to ``mem_limit`` bytes, then in a temp file."""
 
-    __slots__ = ("mem_limit", "max_size", "size", "_mem", "_frozen", "_file", "_closed")
+    __slots__ = (
+        "mem_limit",
+        "max_size",
+        "spool_dir",
+        "size",
+        "_mem",
+        "_frozen",
+        "_file",
+        "_closed",
+    )
 
-    def __init__(self, mem_limit: int, max_size: int | None) -> None:
+    def __init__(self, mem_limit: int, max_size: int | None, spool_dir: str | None = None) -> None:
         self.mem_limit = mem_limit
         self.max_size = max_size
+        self.spool_dir = spool_dir
         self.size = 0
         self._mem = bytearray()
         self._frozen: bytes | None = None
@@ -52,7 +63,7 @@ class SpillBuffer:
             raise Overflow(size)
         self._frozen = None
         if self._file is None and size > self.mem_limit:
-            self._file = tempfile.TemporaryFile()
+            self._file = tempfile.TemporaryFile(dir=self.spool_dir)
             if self._mem:
                 self._file.write(self._mem)
                 self._mem = bytearray()
