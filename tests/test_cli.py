@@ -540,15 +540,19 @@ def test_sigterm_lets_an_in_flight_request_finish(
     oxypy: Callable[..., Running], pywsgi: Callable[[Any], str]
 ) -> None:
     import gevent
+    import gevent.event
+
+    arrived = gevent.event.Event()
 
     def slow(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        gevent.sleep(1.0)
+        arrived.set()
+        gevent.sleep(1.0)  # the slow upstream: still answering when SIGTERM comes
         start_response("200 OK", [("Content-Length", "4")])
         return [b"done"]
 
     gw = oxypy("proxy", "--listen", "127.0.0.1:0", pywsgi(slow), "--graceful-timeout", "5")
     pending = gevent.spawn(gw.get, "/slow")
-    time.sleep(0.3)  # the request is in flight upstream
+    assert arrived.wait(10)  # the request is in flight upstream
     gw.stop()
     response = pending.get(timeout=5)
     assert (response.status, response.data) == (200, b"done")

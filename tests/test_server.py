@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import psutil
 import pytest
 import urllib3
 
-from _servers import raw_request
+from _servers import raw_request, wait_for
 
 HTTP = urllib3.PoolManager(retries=False, timeout=10)
 
@@ -327,24 +328,22 @@ GRACEFUL_APP = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port: int = s.getsockname()[1]
-    s.close()
+def _listening_ports(proc: subprocess.Popen[bytes]) -> set[int]:
+    """The TCP ports ``proc`` listens on now (none once it has exited)."""
+    try:
+        process = psutil.Process(proc.pid)
+        conns = process.net_connections(kind="tcp")
+    except psutil.NoSuchProcess:
+        return set()
+    return {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN}
+
+
+def _wait_listening(proc: subprocess.Popen[bytes]) -> int:
+    """The port the subprocess bound (it listens on port 0, so no port is ever reused)."""
+    wait_for(lambda: proc.poll() is not None or _listening_ports(proc), timeout=20)
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+    (port,) = _listening_ports(proc)
     return port
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("server did not start")
 
 
 @pytest.mark.parametrize(
@@ -355,22 +354,21 @@ def test_sigterm_lets_a_long_download_finish_within_the_deadline(
 ) -> None:
     script = tmp_path / "graceful_app.py"
     script.write_text(GRACEFUL_APP)
-    port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(port), str(graceful)],
+        [sys.executable, str(script), "0", str(graceful)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": os.getcwd()},
     )
     try:
-        _wait_listening(port, proc)
+        port = _wait_listening(proc)
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         first = sock.recv(65536)
         assert first.startswith(b"HTTP/1.1 200 OK")
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        wait_for(lambda: not _listening_ports(proc))  # the listener closes first
         with pytest.raises(OSError):  # no longer accepting
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
         data = first.partition(b"\r\n\r\n")[2]

@@ -20,7 +20,7 @@ import websocket
 
 from oxypy import Forward
 
-from _servers import raw_request
+from _servers import raw_request, wait_for
 from _ws import WSEchoUpstream
 
 
@@ -91,9 +91,7 @@ def test_close_code_from_client_reaches_upstream(proxy: Any, ws_upstream: WSEcho
     ws.send("x")
     ws.recv()
     ws.close(status=4100)
-    with gevent.Timeout(3):
-        while not ws_upstream.closed_codes:
-            gevent.sleep(0.01)
+    wait_for(lambda: ws_upstream.closed_codes)
     assert ws_upstream.closed_codes == [4100]
 
 
@@ -147,8 +145,8 @@ def test_refused_upgrade_passes_status_and_body(proxy: Any, pywsgi: Any) -> None
     assert info.value.resp_body == b"no ws pls"
 
 
-def _live_greenlets() -> int:
-    return sum(1 for o in gc.get_objects() if isinstance(o, gevent.Greenlet) and not o.dead)
+def _live_greenlets() -> set[gevent.Greenlet]:
+    return {o for o in gc.get_objects() if isinstance(o, gevent.Greenlet) and not o.dead}
 
 
 def test_abrupt_client_close_frees_everything(proxy: Any, ws_upstream: WSEchoUpstream) -> None:
@@ -157,8 +155,8 @@ def test_abrupt_client_close_frees_everything(proxy: Any, ws_upstream: WSEchoUps
     ws.send("warm")
     ws.recv()
     ws.close()
-    gevent.sleep(0.2)
-    baseline = _live_greenlets()
+    wait_for(lambda: ws_upstream.open_connections == 0)
+    baseline = _live_greenlets()  # a set: greenlets ending meanwhile do not count
     for _ in range(10):
         ws = connect(url)
         ws.send("x")
@@ -166,13 +164,8 @@ def test_abrupt_client_close_frees_everything(proxy: Any, ws_upstream: WSEchoUps
         assert ws.sock is not None
         ws.sock.shutdown(socket.SHUT_RDWR)  # TCP drop, no close frame
         ws.sock.close()
-    deadline = time.monotonic() + 3
-    while (ws_upstream.open_connections or _live_greenlets() > baseline) and (
-        time.monotonic() < deadline
-    ):
-        gevent.sleep(0.05)
-    assert ws_upstream.open_connections == 0
-    assert _live_greenlets() <= baseline
+    wait_for(lambda: ws_upstream.open_connections == 0, timeout=5)
+    wait_for(lambda: not _live_greenlets() - baseline, timeout=5)
 
 
 def test_abrupt_upstream_close_ends_the_client_side(
