@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, cast
 
+import prometheus_client
 import pytest
 import urllib3
 from werkzeug.middleware.lint import LintMiddleware
@@ -75,6 +76,9 @@ def test_forward_without_target_answers_500(proxy: Any) -> None:
     assert resp.status == 500 and resp.headers["Content-Type"].startswith("text/plain")
 
 
+# Every block that wraps one next app.  Router is not here: it dispatches to a
+# table of apps, so it has no single next app to put first and nothing that
+# "skip" could pass a request straight to (see test_router_signature).
 MIDDLEWARE = [
     oxypy.Buffer,
     oxypy.CORS,
@@ -102,9 +106,77 @@ TERMINAL = [oxypy.Forward, oxypy.RedirectFallback, oxypy.ResponseFallback]
 def test_every_middleware_takes_next_first_and_skip_keyword_only(block: Any) -> None:
     params = list(inspect.signature(block).parameters.values())
     assert params[0].kind is inspect.Parameter.POSITIONAL_ONLY
-    assert params[-1].name == "skip" or any(p.name == "skip" for p in params)
     skip = next(p for p in params if p.name == "skip")
     assert skip.kind is inspect.Parameter.KEYWORD_ONLY and skip.default is None
+
+
+def test_router_signature() -> None:
+    params = inspect.signature(oxypy.Router).parameters
+    first = next(iter(params.values()))
+    assert (first.name, first.kind) == ("routes", inspect.Parameter.POSITIONAL_ONLY)
+    for name in ("strip", "error_handler"):
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+    assert "skip" not in params
+
+
+SKIPPABLE = [
+    pytest.param(
+        lambda nxt, skip, sink: oxypy.Buffer(nxt, retry="Attempts() < 3", skip=skip), id="Buffer"
+    ),
+    pytest.param(
+        lambda nxt, skip, sink: oxypy.CircuitBreaker(nxt, "NetworkErrorRatio() > 0.5", skip=skip),
+        id="CircuitBreaker",
+    ),
+    pytest.param(
+        lambda nxt, skip, sink: oxypy.ConnLimit(
+            nxt, max_conns=1, source="request.header.X-Absent", missing="reject", skip=skip
+        ),
+        id="ConnLimit",
+    ),
+    pytest.param(
+        lambda nxt, skip, sink: oxypy.PrometheusMetrics(
+            nxt, registry=prometheus_client.CollectorRegistry(), skip=skip
+        ),
+        id="PrometheusMetrics",
+    ),
+    pytest.param(
+        lambda nxt, skip, sink: oxypy.RateLimit(nxt, rates=[Rate(1)], skip=skip), id="RateLimit"
+    ),
+    pytest.param(lambda nxt, skip, sink: oxypy.RequestID(nxt, skip=skip), id="RequestID"),
+    pytest.param(lambda nxt, skip, sink: oxypy.Rewrite(nxt, {"/x": "/y"}, skip=skip), id="Rewrite"),
+    pytest.param(lambda nxt, skip, sink: oxypy.Trace(nxt, sink=sink.append, skip=skip), id="Trace"),
+]
+
+
+@pytest.mark.parametrize("make", SKIPPABLE)
+def test_skip_hands_the_request_on_untouched(proxy: Any, make: Any) -> None:
+    """With skip true, next sees what it would see unwrapped and the client gets its answer."""
+    seen: list[dict[str, Any]] = []
+
+    def record(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append({k: v for k, v in environ.items() if isinstance(v, str)})
+        seen[-1]["keys"] = sorted(environ)
+        start_response("200 OK", [("Content-Length", "2"), ("X-Next", "1")])
+        return [b"ok"]
+
+    traced: list[str] = []
+    direct = proxy(record)
+    wrapped_app = make(record, lambda environ: True, traced)
+    wrapped = proxy(wrapped_app)
+    answers = []
+    for url in (direct, wrapped):
+        for _ in range(3):  # a limit of 1 would show on the second request
+            resp = HTTP.request("GET", url + "/x", headers={"X-Request-Id": "id-1"})
+            answers.append((resp.status, resp.data, sorted(set(resp.headers) - {"Date"})))
+    assert answers[3:] == answers[:3]
+    assert answers[0] == (200, b"ok", ["Content-Length", "X-Next"])
+    volatile = {"REMOTE_PORT", "SERVER_PORT", "HTTP_HOST"}
+    plain = [{k: v for k, v in env.items() if k not in volatile} for env in seen]
+    assert plain[3:] == plain[:3] and plain[0]["PATH_INFO"] == "/x"
+    close = getattr(wrapped_app, "close", None)
+    if close is not None:
+        close()  # Trace: flush its writer
+    assert traced == []
 
 
 def test_skip_passes_straight_to_next(proxy: Any, echo_upstream: str) -> None:
