@@ -116,6 +116,9 @@ def named(name: str, delay: float) -> Callable[..., Iterable[bytes]]:
 
 
 def test_steers_away_from_a_slow_server(pywsgi: Any, proxy: Any) -> None:
+    # The steering follows the latency ratio (slow's share ~ fast/slow latency):
+    # slow is 0.25 s so that even a fast server slowed to 50 ms by a loaded
+    # machine (all upstreams share this process) leaves slow well under 25 %.
     fast, slow = pywsgi(named("fast", 0.0)), pywsgi(named("slow", 0.25))
     lb = LeastRequest(Forward(), [fast, slow], rng=random.Random(3))
     url = proxy(lb)
