@@ -76,9 +76,6 @@ def test_forward_without_target_answers_500(proxy: Any) -> None:
     assert resp.status == 500 and resp.headers["Content-Type"].startswith("text/plain")
 
 
-# Every block that wraps one next app.  Router is not here: it dispatches to a
-# table of apps, so it has no single next app to put first and nothing that
-# "skip" could pass a request straight to (see test_router_signature).
 MIDDLEWARE = [
     oxypy.Buffer,
     oxypy.CORS,
@@ -110,15 +107,13 @@ def test_every_middleware_takes_next_first_and_skip_keyword_only(block: Any) -> 
     assert skip.kind is inspect.Parameter.KEYWORD_ONLY and skip.default is None
 
 
-def test_router_signature() -> None:
-    params = inspect.signature(oxypy.Router).parameters
-    first = next(iter(params.values()))
-    assert (first.name, first.kind) == ("routes", inspect.Parameter.POSITIONAL_ONLY)
-    for name in ("strip", "error_handler"):
-        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
-    assert "skip" not in params
+def elsewhere(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    start_response("410 Gone", [("Content-Length", "0")])
+    return [b""]
 
 
+# Each built so that, were skip ignored, the requests below would be changed or
+# answered differently (Router: /x is routed elsewhere; skip sends to default).
 SKIPPABLE = [
     pytest.param(
         lambda nxt, skip, sink: oxypy.Buffer(nxt, retry="Attempts() < 3", skip=skip), id="Buffer"
@@ -143,7 +138,13 @@ SKIPPABLE = [
         lambda nxt, skip, sink: oxypy.RateLimit(nxt, rates=[Rate(1)], skip=skip), id="RateLimit"
     ),
     pytest.param(lambda nxt, skip, sink: oxypy.RequestID(nxt, skip=skip), id="RequestID"),
-    pytest.param(lambda nxt, skip, sink: oxypy.Rewrite(nxt, {"/x": "/y"}, skip=skip), id="Rewrite"),
+    pytest.param(
+        lambda nxt, skip, sink: oxypy.Rewrite(nxt, rules={"/x": "/y"}, skip=skip), id="Rewrite"
+    ),
+    pytest.param(
+        lambda nxt, skip, sink: oxypy.Router([(None, "/x", elsewhere)], default=nxt, skip=skip),
+        id="Router",
+    ),
     pytest.param(lambda nxt, skip, sink: oxypy.Trace(nxt, sink=sink.append, skip=skip), id="Trace"),
 ]
 
