@@ -30,7 +30,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ._cli.chain import FlagError, argtype, parse_listen_flag, parse_rate, parse_upstream
+from ._cli.chain import (
+    FlagError,
+    argtype,
+    parse_listen_flag,
+    parse_rate,
+    parse_upstream,
+    server_options,
+)
 from .exceptions import ConfigurationError
 
 __all__ = ["main", "make_parser"]
@@ -134,6 +141,35 @@ def _common(p: argparse.ArgumentParser, listen: Any) -> None:
         default=10.0,
         metavar="SECONDS",
         help="on SIGTERM/SIGINT, let in-flight requests finish for up to N s (10)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=_positive,
+        default=30.0,
+        metavar="SECONDS",
+        help="a request head must arrive within N s of its first byte, else 408 (30)",
+    )
+    p.add_argument(
+        "--keepalive-timeout",
+        type=_positive,
+        default=60.0,
+        metavar="SECONDS",
+        help="close a keep-alive connection idle for N s between requests (60)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=_positive,
+        default=60.0,
+        metavar="SECONDS",
+        help="cut a request body (or response write) making no progress for N s (60)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="open client connections at most; at the cap an idle or slow one makes "
+        "room (default: from ulimit -n, at most 10000)",
     )
 
 
@@ -307,7 +343,7 @@ def load_app(target: str) -> Any:
 def _serve(app: Any, args: argparse.Namespace, banner: str) -> None:
     from .server import Server
 
-    server = Server(app, args.listen, graceful_timeout=args.graceful_timeout).start()
+    server = Server(app, args.listen, **server_options(args)).start()
     print(f"oxypy: {banner} on {server.url} (Ctrl-C to stop)", flush=True)
     server.serve_forever()
     print("oxypy: stopped", flush=True)

@@ -8,13 +8,14 @@ each carries the HTTP ``status`` the toolkit answers with (the table in
 
 from __future__ import annotations
 
-from http import HTTPStatus
+from ._core.status import status_line
 
 __all__ = [
     "BadRequest",
     "BodyTooLarge",
     "CircuitOpen",
     "ClientDisconnected",
+    "ClientGone",
     "ConfigurationError",
     "ConnLimitReached",
     "NoResponse",
@@ -109,11 +110,8 @@ class RequestError(OxypyError):
 
     @property
     def status_line(self) -> str:
-        try:
-            phrase = HTTPStatus(self.status).phrase
-        except ValueError:
-            phrase = {499: "Client Closed Request"}.get(self.status, "Error")
-        return f"{self.status} {phrase}"
+        """``"400 Bad Request"``: the status with its standard phrase."""
+        return status_line(self.status)
 
     def __str__(self) -> str:
         where = f" ({self.target})" if self.target else ""
@@ -121,7 +119,13 @@ class RequestError(OxypyError):
 
 
 class BadRequest(RequestError):
-    """The request is malformed or its framing is ambiguous (smuggling guard)."""
+    """The request is malformed or its framing is ambiguous (smuggling guard).
+
+    The embedded server raises it with the precise 4xx/5xx it answers carried
+    on the instance: 400, 405 (``CONNECT``), 408 (head not received within
+    ``header_timeout``), 414, 431, 501 (a Transfer-Encoding other than
+    ``chunked``) or 505.
+    """
 
     status = 400
     reason = "malformed request"
@@ -142,6 +146,16 @@ class ClientDisconnected(RequestError):
     @property
     def kind(self) -> str:
         return "client_disconnected"
+
+
+class ClientGone(ClientDisconnected):
+    """The embedded server lost the client: it closed or reset the connection,
+    sent no body byte for ``body_timeout`` seconds, or the server stopped at its
+    ``graceful_timeout`` (499).
+
+    Raised by ``wsgi.input`` reads and by writes of the response; every block
+    that handles :class:`ClientDisconnected` handles it.
+    """
 
 
 class NoTarget(RequestError):

@@ -9,12 +9,13 @@ HTTP/1.1, Transfer-Encoding exactly ``chunked`` and never on HTTP/1.0, a size
 cap on the head.  A rejected request gets a short 400 and the connection is
 closed; nothing after it is read as a request.
 
-Theory of operation: each connection runs in one greenlet.  The parser is fed
-one ``recv`` at a time, and its callbacks queue events (head, body piece,
-end); the request loop pulls events as the application reads ``wsgi.input``,
-so an upload streams with at most one ``recv`` (64 KiB) buffered.  Responses
-go out with the head and the first body piece in one ``send`` and
-``TCP_NODELAY`` set, so keep-alive clients never wait on a delayed ACK.
+Each connection runs in one greenlet (:mod:`oxypy._server.connection`), under
+three timers: a deadline for a whole request head (408), an idle bound
+between keep-alive requests (quiet close) and an idle bound on body reads
+(the app sees :class:`~oxypy.exceptions.ClientGone`).  At most
+``max_connections`` connections are open at once; at the cap a connection
+that waits for a request makes room for a new one
+(:mod:`oxypy._server.listener`).
 
 Upgrade requests (WebSocket) get ``wsgi.input`` reading the raw socket; an
 application that answers ``101`` may then yield raw bytes, which are written
@@ -26,45 +27,72 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-import sys
 import time
-from email.utils import formatdate
+import warnings
 from typing import Any
 
 import gevent
 from gevent.event import Event
-from gevent.server import StreamServer
 
-from . import environ as keys
+from ._core.net import parse_listen
 from ._core.types import WSGIApplication
+from ._server.config import ServerConfig
 from ._server.connection import Connection
-from .exceptions import ConfigurationError
+from ._server.listener import ConnectionTable, Listener, default_max_connections
+from .exceptions import ClientGone, ConfigurationError
 
 __all__ = ["Server", "serve"]
 
 log = logging.getLogger(__name__)
 
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[::1]:port"`` -> (host, port)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigurationError(f"listen address must be host:port, got {listen!r}")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+#: How long connections killed at the graceful timeout get to run their cleanup.
+_KILL_GRACE = 1.0
 
 
 class Server:
-    """A gevent WSGI server with a strict parser, keep-alive and graceful stop.
+    """A gevent WSGI server with a strict parser, keep-alive, timers, a connection
+    cap and graceful stop.
+
+    Timers and the cap (what a client sees):
+
+    * a request head not complete ``header_timeout`` seconds after its first
+      byte (after accept for a connection's first request) gets ``408`` and a
+      close; a connection that sent nothing is closed without an answer;
+    * a keep-alive connection silent ``keepalive_timeout`` seconds between two
+      requests is closed without an answer;
+    * while the app reads the body, ``body_timeout`` seconds without a byte
+      make ``wsgi.input`` raise :class:`~oxypy.exceptions.ClientGone` (a
+      :class:`~oxypy.exceptions.ClientDisconnected`, traced as 499) and close
+      the connection; a response write that makes no progress for as long is
+      cut the same way;
+    * beyond ``max_connections`` open connections, a new connection closes the
+      oldest one waiting for a request (idle keep-alive first, then the slowest
+      head); when every connection is in a request, the new one is closed at
+      once.  When ``accept()`` fails for lack of descriptors (``EMFILE``), the
+      server pauses accepting for 0.1-0.5 s and logs one line per episode.
 
     :param app: the WSGI application (any oxypy chain, Flask, Django, ...).
     :param listen: ``"host:port"``; port 0 picks a free port (see :attr:`address`).
-    :param ssl_context: an :class:`ssl.SSLContext` to serve HTTPS.
-    :param header_timeout: seconds a client has to send a complete head.
-    :param keepalive_timeout: seconds an idle keep-alive connection is kept.
-    :param read_timeout: seconds per read of a request body.
+    :param ssl_context: an :class:`ssl.SSLContext` to serve HTTPS (the handshake
+        must finish within ``header_timeout``).
+    :param backlog: the listen backlog.
+    :param header_timeout: seconds a request head may take, from its first
+        byte to its end (nginx ``client_header_timeout``; default 30).
+    :param keepalive_timeout: seconds an idle keep-alive connection is kept
+        (nginx ``keepalive_timeout``; default 60).
+    :param body_timeout: seconds a read of the request body (or a write of the
+        response) may wait without progress (nginx ``client_body_timeout``;
+        default 60).
+    :param max_connections: open connections at most; None derives it from
+        ``RLIMIT_NOFILE``: half of the soft limit less 100 descriptors, at
+        most 10000 (462 under ``ulimit -n 1024``).
     :param max_head_bytes: cap on request line + headers (431/414 beyond).
-    :param graceful_timeout: seconds :meth:`stop` lets in-flight requests finish.
+    :param max_drain_bytes: request body bytes the server reads and drops after
+        a response to keep the connection; beyond it, it closes.
+    :param graceful_timeout: seconds :meth:`stop` lets in-flight requests
+        finish; then their greenlets get :class:`~oxypy.exceptions.ClientGone`,
+        so every response iterable is still closed (Trace writes its line).
+    :param read_timeout: deprecated name of ``body_timeout``.
 
     Example::
 
@@ -73,74 +101,73 @@ class Server:
         server.stop()
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``header_timeout`` is a deadline for the whole head (was per read),
+       ``body_timeout`` replaces ``read_timeout``, ``max_connections``; every
+       option after ``listen`` is keyword-only.
     """
 
     def __init__(
         self,
         app: WSGIApplication,
+        /,
         listen: str = "127.0.0.1:8080",
         *,
         ssl_context: Any = None,
         backlog: int = 1024,
         header_timeout: float = 30.0,
         keepalive_timeout: float = 60.0,
-        read_timeout: float = 60.0,
+        body_timeout: float = 60.0,
+        max_connections: int | None = None,
         max_head_bytes: int = 64 * 1024,
         max_drain_bytes: int = 1024 * 1024,
         graceful_timeout: float = 30.0,
+        read_timeout: float | None = None,
     ) -> None:
+        if read_timeout is not None:
+            warnings.warn(
+                "Server(read_timeout=) is deprecated; use body_timeout=",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            body_timeout = read_timeout
+        for name, value in (
+            ("header_timeout", header_timeout),
+            ("keepalive_timeout", keepalive_timeout),
+            ("body_timeout", body_timeout),
+        ):
+            if not value > 0:
+                raise ConfigurationError(f"{name} must be above 0, got {value!r}")
+        if graceful_timeout < 0:
+            raise ConfigurationError(
+                f"graceful_timeout must be 0 or more, got {graceful_timeout!r}"
+            )
+        if max_connections is None:
+            max_connections = default_max_connections()
+        elif max_connections < 1:
+            raise ConfigurationError(f"max_connections must be at least 1, got {max_connections!r}")
         self.app = app
         self.host, self.port = parse_listen(listen)
         self.ssl_context = ssl_context
         self.backlog = backlog
         self.header_timeout = header_timeout
         self.keepalive_timeout = keepalive_timeout
-        self.read_timeout = read_timeout
+        self.body_timeout = body_timeout
+        self.max_connections = max_connections
         self.max_head_bytes = max_head_bytes
         self.max_drain_bytes = max_drain_bytes
         self.graceful_timeout = graceful_timeout
-        self.header_keys: dict[bytes, str] = {}
         self.connections: set[Connection] = set()
-        self._server: StreamServer | None = None
+        self._table = ConnectionTable(max_connections)
+        self._config: ServerConfig | None = None
+        self._server: Listener | None = None
         self._stopped = Event()
-        self._date = (0, "")
         self._scheme = "https" if ssl_context is not None else "http"
 
-    # -- helpers used by connections --------------------------------------------
-    def header_key(self, name: bytes) -> str:
-        text = name.decode("latin-1")
-        if "_" in text:
-            key = ""
-        else:
-            key = text.upper().replace("-", "_")
-            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-                key = "HTTP_" + key
-        if len(self.header_keys) < 4096:
-            self.header_keys[name] = key
-        return key
-
-    def http_date(self) -> str:
-        now = int(time.time())
-        if self._date[0] != now:
-            self._date = (now, formatdate(now, usegmt=True))
-        return self._date[1]
-
-    def base_environ(self, host: str, port: int) -> dict[str, Any]:
-        return {
-            "SCRIPT_NAME": "",
-            "SERVER_NAME": self.host,
-            "SERVER_PORT": str(self.port),
-            "REMOTE_ADDR": host,
-            "REMOTE_PORT": str(port),
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": self._scheme,
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": False,
-            "wsgi.multiprocess": False,
-            "wsgi.run_once": False,
-            "wsgi.input_terminated": False,
-            keys.SERVER: "oxypy",
-        }
+    @property
+    def read_timeout(self) -> float:
+        """Deprecated name of :attr:`body_timeout`."""
+        return self.body_timeout
 
     # -- lifecycle ----------------------------------------------------------------
     @property
@@ -158,25 +185,56 @@ class Server:
         return f"{self._scheme}://{shown}:{port}"
 
     def _handle(self, sock: Any, addr: Any) -> None:
-        conn = Connection(self, sock, addr)
-        self.connections.add(conn)
+        accepted = time.monotonic()
+        config = self._config
+        table = self._table
+        if config is None or not table.admit():
+            return  # gevent closes the socket
         try:
-            conn.run()
+            if self.ssl_context is not None:
+                sock.settimeout(config.header_timeout)
+                try:
+                    sock = self.ssl_context.wrap_socket(sock, server_side=True)
+                except (OSError, ValueError) as exc:
+                    log.info("TLS handshake with %s failed: %s", addr[0], exc)
+                    return
+            conn = Connection(config, table, sock, addr, accepted)
+            conn.greenlet = gevent.getcurrent()
+            self.connections.add(conn)
+            try:
+                conn.run()
+            finally:
+                self.connections.discard(conn)
+                table.unpark(conn)
         finally:
-            self.connections.discard(conn)
+            table.release()
 
     def start(self) -> Server:
         """Bind and start accepting in the background; returns self."""
-        kwargs: dict[str, Any] = {"backlog": self.backlog}
-        if self.ssl_context is not None:
-            kwargs["ssl_context"] = self.ssl_context
-        self._server = StreamServer((self.host, self.port), self._handle, **kwargs)
+        self._server = Listener((self.host, self.port), self._handle, self._table, self.backlog)
         self._server.start()
         self.port = self._server.address[1]
+        self._config = ServerConfig(
+            app=self.app,
+            host=self.host,
+            port=self.port,
+            scheme=self._scheme,
+            header_timeout=self.header_timeout,
+            keepalive_timeout=self.keepalive_timeout,
+            body_timeout=self.body_timeout,
+            max_head_bytes=self.max_head_bytes,
+            max_drain_bytes=self.max_drain_bytes,
+        )
         return self
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop accepting, let in-flight requests finish (up to ``timeout``), close."""
+        """Stop accepting, let in-flight requests finish (up to ``timeout``), close.
+
+        Connections still in a request at the deadline get
+        :class:`~oxypy.exceptions.ClientGone` raised in their greenlet, so the
+        app's response iterable is closed (Trace, Metrics, ConnLimit settle)
+        before the server returns.
+        """
         server = self._server
         if server is None:
             return
@@ -188,9 +246,14 @@ class Server:
                 _shutdown(conn.sock)
         while any(c.busy for c in self.connections) and time.monotonic() < deadline:
             gevent.sleep(0.05)
-        for conn in list(self.connections):
+        left = list(self.connections)
+        for conn in left:
             _shutdown(conn.sock)
-        server.stop(timeout=0.5)
+        greenlets = [c.greenlet for c in left if c.busy and c.greenlet is not None]
+        for greenlet in greenlets:
+            gevent.kill(greenlet, ClientGone)
+        gevent.joinall(greenlets, timeout=_KILL_GRACE)
+        server.stop(timeout=0)
         self._stopped.set()
 
     def serve_forever(self, *, signals: bool = True) -> None:
@@ -211,8 +274,9 @@ def _shutdown(sock: Any) -> None:
         pass
 
 
-def serve(app: WSGIApplication, listen: str = "127.0.0.1:8080", **options: Any) -> None:
-    """Serve ``app`` on ``listen`` until SIGTERM/SIGINT; see :class:`Server` for options.
+def serve(app: WSGIApplication, /, listen: str = "127.0.0.1:8080", **options: Any) -> None:
+    """Serve ``app`` on ``listen`` until SIGTERM/SIGINT; see :class:`Server` for the
+    keyword-only options (timers, ``max_connections``, ``ssl_context``, ...).
 
     Call ``gevent.monkey.patch_all()`` first in a program that imports
     blocking libraries, so the whole process cooperates with gevent.

@@ -391,3 +391,55 @@ def test_sigterm_lets_a_long_download_finish_within_the_deadline(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("127.0.0.1:8080", ("127.0.0.1", 8080), id="v4"),
+        pytest.param("[::1]:0", ("::1", 0), id="v6"),
+        pytest.param(":8080", ("0.0.0.0", 8080), id="any"),
+        pytest.param("localhost:65535", ("localhost", 65535), id="name"),
+    ],
+)
+def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
+    from oxypy._core.net import parse_listen
+
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["8080", "host:", "host:http", "host:65536", "[::1:80", "::1]:80", ""]
+)
+def test_parse_listen_rejects(text: str) -> None:
+    from oxypy._core.net import parse_listen
+    from oxypy.exceptions import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="listen address|brackets"):
+        parse_listen(text)
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        pytest.param("http://h:81/p?q", ("h:81", "/p?q"), id="full"),
+        pytest.param("HTTPS://h", ("h", "/"), id="no-path"),
+        pytest.param("http://h?x=1", ("h", "/?x=1"), id="query-only"),
+        pytest.param("/p", None, id="origin-form"),
+        pytest.param("ftp://h/", None, id="other-scheme"),
+    ],
+)
+def test_split_absolute_form(target: str, expected: tuple[str, str] | None) -> None:
+    from oxypy._core.net import split_absolute_form
+
+    assert split_absolute_form(target) == expected
+
+
+def test_status_phrases_come_from_one_table() -> None:
+    from oxypy._core.status import status_line
+    from oxypy.exceptions import BadRequest, ClientDisconnected
+
+    assert status_line(408) == "408 Request Timeout"
+    assert status_line(499) == "499 Client Closed Request"
+    assert BadRequest("x", status=431).status_line == "431 Request Header Fields Too Large"
+    assert ClientDisconnected().status_line == "499 Client Closed Request"

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from .._core.urls import parse_target_url
 
+from .._core.net import parse_listen
+
 if TYPE_CHECKING:
     from .._core.types import WSGIApplication
     from ..ratelimit import Rate
@@ -30,6 +32,7 @@ __all__ = [
     "parse_listen_flag",
     "parse_rate",
     "parse_upstream",
+    "server_options",
 ]
 
 _UNITS = {
@@ -87,12 +90,19 @@ def parse_upstream(text: str) -> str:
 
 def parse_listen_flag(text: str) -> str:
     """``host:port`` (``[::1]:port`` for IPv6); port 0 picks a free one."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"expected HOST:PORT such as 127.0.0.1:8080, got {text!r}")
-    if host.startswith("[") != host.endswith("]"):
-        raise ValueError(f"unbalanced brackets in {text!r}")
+    parse_listen(text)  # ConfigurationError is a ValueError naming the fault
     return text
+
+
+def server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`oxypy.Server` options of the serving flags (every subcommand)."""
+    return {
+        "graceful_timeout": args.graceful_timeout,
+        "header_timeout": args.header_timeout,
+        "keepalive_timeout": args.keepalive_timeout,
+        "body_timeout": args.body_timeout,
+        "max_connections": args.max_connections,
+    }
 
 
 def argtype(fn: Callable[[str], Any], name: str) -> Callable[[str], Any]:

@@ -159,7 +159,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
     from .. import ResponseFallback
     from ..server import Server
-    from .chain import build_proxy
+    from .chain import build_proxy, server_options
 
     a = DemoUpstream("A")
     b = DemoUpstream("B (flaky)", fail_every=3)
@@ -185,7 +185,7 @@ def run_demo(args: argparse.Namespace) -> None:
     )
     fallback = ResponseFallback(503, body="circuit open: the demo upstreams are having an outage\n")
     proxy = build_proxy(chain_args, trace_sink=stats.sink, fallback=fallback)
-    server = Server(proxy.app, args.listen, graceful_timeout=args.graceful_timeout).start()
+    server = Server(proxy.app, args.listen, **server_options(args)).start()
     url = server.url
     print(
         f"oxypy demo: proxy on {url}\n"

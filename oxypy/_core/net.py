@@ -1,4 +1,5 @@
-"""Addresses and the trust rule for forwarding headers.
+"""Addresses: listen addresses, request-target authorities, and the trust rule
+for forwarding headers.
 
 Incoming ``X-Forwarded-*``, ``X-Real-Ip`` and ``Forwarded`` values are
 believed only when the connection's peer is inside ``trusted_proxies``; the
@@ -15,7 +16,7 @@ from functools import lru_cache
 
 from ..exceptions import ConfigurationError
 
-__all__ = ["TrustedProxies", "normalize_ip"]
+__all__ = ["TrustedProxies", "normalize_ip", "parse_listen", "split_absolute_form"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -110,3 +111,46 @@ class TrustedProxies:
             if not self.trusts(ip):
                 break
         return str(client)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[::1]:port"`` -> ``(host, port)``; port 0 picks a free one.
+
+    An empty host (``":8080"``) means every IPv4 address.  Raises
+    :class:`ConfigurationError` (a ``ValueError``) naming what is wrong.
+    """
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigurationError(
+            f"listen address must be HOST:PORT such as 127.0.0.1:8080, got {listen!r}"
+        )
+    if host.startswith("[") != host.endswith("]"):
+        raise ConfigurationError(f"unbalanced brackets in listen address {listen!r}")
+    if host.startswith("["):
+        host = host[1:-1]
+    return host or "0.0.0.0", int(port)
+
+
+def split_absolute_form(target: str) -> tuple[str, str] | None:
+    """``"http://host:81/p?q"`` -> ``("host:81", "/p?q")`` for an absolute-form
+    request-target (RFC 9112 section 3.2.2); None when ``target`` is not one.
+
+    The path is ``"/"`` when the target has none (``"http://host?q"`` gives
+    ``"/?q"``).  The scheme is matched without regard to case.
+    """
+    lower = target[:8].lower()
+    if lower.startswith("http://"):
+        rest = target[7:]
+    elif lower.startswith("https://"):
+        rest = target[8:]
+    else:
+        return None
+    cut = len(rest)
+    for mark in ("/", "?"):
+        at = rest.find(mark)
+        if 0 <= at < cut:
+            cut = at
+    path = rest[cut:] or "/"
+    if path[0] == "?":
+        path = "/" + path
+    return rest[:cut], path

@@ -1,4 +1,4 @@
-"""Constants and internal signals shared by the embedded server's modules."""
+"""Constants shared by the embedded server's modules."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ __all__ = [
     "BODY",
     "END",
     "HEAD",
-    "BadRequest",
-    "ClientGone",
     "HOP",
     "LINGER_SECONDS",
     "NO_BODY_STATUS",
@@ -24,14 +22,3 @@ HEAD, BODY, END = 0, 1, 2
 NO_BODY_STATUS = frozenset({204, 304})
 #: Hop-by-hop response headers the server never takes from an app: the one set.
 HOP = HOP_BY_HOP
-
-
-class BadRequest(Exception):
-    def __init__(self, reason: str, status: str = "400 Bad Request") -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-
-
-class ClientGone(Exception):
-    pass

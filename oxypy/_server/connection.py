@@ -7,6 +7,20 @@ reads ``wsgi.input``, so an upload streams with at most one ``recv``
 (64 KiB) buffered.  Responses go out with the head and the first body piece in
 one ``send`` and ``TCP_NODELAY`` set, so keep-alive clients never wait on a
 delayed ACK.  See :mod:`oxypy.server` for what is rejected and why.
+
+Timers (each a socket timeout set before the ``recv`` it bounds):
+
+* a request head must be complete ``header_timeout`` seconds after its first
+  byte (after accept for the first request), however slowly it trickles in;
+  past that the client gets ``408`` and the connection closes (nginx's
+  ``client_header_timeout``).  A connection that sent nothing is closed
+  without an answer;
+* between two requests a connection may stay silent ``keepalive_timeout``
+  seconds, then it is closed without an answer (nginx's ``keepalive_timeout``);
+* while the app reads the body, each read may wait ``body_timeout`` seconds for
+  a byte; past that ``wsgi.input`` raises :class:`~oxypy.exceptions.ClientGone`
+  and the connection closes (nginx's ``client_body_timeout``).  The same bound
+  applies to a response write that makes no progress.
 """
 
 from __future__ import annotations
@@ -15,18 +29,19 @@ import logging
 import socket
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import httptools
 
 from .. import environ as keys
+from .._core.net import split_absolute_form
 from .._core.sockets import peer_closed, send_all
-from .common import BODY, END, HEAD, LINGER_SECONDS, RECV_SIZE, BadRequest, ClientGone
+from ..exceptions import BadRequest, ClientGone
+from .common import BODY, END, HEAD, LINGER_SECONDS, RECV_SIZE
+from .config import ServerConfig
+from .listener import ConnectionTable
 from .wsgi_io import Input, RawInput, ResponseWriter
-
-if TYPE_CHECKING:
-    from ..server import Server
 
 __all__ = ["Connection"]
 
@@ -36,23 +51,37 @@ log = logging.getLogger("oxypy.server")
 class Connection:
     """One client connection: parse requests, run the app, write responses."""
 
-    def __init__(self, server: Server, sock: Any, addr: Any) -> None:
-        self.server = server
+    def __init__(
+        self,
+        config: ServerConfig,
+        table: ConnectionTable,
+        sock: Any,
+        addr: Any,
+        accepted: float,
+    ) -> None:
+        self.config = config
+        self.table = table
         self.sock = sock
+        self.accepted = accepted
         self.events: deque[Any] = deque()
         self.parser = httptools.HttpRequestParser(self)
         self.leftover = b""
         self.upgraded = False
         self.busy = False
         self.closing = False
+        self.evicted = False
+        #: The greenlet running :meth:`run` (the server kills it at the graceful timeout).
+        self.greenlet: Any = None
         self.body_done = False
         self.pending_error: BadRequest | None = None
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._in_trailers = False
+        #: When the first byte of the head being received arrived (None: no head begun).
+        self._head_started: float | None = None
         host, port = addr[0], addr[1]
-        self.base_environ = server.base_environ(host, port)
+        self.base_environ = config.base_environ(host, port)
         self.base_environ[keys.CLIENT_GONE] = self.client_gone
         version = getattr(sock, "version", None)
         if version is not None:  # TLS: what Trace and apps may want to know
@@ -66,25 +95,25 @@ class Connection:
         self._headers = []
         self._head_bytes = 0
         self._in_trailers = False
+        self._head_started = time.monotonic()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._head_bytes += len(url)
-        if self._head_bytes > self.server.max_head_bytes:
-            raise BadRequest("request-target too long", "414 URI Too Long")
+        if self._head_bytes > self.config.max_head_bytes:
+            raise BadRequest("request-target too long", status=414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self.server.max_head_bytes:
-            raise BadRequest(
-                "request header fields too large", "431 Request Header Fields Too Large"
-            )
+        if self._head_bytes > self.config.max_head_bytes:
+            raise BadRequest("request header fields too large", status=431)
         if not self._in_trailers:
             self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         p = self.parser
         self._in_trailers = True
+        self._head_started = None
         self.events.append(
             (
                 HEAD,
@@ -114,28 +143,33 @@ class Connection:
             return False
         return peer_closed(self.sock, data_is_fine=True)
 
+    def evict(self) -> None:
+        """Close this waiting connection to make room for a new one (at the cap)."""
+        self.evicted = True
+        self.close()
+
     def send(self, data: bytes) -> None:
         try:
             send_all(self.sock, data)
         except OSError as exc:
             raise ClientGone() from exc
 
-    def _recv(self) -> bytes:
-        try:
-            data: bytes = self.sock.recv(RECV_SIZE)
-        except TimeoutError as exc:
-            raise ClientGone("timeout") from exc
-        except OSError as exc:
-            raise ClientGone() from exc
-        return data
-
     def _fill(self) -> bool:
-        """Feed one recv to the parser; False on EOF."""
+        """Feed one recv to the parser; False on EOF.
+
+        A socket timeout propagates as :class:`TimeoutError` (the caller knows
+        which timer it was); any other socket error is :class:`ClientGone`.
+        """
         if self.pending_error is not None:
             raise self.pending_error
         if self.upgraded:
             return False
-        data = self._recv()
+        try:
+            data: bytes = self.sock.recv(RECV_SIZE)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise ClientGone() from exc
         if not data:
             return False
         try:
@@ -151,11 +185,12 @@ class Connection:
                 if isinstance(cause, BadRequest)
                 else BadRequest(str(exc) or "malformed request")
             )
+            # The parser is dead: nothing after the fault is ever read.  Requests
+            # queued before it are answered first; the fault ends the connection
+            # as soon as the queue reaches it.
+            self.pending_error = error
             if not self.events:
                 raise error from None
-            # Requests queued before the fault are answered first; the fault
-            # ends the connection as soon as the queue reaches it.
-            self.pending_error = error
         return True
 
     def body_piece(self) -> bytes:
@@ -176,7 +211,13 @@ class Connection:
             if self.upgraded:
                 self.body_done = True
                 return b""
-            if not self._fill():
+            try:
+                more = self._fill()
+            except TimeoutError as exc:
+                raise ClientGone(
+                    f"no request body byte for {self.config.body_timeout:g} s"
+                ) from exc
+            if not more:
                 raise ClientGone("client closed mid-body")
 
     def finish_body(self) -> bool:
@@ -187,10 +228,10 @@ class Connection:
         while not self.body_done:
             try:
                 data = self.body_piece()
-            except ClientGone:
+            except (ClientGone, BadRequest):
                 return False
             seen += len(data)
-            if seen > self.server.max_drain_bytes:
+            if seen > self.config.max_drain_bytes:
                 return False
         return True
 
@@ -204,19 +245,59 @@ class Connection:
             return b""
         return chunk
 
-    def next_head(self) -> tuple[Any, ...] | None:
-        while not self.events:
-            if self.upgraded or not self._fill():
-                return None
+    def next_head(self, first: bool) -> tuple[Any, ...] | None:
+        """The next request head, or None when the connection should close quietly.
+
+        Raises :class:`BadRequest` (408) when a head was begun but not finished
+        within ``header_timeout``.
+        """
+        config = self.config
+        table = self.table
+        waiting_since = self.accepted if first else time.monotonic()
+        try:
+            while not self.events:
+                if self.upgraded or self.evicted:
+                    return None
+                started = self._head_started
+                if started is None and not first:
+                    table.park(self, idle=True)
+                    deadline = None
+                    timeout = config.keepalive_timeout
+                else:
+                    table.park(self, idle=False)
+                    begun = waiting_since if started is None else max(started, waiting_since)
+                    deadline = begun + config.header_timeout
+                    timeout = deadline - time.monotonic()
+                    if timeout <= 0:
+                        self._head_timeout()
+                        return None
+                self.sock.settimeout(timeout)
+                try:
+                    if not self._fill():
+                        return None
+                except TimeoutError:
+                    if deadline is None:
+                        return None  # keep-alive idle: close quietly, as nginx does
+                    self._head_timeout()
+                    return None
+        finally:
+            table.unpark(self)
         event = self.events.popleft()
         if event[0] != HEAD:
             raise BadRequest("unexpected body data")
         head: tuple[Any, ...] = event
         return head
 
+    def _head_timeout(self) -> None:
+        """Raise the 408 when a head was begun; return (close quietly) when not."""
+        if self._head_started is None:
+            return
+        raise BadRequest(
+            f"request head not received within {self.config.header_timeout:g} s", status=408
+        )
+
     # -- the request loop -----------------------------------------------------
     def run(self) -> None:
-        server = self.server
         sock = self.sock
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -225,9 +306,8 @@ class Connection:
         try:
             first = True
             while not self.closing:
-                sock.settimeout(server.header_timeout if first else server.keepalive_timeout)
                 try:
-                    head = self.next_head()
+                    head = self.next_head(first)
                 except BadRequest as exc:
                     self.reject(exc)
                     return
@@ -235,7 +315,7 @@ class Connection:
                     return
                 first = False
                 self.busy = True
-                sock.settimeout(server.read_timeout)
+                sock.settimeout(self.config.body_timeout)
                 try:
                     keep = self.handle(head)
                 finally:
@@ -264,14 +344,14 @@ class Connection:
         """
         body = (exc.reason + "\n").encode("latin-1", "replace")
         head = (
-            f"HTTP/1.1 {exc.status}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"HTTP/1.1 {exc.status_line}\r\nContent-Type: text/plain; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode("latin-1")
         sock = self.sock
         try:
+            sock.settimeout(LINGER_SECONDS)
             sock.sendall(head + body)
             sock.shutdown(socket.SHUT_WR)
-            sock.settimeout(LINGER_SECONDS)
             deadline = time.monotonic() + LINGER_SECONDS
             while time.monotonic() < deadline and sock.recv(RECV_SIZE):
                 pass
@@ -284,9 +364,9 @@ class Connection:
         self.body_done = False
         method = method_b.decode("ascii")
         if version not in ("1.1", "1.0"):
-            raise BadRequest("HTTP version not supported", "505 HTTP Version Not Supported")
+            raise BadRequest("HTTP version not supported", status=505)
         if method == "CONNECT":
-            raise BadRequest("CONNECT is not supported", "405 Method Not Allowed")
+            raise BadRequest("CONNECT is not supported", status=405)
         if self.pending_error is not None and not any(e[0] == END for e in self.events):
             raise self.pending_error  # this request's own body is malformed
         environ = self.build_environ(url, raw_headers, method, version)
@@ -296,8 +376,10 @@ class Connection:
         else:
             expect = version == "1.1" and environ.get("HTTP_EXPECT", "").lower() == "100-continue"
             environ["wsgi.input"] = Input(self, expect)
-        writer = ResponseWriter(self, environ, version, keep_alive and not self.closing)
-        return writer.run(self.server.app)
+        writer = ResponseWriter(
+            self, self.config, environ, version, keep_alive and not self.closing
+        )
+        return writer.run(self.config.app)
 
     def build_environ(
         self, url: bytes, raw_headers: list[tuple[bytes, bytes]], method: str, version: str
@@ -307,35 +389,26 @@ class Connection:
         environ["SERVER_PROTOCOL"] = "HTTP/" + version
         raw_uri = url.decode("latin-1")
         environ["RAW_URI"] = environ["REQUEST_URI"] = raw_uri
-        target = url
+        target = raw_uri
         host_from_uri = None
-        if url[:1] != b"/":
-            if url == b"*" and method == "OPTIONS":
-                target = b"*"
-            else:
-                lower = url[:8].lower()
-                if not (lower.startswith(b"http://") or lower.startswith(b"https://")):
-                    raise BadRequest("invalid request-target")
-                rest = url.split(b"://", 1)[1]
-                slash = rest.find(b"/")
-                qmark = rest.find(b"?")
-                cut = min(i for i in (slash, qmark, len(rest)) if i >= 0)
-                host_from_uri = rest[:cut].decode("latin-1")
-                target = rest[cut:] or b"/"
-                if target[:1] == b"?":
-                    target = b"/" + target
-        path, _, query = target.partition(b"?")
-        environ["PATH_INFO"] = (
-            unquote_to_bytes(path).decode("latin-1") if b"%" in path else path.decode("latin-1")
-        )
-        environ["QUERY_STRING"] = query.decode("latin-1")
-        keys = self.server.header_keys
+        if raw_uri[:1] != "/" and not (raw_uri == "*" and method == "OPTIONS"):
+            split = split_absolute_form(raw_uri)
+            if split is None:
+                raise BadRequest("invalid request-target")
+            host_from_uri, target = split
+        path, _, query = target.partition("?")
+        if "%" in path:
+            path = unquote_to_bytes(path.encode("latin-1")).decode("latin-1")
+        environ["PATH_INFO"] = path
+        environ["QUERY_STRING"] = query
+        config = self.config
+        keys_of = config.header_keys
         hosts = 0
         te_seen = False
         for name, value in raw_headers:
-            key = keys.get(name)
+            key = keys_of.get(name)
             if key is None:
-                key = self.server.header_key(name)
+                key = config.header_key(name)
             if not key:
                 continue  # names with "_" are dropped (nginx's underscores_in_headers off)
             text = value.decode("latin-1")
@@ -360,6 +433,6 @@ class Connection:
             if version == "1.0":
                 raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
             if environ["HTTP_TRANSFER_ENCODING"].lower() != "chunked":
-                raise BadRequest("unsupported Transfer-Encoding", "501 Not Implemented")
+                raise BadRequest("unsupported Transfer-Encoding", status=501)
             environ["wsgi.input_terminated"] = True
         return environ

@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from .._core.status import status_line
 from .._core.types import WSGIApplication
-from .common import HOP, NO_BODY_STATUS, RECV_SIZE, BadRequest, ClientGone
+from ..exceptions import BadRequest, ClientDisconnected
+from .common import HOP, NO_BODY_STATUS, RECV_SIZE
+from .config import ServerConfig
 
-if TYPE_CHECKING:
-    from .connection import Connection
-
-__all__ = ["Input", "RawInput", "ResponseWriter"]
+__all__ = ["Conn", "Input", "RawInput", "ResponseWriter"]
 
 log = logging.getLogger("oxypy.server")
+
+
+class Conn(Protocol):
+    """What the WSGI side needs of its connection (``connection.Connection``)."""
+
+    closing: bool
+
+    def send(self, data: bytes) -> None: ...
+
+    def body_piece(self) -> bytes: ...
+
+    def raw_piece(self) -> bytes: ...
+
+    def finish_body(self) -> bool: ...
+
+    def reject(self, exc: BadRequest) -> None: ...
 
 
 class Input:
@@ -22,7 +38,7 @@ class Input:
 
     __slots__ = ("_conn", "_buf", "_eof", "_expect")
 
-    def __init__(self, conn: Connection, expect_continue: bool) -> None:
+    def __init__(self, conn: Conn, expect_continue: bool) -> None:
         self._conn = conn
         self._buf = b""
         self._eof = False
@@ -121,6 +137,7 @@ class ResponseWriter:
 
     __slots__ = (
         "conn",
+        "config",
         "environ",
         "version",
         "keep_alive",
@@ -135,9 +152,15 @@ class ResponseWriter:
     )
 
     def __init__(
-        self, conn: Connection, environ: dict[str, Any], version: str, keep_alive: bool
+        self,
+        conn: Conn,
+        config: ServerConfig,
+        environ: dict[str, Any],
+        version: str,
+        keep_alive: bool,
     ) -> None:
         self.conn = conn
+        self.config = config
         self.environ = environ
         self.version = version
         self.keep_alive = keep_alive
@@ -192,7 +215,7 @@ class ResponseWriter:
                 has_date = True
             out.append(f"{name}: {value}\r\n")
         if not has_date:
-            out.append(f"Date: {self.conn.server.http_date()}\r\n")
+            out.append(f"Date: {self.config.http_date()}\r\n")
         if code == 101:
             self.upgraded = True
             self.keep_alive = False
@@ -270,7 +293,7 @@ class ResponseWriter:
                     close = getattr(result, "close", None)
                     if close is not None:
                         close()
-        except ClientGone:
+        except ClientDisconnected:  # ClientGone from our socket, or a block's own verdict
             return False
         except BadRequest as exc:
             # The body turned out malformed while the app was reading it.
@@ -288,7 +311,7 @@ class ResponseWriter:
             self.headers = []
             body = b"Internal Server Error\n"
             self.start_response(
-                "500 Internal Server Error",
+                status_line(500),
                 [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", "22")],
             )
             self.keep_alive = False

@@ -1,0 +1,194 @@
+"""Accepting connections: the cap on live connections, and accept() failures.
+
+Theory of operation: :class:`ConnectionTable` counts the live connections of
+one server and knows which of them are waiting for a request (idle between two
+keep-alive requests, or still receiving a head).  When a new connection
+arrives at the cap (``max_connections``), the oldest waiting connection makes
+room for it: an idle keep-alive connection first, as nginx reuses its idle
+connections when it runs short, then the oldest unfinished head (a slow or
+stalled client).  A connection whose request is in the application is never
+evicted; when every connection is, the new one is closed at once.  So a flood
+of slow clients holds at most ``max_connections`` descriptors and can never
+keep a client that sends its head promptly from being served.
+
+:class:`Listener` is gevent's ``StreamServer`` with one change: an
+``accept()`` failing because descriptors ran out (``EMFILE``, ``ENFILE``,
+``ENOBUFS``, ``ENOMEM``) evicts one waiting connection (its descriptor serves
+the next accept) and pauses accepting for 0.1 s, doubling to 0.5 s while the
+episode lasts; the episode is logged when it starts and when it ends, where
+gevent would print a traceback for every failed accept.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import gevent
+from gevent.server import StreamServer
+
+__all__ = ["ConnectionTable", "Listener", "default_max_connections"]
+
+log = logging.getLogger("oxypy.server")
+
+#: accept() errors that mean "no descriptor or memory left": back off, don't crash.
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_PAUSE_FIRST = 0.1
+_PAUSE_MAX = 0.5
+#: Seconds without a failed accept that end an episode (and its log lines).
+_EPISODE_END = 5.0
+#: Descriptors kept out of the default cap (listening socket, log files, Redis...).
+_FD_RESERVE = 100
+_DEFAULT_CAP = 10000
+
+
+def default_max_connections() -> int:
+    """The default cap: half of what ``RLIMIT_NOFILE`` leaves after a reserve,
+    at most 10000.
+
+    Half, because a proxied request holds two descriptors (the client's and
+    the upstream's); the reserve (100, or a quarter of a smaller limit) is for
+    the listening socket, pooled idle upstream connections, log and spill
+    files.  ``ulimit -n`` 1024 gives 462, 256 gives 96, 65536 gives 10000.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return _DEFAULT_CAP
+    reserve = min(_FD_RESERVE, soft // 4)
+    return max(1, min(_DEFAULT_CAP, (soft - reserve) // 2))
+
+
+class Evictable(Protocol):
+    def evict(self) -> None: ...
+
+
+class ConnectionTable:
+    """The live connections of one server, and which of them may make room."""
+
+    __slots__ = ("cap", "count", "idle", "reading", "shed_episode")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        #: Admitted connections that were not released yet.
+        self.count = 0
+        #: Waiting between two requests, oldest first.
+        self.idle: OrderedDict[Evictable, None] = OrderedDict()
+        #: Receiving a head (or waiting for the first one), oldest first.
+        self.reading: OrderedDict[Evictable, None] = OrderedDict()
+        self.shed_episode = False
+
+    def admit(self) -> bool:
+        """Take a slot for a new connection, evicting a waiting one at the cap.
+
+        False when every connection is in a request: the new one must be closed.
+        """
+        if self.count >= self.cap:
+            victim = self.pop_waiting()
+            if victim is None:
+                if not self.shed_episode:
+                    self.shed_episode = True
+                    log.warning(
+                        "max_connections (%d) reached with every connection in a request; "
+                        "closing new connections",
+                        self.cap,
+                    )
+                return False
+            victim.evict()
+        self.shed_episode = False
+        self.count += 1
+        return True
+
+    def release(self) -> None:
+        """Give a slot back (once per admitted connection)."""
+        self.count -= 1
+
+    def pop_waiting(self) -> Evictable | None:
+        """Forget and return the connection that should make room, if any."""
+        for table in (self.idle, self.reading):
+            if table:
+                return table.popitem(last=False)[0]
+        return None
+
+    def park(self, conn: Evictable, idle: bool) -> None:
+        """``conn`` waits for a request (``idle``) or for the rest of a head."""
+        if idle:
+            self.reading.pop(conn, None)
+            self.idle[conn] = None
+        else:
+            self.idle.pop(conn, None)
+            self.reading[conn] = None
+
+    def unpark(self, conn: Evictable) -> None:
+        """``conn`` has a request to serve, or is gone: it may not be evicted."""
+        self.idle.pop(conn, None)
+        self.reading.pop(conn, None)
+
+
+class Listener(StreamServer):  # type: ignore[misc]
+    """``StreamServer`` that backs off, without a traceback, when descriptors run out.
+
+    An episode of failed accepts is logged twice at most: when it starts, and
+    when accepts have succeeded for :data:`_EPISODE_END` seconds after the
+    last failure.
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handle: Callable[[Any, Any], None],
+        table: ConnectionTable,
+        backlog: int,
+    ) -> None:
+        super().__init__(address, handle, backlog=backlog)
+        self.table = table
+        #: Failed accepts in the current episode (0: no episode).
+        self.failed_accepts = 0
+        self.last_failure = 0.0
+        self.pause = _PAUSE_FIRST
+
+    def do_read(self) -> Any:
+        try:
+            accepted = super().do_read()
+        except OSError as exc:
+            if exc.errno not in _EXHAUSTED:
+                raise
+            self._exhausted(exc)
+            return None
+        if accepted and self.failed_accepts:
+            if time.monotonic() - self.last_failure >= _EPISODE_END:
+                log.warning(
+                    "accepting again; %d accept()s failed for lack of descriptors",
+                    self.failed_accepts,
+                )
+                self.failed_accepts = 0
+                self.pause = _PAUSE_FIRST
+        return accepted
+
+    def _exhausted(self, exc: OSError) -> None:
+        if not self.failed_accepts:
+            log.warning(
+                "accept() failed: %s; pausing accepts %g-%g s while it lasts "
+                "(max_connections=%d, %d open)",
+                exc.strerror or exc,
+                _PAUSE_FIRST,
+                _PAUSE_MAX,
+                self.table.cap,
+                self.table.count,
+            )
+        self.failed_accepts += 1
+        self.last_failure = time.monotonic()
+        victim = self.table.pop_waiting()
+        if victim is not None:
+            victim.evict()  # frees a descriptor for the next accept
+        self.stop_accepting()
+        gevent.spawn_later(self.pause, self._resume)
+        self.pause = min(_PAUSE_MAX, self.pause * 2)
+
+    def _resume(self) -> None:
+        if self.started and not self.closed:
+            self.start_accepting()
