@@ -183,6 +183,28 @@ UP = "http://127.0.0.1:9"
         pytest.param(["proxy", UP, "--timeout", "0"], "--timeout", "above 0", id="timeout"),
         pytest.param(["proxy", UP, "--eject-after", "0"], "--eject-after", "1 or more", id="eject"),
         pytest.param(["proxy", UP, "--listen", "8080"], "--listen", "HOST:PORT", id="listen"),
+        pytest.param(
+            ["proxy", UP, "--listen", "[::1:80"], "--listen", "brackets", id="listen-brackets"
+        ),
+        pytest.param(
+            ["proxy", UP, "--header-timeout", "0"], "--header-timeout", "above 0", id="header-t"
+        ),
+        pytest.param(
+            ["serve", "m:app", "--keepalive-timeout", "x"],
+            "--keepalive-timeout",
+            "number",
+            id="keepalive-t",
+        ),
+        pytest.param(["demo", "--body-timeout", "-1"], "--body-timeout", "above 0", id="body-t"),
+        pytest.param(
+            ["proxy", UP, "--max-connections", "0"], "--max-connections", "1 or more", id="cap"
+        ),
+        pytest.param(
+            ["serve", "m:app", "--max-connections", "many"],
+            "--max-connections",
+            "integer",
+            id="cap-nan",
+        ),
         pytest.param(["proxy", "ftp://h"], "UPSTREAM", "http://", id="scheme"),
         pytest.param(["proxy", "http://"], "UPSTREAM", "no host", id="no-host"),
         pytest.param(["proxy", "http://h:99999"], "UPSTREAM", "invalid URL", id="bad-port"),
@@ -453,6 +475,41 @@ app = RequestID(Forward(os.environ["CLI_TEST_UPSTREAM"]))
 def make():
     return Forward(os.environ["CLI_TEST_UPSTREAM"], via="factory")
 """
+
+
+def test_serving_flags_reach_the_server(oxypy: Callable[..., Running], echo_upstream: str) -> None:
+    gw = oxypy(
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        echo_upstream,
+        "--header-timeout",
+        "0.5",
+        "--keepalive-timeout",
+        "20",
+        "--body-timeout",
+        "20",
+        "--max-connections",
+        "2",
+    )
+    host, port = gw.url.split("//")[1].rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as slow:
+            slow.sendall(b"GET / HTTP/1.1\r\n")  # and nothing more: 408 after 0.5 s
+            start = time.monotonic()
+            answer = slow.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+            assert time.monotonic() - start < 3
+        flood = [socket.create_connection((host, int(port)), timeout=10) for _ in range(5)]
+        try:
+            for sock in flood:
+                sock.sendall(b"GET / HTTP/1.1\r\n")
+            assert gw.get("/through").status == 200  # the cap of 2 made room for it
+        finally:
+            for sock in flood:
+                sock.close()
+    finally:
+        gw.stop()
 
 
 @pytest.mark.parametrize("target", ["gw_mod:app", "gw_mod:make()"])
