@@ -65,11 +65,13 @@ class Server:
       :class:`~oxypy.exceptions.ClientDisconnected`, traced as 499) and close
       the connection; a response write that makes no progress for as long is
       cut the same way;
-    * beyond ``max_connections`` open connections, a new connection closes the
-      oldest one waiting for a request (idle keep-alive first, then the slowest
-      head); when every connection is in a request, the new one is closed at
-      once.  When ``accept()`` fails for lack of descriptors (``EMFILE``), the
-      server pauses accepting for 0.1-0.5 s and logs one line per episode.
+    * at ``max_connections`` open connections the server stops accepting; a
+      connection waiting in the backlog makes the oldest connection waiting
+      for a request close (idle keep-alive first, then the slowest head) and
+      takes its place; when every connection is in a request, new ones wait
+      in the backlog until one finishes.  When ``accept()`` fails for lack of
+      descriptors (``EMFILE``), the server pauses accepting for 0.1-0.5 s and
+      logs one line when the episode starts and one when it ends.
 
     :param app: the WSGI application (any oxypy chain, Flask, Django, ...).
     :param listen: ``"host:port"``; port 0 picks a free port (see :attr:`address`).
@@ -187,10 +189,10 @@ class Server:
     def _handle(self, sock: Any, addr: Any) -> None:
         accepted = time.monotonic()
         config = self._config
-        table = self._table
-        if config is None or not table.admit():
-            return  # gevent closes the socket
+        table = self._table  # the listener counted this connection at accept
         try:
+            if config is None:
+                return  # gevent closes the socket
             if self.ssl_context is not None:
                 sock.settimeout(config.header_timeout)
                 try:

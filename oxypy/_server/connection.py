@@ -70,6 +70,8 @@ class Connection:
         self.busy = False
         self.closing = False
         self.evicted = False
+        #: The client is gone (or its body stalled): nothing more is read or written.
+        self.gone = False
         #: The greenlet running :meth:`run` (the server kills it at the graceful timeout).
         self.greenlet: Any = None
         self.body_done = False
@@ -149,9 +151,12 @@ class Connection:
         self.close()
 
     def send(self, data: bytes) -> None:
+        if self.gone:
+            raise ClientGone()
         try:
             send_all(self.sock, data)
         except OSError as exc:
+            self.gone = True
             raise ClientGone() from exc
 
     def _fill(self) -> bool:
@@ -162,6 +167,8 @@ class Connection:
         """
         if self.pending_error is not None:
             raise self.pending_error
+        if self.gone:
+            raise ClientGone()
         if self.upgraded:
             return False
         try:
@@ -169,6 +176,7 @@ class Connection:
         except TimeoutError:
             raise
         except OSError as exc:
+            self.gone = True
             raise ClientGone() from exc
         if not data:
             return False
@@ -214,15 +222,19 @@ class Connection:
             try:
                 more = self._fill()
             except TimeoutError as exc:
+                # A stalled body ends the connection: whatever a block answers
+                # (a 499 for a gone client) is not written, nothing more is read.
+                self.gone = True
                 raise ClientGone(
                     f"no request body byte for {self.config.body_timeout:g} s"
                 ) from exc
             if not more:
+                self.gone = True
                 raise ClientGone("client closed mid-body")
 
     def finish_body(self) -> bool:
         """Consume what the app left of the body; False if the connection must close."""
-        if self.upgraded:
+        if self.upgraded or self.gone:
             return False
         seen = 0
         while not self.body_done:
