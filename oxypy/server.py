@@ -105,15 +105,15 @@ class Server:
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
        ``header_timeout`` is a deadline for the whole head (was per read),
-       ``body_timeout`` replaces ``read_timeout``, ``max_connections``; every
-       option after ``listen`` is keyword-only.
+       ``body_timeout`` replaces ``read_timeout``, ``max_connections``; ``app``
+       and ``listen`` are positional-only, every option keyword-only.
     """
 
     def __init__(
         self,
         app: WSGIApplication,
-        /,
         listen: str = "127.0.0.1:8080",
+        /,
         *,
         ssl_context: Any = None,
         backlog: int = 1024,
@@ -276,7 +276,7 @@ def _shutdown(sock: Any) -> None:
         pass
 
 
-def serve(app: WSGIApplication, /, listen: str = "127.0.0.1:8080", **options: Any) -> None:
+def serve(app: WSGIApplication, listen: str = "127.0.0.1:8080", /, **options: Any) -> None:
     """Serve ``app`` on ``listen`` until SIGTERM/SIGINT; see :class:`Server` for the
     keyword-only options (timers, ``max_connections``, ``ssl_context``, ...).
 

@@ -321,17 +321,7 @@ PAIRS = {oxypy.Rate}
 
 @pytest.mark.parametrize(
     "cls",
-    [
-        pytest.param(
-            cls,
-            id=cls.__name__,
-            marks=[pytest.mark.xfail(strict=True, reason="Server(app, listen): helper server")]
-            if cls.__name__ == "Server"
-            else [],
-        )
-        for cls in _public_classes()
-        if cls not in RECORDS
-    ],
+    [pytest.param(cls, id=cls.__name__) for cls in _public_classes() if cls not in RECORDS],
 )
 def test_constructors_follow_the_rule(cls: type) -> None:
     """Next app positional-only, at most one core positional argument, options keyword-only."""

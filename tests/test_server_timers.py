@@ -240,11 +240,13 @@ def test_bad_timer_or_cap_is_a_configuration_error(options: dict[str, Any]) -> N
         Server(ok_app, "127.0.0.1:0", **options)
 
 
-def test_options_after_listen_are_keyword_only() -> None:
+def test_app_and_listen_are_positional_and_options_keyword_only() -> None:
     with pytest.raises(TypeError):
         Server(ok_app, "127.0.0.1:0", None)  # type: ignore[call-arg]
     with pytest.raises(TypeError):
         Server(app=ok_app)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Server(ok_app, listen="127.0.0.1:0")  # type: ignore[call-arg]
 
 
 def test_read_timeout_is_a_deprecated_alias_of_body_timeout() -> None:
