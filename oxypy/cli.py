@@ -144,21 +144,21 @@ def _common(p: argparse.ArgumentParser, listen: Any) -> None:
     )
     p.add_argument(
         "--header-timeout",
-        type=_positive,
+        type=_timer,
         default=30.0,
         metavar="SECONDS",
         help="a request head must arrive within N s of its first byte, else 408 (30)",
     )
     p.add_argument(
         "--keepalive-timeout",
-        type=_positive,
+        type=_timer,
         default=60.0,
         metavar="SECONDS",
         help="close a keep-alive connection idle for N s between requests (60)",
     )
     p.add_argument(
         "--body-timeout",
-        type=_positive,
+        type=_timer,
         default=60.0,
         metavar="SECONDS",
         help="cut a request body (or response write) making no progress for N s (60)",
@@ -267,6 +267,13 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _timer(text: str) -> float:
+    value = _positive(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, got {text!r}")
     return value
 
 

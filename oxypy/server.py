@@ -25,6 +25,7 @@ unframed, as under ``gevent.pywsgi``.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import socket
 import time
@@ -138,11 +139,11 @@ class Server:
             ("keepalive_timeout", keepalive_timeout),
             ("body_timeout", body_timeout),
         ):
-            if not value > 0:
-                raise ConfigurationError(f"{name} must be above 0, got {value!r}")
-        if graceful_timeout < 0:
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigurationError(f"{name} must be a finite number above 0, got {value!r}")
+        if not (graceful_timeout >= 0 and math.isfinite(graceful_timeout)):
             raise ConfigurationError(
-                f"graceful_timeout must be 0 or more, got {graceful_timeout!r}"
+                f"graceful_timeout must be a finite number >= 0, got {graceful_timeout!r}"
             )
         if max_connections is None:
             max_connections = default_max_connections()

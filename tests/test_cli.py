@@ -197,6 +197,9 @@ UP = "http://127.0.0.1:9"
         ),
         pytest.param(["demo", "--body-timeout", "-1"], "--body-timeout", "above 0", id="body-t"),
         pytest.param(
+            ["proxy", UP, "--header-timeout", "inf"], "--header-timeout", "finite", id="inf-t"
+        ),
+        pytest.param(
             ["proxy", UP, "--max-connections", "0"], "--max-connections", "1 or more", id="cap"
         ),
         pytest.param(

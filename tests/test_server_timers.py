@@ -230,6 +230,8 @@ def test_slow_but_moving_upload_is_not_cut(serve: Any) -> None:
         pytest.param({"header_timeout": 0}, id="header"),
         pytest.param({"keepalive_timeout": -1}, id="keepalive"),
         pytest.param({"body_timeout": 0}, id="body"),
+        pytest.param({"header_timeout": float("inf")}, id="header-inf"),
+        pytest.param({"body_timeout": float("nan")}, id="body-nan"),
         pytest.param({"max_connections": 0}, id="cap"),
         pytest.param({"graceful_timeout": -1}, id="graceful"),
     ],
