@@ -422,17 +422,20 @@ def test_parse_listen_rejects(text: str) -> None:
 @pytest.mark.parametrize(
     ("target", "expected"),
     [
-        pytest.param("http://h:81/p?q", ("h:81", "/p?q"), id="full"),
-        pytest.param("HTTPS://h", ("h", "/"), id="no-path"),
-        pytest.param("http://h?x=1", ("h", "/?x=1"), id="query-only"),
+        pytest.param("http://h:81/p?q", ("http", "h:81", "/p?q"), id="full"),
+        pytest.param("HTTPS://h", ("HTTPS", "h", "/"), id="no-path"),
+        pytest.param("http://h?x=1", ("http", "h", "/?x=1"), id="query-only"),
+        pytest.param("ftp://h/x", ("ftp", "h", "/x"), id="other-scheme"),
         pytest.param("/p", None, id="origin-form"),
-        pytest.param("ftp://h/", None, id="other-scheme"),
+        pytest.param("*", None, id="asterisk"),
+        pytest.param("nohost", None, id="no-scheme"),
     ],
 )
-def test_split_absolute_form(target: str, expected: tuple[str, str] | None) -> None:
-    from oxypy._core.net import split_absolute_form
+def test_split_absolute_form(target: str, expected: tuple[str, str, str] | None) -> None:
+    from oxypy._core.urls import origin_form, split_absolute_form
 
     assert split_absolute_form(target) == expected
+    assert origin_form(target) == (target if expected is None else expected[2])
 
 
 def test_status_phrases_come_from_one_table() -> None:

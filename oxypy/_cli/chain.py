@@ -17,9 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .._core.urls import parse_target_url
-
 from .._core.net import parse_listen
+from .._core.urls import parse_target_url
 
 if TYPE_CHECKING:
     from .._core.types import WSGIApplication

@@ -1,5 +1,4 @@
-"""Addresses: listen addresses, request-target authorities, and the trust rule
-for forwarding headers.
+"""Addresses: listen addresses, and the trust rule for forwarding headers.
 
 Incoming ``X-Forwarded-*``, ``X-Real-Ip`` and ``Forwarded`` values are
 believed only when the connection's peer is inside ``trusted_proxies``; the
@@ -16,7 +15,7 @@ from functools import lru_cache
 
 from ..exceptions import ConfigurationError
 
-__all__ = ["TrustedProxies", "normalize_ip", "parse_listen", "split_absolute_form"]
+__all__ = ["TrustedProxies", "normalize_ip", "parse_listen"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -129,28 +128,3 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if host.startswith("["):
         host = host[1:-1]
     return host or "0.0.0.0", int(port)
-
-
-def split_absolute_form(target: str) -> tuple[str, str] | None:
-    """``"http://host:81/p?q"`` -> ``("host:81", "/p?q")`` for an absolute-form
-    request-target (RFC 9112 section 3.2.2); None when ``target`` is not one.
-
-    The path is ``"/"`` when the target has none (``"http://host?q"`` gives
-    ``"/?q"``).  The scheme is matched without regard to case.
-    """
-    lower = target[:8].lower()
-    if lower.startswith("http://"):
-        rest = target[7:]
-    elif lower.startswith("https://"):
-        rest = target[8:]
-    else:
-        return None
-    cut = len(rest)
-    for mark in ("/", "?"):
-        at = rest.find(mark)
-        if 0 <= at < cut:
-            cut = at
-    path = rest[cut:] or "/"
-    if path[0] == "?":
-        path = "/" + path
-    return rest[:cut], path

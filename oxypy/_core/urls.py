@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from ..exceptions import ConfigurationError
 
-__all__ = ["TargetURL", "origin_form", "parse_target_url"]
+__all__ = ["TargetURL", "origin_form", "split_absolute_form", "parse_target_url"]
 
 
 class TargetURL(NamedTuple):
@@ -84,21 +84,35 @@ def parse_target_url(
     return TargetURL(scheme, parts.hostname, port, parts.path, parts.query)
 
 
+def split_absolute_form(raw: str) -> tuple[str, str, str] | None:
+    """``"http://h:81/p?q"`` -> ``("http", "h:81", "/p?q")``: scheme, authority and
+    origin-form of an absolute-form request-target (RFC 9112 §3.2.2).
+
+    None for an origin-form target, ``*``, or text without ``://``.  A target
+    without a path gets ``/`` (``"http://h?q"`` -> ``"/?q"``).  The scheme is
+    returned as written; the caller decides which it accepts.
+    """
+    if not raw or raw[0] == "/":
+        return None
+    scheme, sep, rest = raw.partition("://")
+    if not sep:
+        return None
+    cut = len(rest)
+    for mark in ("/", "?"):
+        at = rest.find(mark)
+        if 0 <= at < cut:
+            cut = at
+    target = rest[cut:]
+    if not target or target[0] == "?":
+        target = "/" + target
+    return scheme, rest[:cut], target
+
+
 def origin_form(raw: str) -> str:
     """The origin-form of a request-target: ``http://h/p?q`` -> ``/p?q`` (RFC 9112 §3.2.2).
 
     An origin-form target (or ``*``) is returned unchanged; an absolute-form
     one without a path gets ``/``.
     """
-    if not raw or raw[0] == "/" or "://" not in raw:
-        return raw
-    rest = raw.split("://", 1)[1]
-    cut = len(rest)
-    for sep in ("/", "?"):
-        at = rest.find(sep)
-        if 0 <= at < cut:
-            cut = at
-    target = rest[cut:]
-    if not target or target[0] == "?":
-        target = "/" + target
-    return target
+    split = split_absolute_form(raw)
+    return raw if split is None else split[2]

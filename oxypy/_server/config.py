@@ -14,6 +14,7 @@ from email.utils import formatdate
 from typing import Any
 
 from .. import environ as keys
+from .._core.headers import header_to_environ
 from .._core.types import WSGIApplication
 
 __all__ = ["ServerConfig"]
@@ -51,12 +52,7 @@ class ServerConfig:
         if key is not None:
             return key
         text = name.decode("latin-1")
-        if "_" in text:
-            key = ""
-        else:
-            key = text.upper().replace("-", "_")
-            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
-                key = "HTTP_" + key
+        key = "" if "_" in text else header_to_environ(text)
         if len(self.header_keys) < _HEADER_KEY_CACHE:
             self.header_keys[name] = key
         return key

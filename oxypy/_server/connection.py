@@ -35,8 +35,8 @@ from urllib.parse import unquote_to_bytes
 import httptools
 
 from .. import environ as keys
-from .._core.net import split_absolute_form
 from .._core.sockets import peer_closed, send_all
+from .._core.urls import split_absolute_form
 from ..exceptions import BadRequest, ClientGone
 from .common import BODY, END, HEAD, LINGER_SECONDS, RECV_SIZE
 from .config import ServerConfig
@@ -405,9 +405,9 @@ class Connection:
         host_from_uri = None
         if raw_uri[:1] != "/" and not (raw_uri == "*" and method == "OPTIONS"):
             split = split_absolute_form(raw_uri)
-            if split is None:
+            if split is None or split[0].lower() not in ("http", "https"):
                 raise BadRequest("invalid request-target")
-            host_from_uri, target = split
+            _, host_from_uri, target = split
         path, _, query = target.partition("?")
         if "%" in path:
             path = unquote_to_bytes(path.encode("latin-1")).decode("latin-1")
