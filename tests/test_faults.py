@@ -117,6 +117,7 @@ def test_aborting_uploaders_never_trip_the_breaker(proxy: Any, pywsgi: Any) -> N
     for rec in aborted:
         assert rec["status"] == 499, rec
         assert rec["error"] == "client_disconnected", rec
+        assert [up.get("error") for up in rec["upstream"]] == ["client_disconnected"]
     assert [rec["status"] for rec in records if rec["url"] == "/healthy"] == [200] * 5
     assert metric(registry, "oxypy_requests_total", method="POST", code_class="4xx") == 10
     assert metric(registry, "oxypy_requests_total", method="POST", code_class="5xx") == 0
