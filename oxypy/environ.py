@@ -15,10 +15,12 @@ __all__ = [
     "ERROR",
     "EXCHANGES",
     "FORWARDAUTH_FAILURE",
+    "FORWARDED_PREFIX",
     "RAW_URI",
     "REQUEST_ID",
     "REQUEST_ID_ORIG",
     "REWRITE_ORIG",
+    "SEND_TRAILERS",
     "SERVER",
     "TARGET",
     "TRIED_TARGETS",
@@ -71,3 +73,20 @@ CLIENT_GONE = "oxypy.client_gone"
 #: ``ForwardAuth``: on the auth request's own environ, the error that kept the
 #: auth service from answering (set by its Forward's error hook).
 FORWARDAUTH_FAILURE = "oxypy.forwardauth.failure"
+
+#: The path prefix removed from the request before ``Forward`` (by
+#: ``Rewrite(strip_prefix=)`` or ``Router(strip=True)``), percent-encoded as
+#: the client sent it, e.g. ``"/app"``; nested strips append.  ``Forward``
+#: sends it upstream as ``X-Forwarded-Prefix`` and puts it back in
+#: ``Location`` when ``rewrite_location`` is on.  Absent when nothing was
+#: stripped (a plain WSGI mount forwards its full path and needs none).
+FORWARDED_PREFIX = "oxypy.forwarded_prefix"
+
+#: Provided by ``oxypy.serve`` / ``Server``: a ``(trailers) -> None`` callable
+#: taking a list of ``(name, value)`` pairs.  Called before the response body
+#: ends, it makes the server end a chunked response with those trailer
+#: fields (a response framed by ``Content-Length`` has no room for them: they
+#: are dropped).  ``Forward`` calls it to relay an upstream's trailers when
+#: the client sent ``TE: trailers``; under servers without it (gunicorn's
+#: sync/gevent workers, pywsgi, uWSGI) trailers are dropped.
+SEND_TRAILERS = "oxypy.send_trailers"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import urllib3
@@ -19,7 +19,17 @@ import urllib3
 from . import environ as keys
 from ._client.exchange import BodySource, UpstreamResponse, exchange
 from ._client.pool import HostPool, Pools
-from ._client.request_head import build_headers, check_framing, request_target
+from ._client.request_head import build_headers, check_framing, max_forwards, request_target
+from ._client.response_head import (
+    CookieRule,
+    answer_max_forwards,
+    authority,
+    client_origin,
+    compile_cookie_rule,
+    relocate,
+    rewrite_cookies,
+    trailer_fields,
+)
 from ._core.exchange import Exchange, exchange_log
 from ._core.headers import HOP_BY_HOP, connection_tokens
 from ._core.net import TrustedProxies
@@ -78,11 +88,21 @@ class ResponseHead:
 
 
 class _Target:
-    __slots__ = ("url", "host_header", "base_path", "pool")
+    __slots__ = ("url", "scheme", "host_header", "authority", "base_path", "pool")
 
-    def __init__(self, url: str, host_header: str, base_path: str, pool: HostPool):
+    def __init__(
+        self,
+        url: str,
+        scheme: str,
+        host_header: str,
+        authority: tuple[str, int],
+        base_path: str,
+        pool: HostPool,
+    ):
         self.url = url
+        self.scheme = scheme
         self.host_header = host_header
+        self.authority = authority
         self.base_path = base_path
         self.pool = pool
 
@@ -175,6 +195,9 @@ class Forward:
         tunnel_idle_timeout: float | None = 3600.0,
         expect_continue_timeout: float | None = 1.0,
         max_response_head_bytes: int = 256 * 1024,
+        rewrite_location: bool = True,
+        cookie_domain: Mapping[str, str] | Callable[[str], str | None] | None = None,
+        cookie_path: Mapping[str, str] | Callable[[str], str | None] | None = None,
         error_handler: ErrorHandler = default_error_handler,
         modify_request: Callable[[WSGIEnvironment, OutgoingRequest], None] | None = None,
         modify_response: Callable[[WSGIEnvironment, ResponseHead], None] | None = None,
@@ -202,6 +225,9 @@ class Forward:
         self.error_handler = error_handler
         self.modify_request = modify_request
         self.modify_response = modify_response
+        self.rewrite_location = rewrite_location
+        self._cookie_domain: CookieRule | None = compile_cookie_rule(cookie_domain, "domain")
+        self._cookie_path: CookieRule | None = compile_cookie_rule(cookie_path, "path")
         if pool is None:
             tls: dict[str, Any] = {}
             if insecure:
@@ -238,7 +264,14 @@ class Forward:
             return found
         parsed = parse_target_url(url, websocket=True)
         pool = self._pools.host(parsed.scheme, parsed.host, parsed.port)
-        found = _Target(url, parsed.host_header, parsed.path, pool)
+        found = _Target(
+            url,
+            parsed.scheme,
+            parsed.host_header,
+            (parsed.host.lower(), parsed.port),
+            parsed.path,
+            pool,
+        )
         if len(self._targets) > 4096:
             self._targets.clear()
         self._targets[url] = found
@@ -266,6 +299,9 @@ class Forward:
                 except ConfigurationError as exc:
                     raise NoTarget(f"invalid upstream target {url!r}") from exc
             framing = check_framing(environ)
+            if max_forwards(environ) == 0:
+                record.ended = time.monotonic()
+                return answer_max_forwards(environ, start_response)
             upgrade = None
             if self.websocket and "upgrade" in connection_tokens(environ.get("HTTP_CONNECTION")):
                 upgrade = environ.get("HTTP_UPGRADE") or None
@@ -326,7 +362,7 @@ class Forward:
                 idle_timeout=self.tunnel_idle_timeout,
                 error_handler=self.error_handler,
             )
-        return self._relay(environ, start_response, resp, record)
+        return self._relay(environ, start_response, resp, record, target, host)
 
     def _relay(
         self,
@@ -334,8 +370,14 @@ class Forward:
         start_response: StartResponse,
         resp: UpstreamResponse,
         record: Exchange,
+        target: _Target,
+        host: str,
     ) -> Iterable[bytes]:
         headers = response_headers(resp.headers)
+        if self.rewrite_location:
+            headers = self._relocate(environ, headers, target, host)
+        if self._cookie_domain is not None or self._cookie_path is not None:
+            headers = rewrite_cookies(headers, self._cookie_domain, self._cookie_path)
         status, reason = resp.status, resp.reason
         if self.modify_response is not None:
             head = ResponseHead(status, reason, headers)
@@ -351,6 +393,30 @@ class Forward:
             resp.close()
             raise
         return _ResponseBody(resp, record, environ, self.error_handler, start_response)
+
+    def _relocate(
+        self,
+        environ: WSGIEnvironment,
+        headers: list[tuple[str, str]],
+        target: _Target,
+        host: str,
+    ) -> list[tuple[str, str]]:
+        """``Location``/``Content-Location`` pointing at the upstream -> the client's address."""
+        out = None
+        for i, (name, value) in enumerate(headers):
+            lname = name.lower()
+            if lname != "location" and lname != "content-location":
+                continue
+            upstreams = [target.authority]
+            sent = authority(host, target.scheme)
+            if sent is not None and sent != target.authority:
+                upstreams.append(sent)
+            new = relocate(value, upstreams, target.base_path, client_origin(environ, self.trusted))
+            if new != value:
+                if out is None:
+                    out = list(headers)
+                out[i] = (name, new)
+        return headers if out is None else out
 
 
 def status_line(status: int, reason: str) -> str:
@@ -422,6 +488,8 @@ class _ResponseBody:
             for chunk in self.resp:
                 record.bytes_received += len(chunk)
                 yield chunk
+            if self.resp.trailers:
+                self._send_trailers()
         except RequestError as exc:
             exc.target = exc.target or record.target
             record.error = exc
@@ -432,6 +500,16 @@ class _ResponseBody:
             self.environ[keys.ERROR] = exc
             log.warning("aborting response from %s: %s", record.target, exc.reason)
             raise
+
+    def _send_trailers(self) -> None:
+        """Hand the upstream's trailers to the server, when it and the client take them."""
+        send = self.environ.get(keys.SEND_TRAILERS)
+        te = self.environ.get("HTTP_TE")
+        if send is None or not te or "trailers" not in connection_tokens(te):
+            return
+        fields = trailer_fields(self.resp.trailers)
+        if fields:
+            send(fields)
 
     def close(self) -> None:
         if self._closed:

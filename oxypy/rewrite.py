@@ -206,7 +206,10 @@ class Rewrite:
 
     **Writes** ``PATH_INFO``, ``RAW_URI`` (also ``REQUEST_URI`` when present)
     and ``QUERY_STRING`` in place; the originals are kept in
-    ``environ["oxypy.rewrite.orig"]``.  Streams; never answers by itself.
+    ``environ["oxypy.rewrite.orig"]``.  A prefix removed by ``strip_prefix``
+    is appended to ``environ["oxypy.forwarded_prefix"]``, which ``Forward``
+    sends upstream as ``X-Forwarded-Prefix`` (and puts back in redirects).
+    Streams; never answers by itself.
 
     Configuration errors (bad regex, ``$3`` with two groups, bad prefix)
     raise :class:`ConfigurationError` at construction.
@@ -275,10 +278,17 @@ class Rewrite:
             raw_rest = quote(path_info.encode("latin-1"), safe=_RAW_SAFE.replace("%", ""))
         if raw_query != query:  # QUERY_STRING was changed below the server: it wins
             raw_query = query
-        result = _rewrite_path(_normalize(raw_rest), self.rules, self.strip_prefix)
+        path = _normalize(raw_rest)
+        prefix = self.strip_prefix
+        stripped = ""
+        if prefix is not None and (path == prefix or path.startswith(prefix + "/")):
+            stripped = prefix
+        result = _rewrite_path(path, self.rules, prefix)
         if result is None:
             return False
         new_raw, repl_query = result
+        if stripped:
+            environ[keys.FORWARDED_PREFIX] = environ.get(keys.FORWARDED_PREFIX, "") + stripped
         if repl_query is not None:
             raw_query = repl_query + ("&" + raw_query if raw_query else "")
         orig = {}

@@ -102,6 +102,7 @@ class UpstreamResponse:
         "interim",
         "leftover",
         "received",
+        "trailers",
         "_chunks",
         "_head_bytes",
         "_max_head",
@@ -127,6 +128,8 @@ class UpstreamResponse:
         self.interim = 0
         self.leftover = b""
         self.received = 0
+        #: Trailer fields after a chunked body, as received (not filtered).
+        self.trailers: list[tuple[str, str]] = []
         self._chunks: list[bytes] = []
         self._head_bytes = 0
         self._max_head = max_head
@@ -137,15 +140,23 @@ class UpstreamResponse:
     def on_message_begin(self) -> None:
         self._messages += 1
         if self.complete:
-            # Bytes after a complete response: never reuse this connection.
+            # Bytes after a complete response (even a whole second response):
+            # stop parsing here, relay nothing of them, never reuse the
+            # connection (the error ends feed_data; _feed swallows it).
             self.reusable = False
+            raise _AfterMessage()
 
     def on_status(self, status: bytes) -> None:
         self.reason = status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.head_done:
-            return  # trailers: WSGI cannot relay them
+            # A trailer field (after a chunked body); bounded like the head.
+            self._head_bytes += len(name) + len(value) + 4
+            if self._head_bytes > self._max_head:
+                raise UpstreamProtocolError("upstream response trailers too large")
+            self.trailers.append((name.decode("latin-1"), value.decode("latin-1")))
+            return
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self._max_head:
             raise UpstreamProtocolError("upstream response head too large")
@@ -171,6 +182,8 @@ class UpstreamResponse:
                 self.framed = True
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:
+            return
         if self.no_body:
             self.reusable = False
             return
@@ -262,6 +275,10 @@ class UpstreamResponse:
         if not self.complete:
             self.reusable = False
         self.release()
+
+
+class _AfterMessage(Exception):
+    """Raised from a parser callback to stop at the end of the response."""
 
 
 def _frame_chunk(data: bytes) -> bytes:

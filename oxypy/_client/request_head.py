@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import quote, unquote_to_bytes
 
+from .. import environ as keys
 from .._core.headers import (
     FORWARDING_ENVIRON,
     HOP_BY_HOP_ENVIRON,
@@ -22,10 +23,29 @@ from .._core.types import WSGIEnvironment
 from .._core.urls import origin_form
 from ..exceptions import BadRequest, RequestError
 
-__all__ = ["Framing", "build_headers", "check_framing", "request_target"]
+__all__ = ["Framing", "build_headers", "check_framing", "max_forwards", "request_target"]
 
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+#: The methods whose ``Max-Forwards`` a proxy honours (RFC 9110 §7.6.2).
+MAX_FORWARDS_METHODS = frozenset({"OPTIONS", "TRACE"})
+
+
+def max_forwards(environ: WSGIEnvironment) -> int | None:
+    """The request's ``Max-Forwards`` on OPTIONS and TRACE; None elsewhere or when absent.
+
+    RFC 9110 §7.6.2: a single non-negative decimal integer.  Anything else
+    (empty, signed, a list such as ``1, 2``) is a :class:`BadRequest` (400).
+    """
+    if environ.get("REQUEST_METHOD") not in MAX_FORWARDS_METHODS:
+        return None
+    value = environ.get("HTTP_MAX_FORWARDS")
+    if value is None:
+        return None
+    value = value.strip(" \t")
+    if not value or not value.isdigit() or not value.isascii() or len(value) > 18:
+        raise BadRequest("invalid Max-Forwards")
+    return int(value)
 
 
 class Framing:
@@ -157,6 +177,7 @@ def build_headers(
 
     headers: list[tuple[str, str]] = [("Host", host)]
     xff = None
+    hops = max_forwards(environ)
     for key, value in environ.items():
         if key[:5] != "HTTP_":
             continue
@@ -165,6 +186,8 @@ def build_headers(
         if key == "HTTP_X_FORWARDED_FOR":
             xff = value
             continue
+        if key == "HTTP_MAX_FORWARDS" and hops is not None:
+            value = str(max(hops - 1, 0))
         if key == "HTTP_VIA" and via:
             continue
         headers.append((environ_to_header(key), value))
@@ -199,6 +222,14 @@ def build_headers(
     if not (peer_trusted and "HTTP_X_REAL_IP" in environ):
         client = trusted.client_ip(peer, xff) if peer_trusted else peer_ip
         headers.append(("X-Real-Ip", client or peer_ip))
+    stripped = environ.get(keys.FORWARDED_PREFIX)
+    if stripped:
+        # The prefix stripped before Forward, after one a trusted proxy sent.
+        previous_prefix = environ.get("HTTP_X_FORWARDED_PREFIX") if peer_trusted else None
+        if previous_prefix:
+            headers = [h for h in headers if h[0] != "X-Forwarded-Prefix"]
+            stripped = previous_prefix.split(",")[0].strip().rstrip("/") + stripped
+        headers.append(("X-Forwarded-Prefix", stripped))
     if forwarded:
         element = f'for={_forwarded_node(normalize_ip(peer))};host="{client_host}";proto={scheme}'
         previous = environ.get("HTTP_FORWARDED") if peer_trusted else None

@@ -55,6 +55,7 @@ FORWARDING_ENVIRON = frozenset(
         "HTTP_X_FORWARDED_PROTO",
         "HTTP_X_FORWARDED_HOST",
         "HTTP_X_FORWARDED_PORT",
+        "HTTP_X_FORWARDED_PREFIX",
         "HTTP_X_REAL_IP",
         "HTTP_FORWARDED",
     }

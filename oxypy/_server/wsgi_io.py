@@ -6,6 +6,8 @@ import logging
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from .. import environ as keys
+from .._core.headers import is_field_name, is_field_value
 from .._core.status import status_line
 from .._core.types import WSGIApplication
 from ..exceptions import BadRequest, ClientDisconnected
@@ -149,6 +151,7 @@ class ResponseWriter:
         "no_body",
         "sent",
         "upgraded",
+        "trailers",
     )
 
     def __init__(
@@ -172,6 +175,20 @@ class ResponseWriter:
         self.no_body = False
         self.sent = 0
         self.upgraded = False
+        self.trailers: list[tuple[str, str]] = []
+        environ[keys.SEND_TRAILERS] = self.send_trailers
+
+    def send_trailers(self, trailers: list[tuple[str, str]]) -> None:
+        """``environ["oxypy.send_trailers"]``: trailer fields to end a chunked response with.
+
+        Kept until the body ends; written only when the response is chunked
+        (a ``Content-Length`` response, HTTP/1.0 or a HEAD has no room for
+        them: dropped).  An invalid name or value raises ``ValueError``.
+        """
+        for name, value in trailers:
+            if not is_field_name(name) or not is_field_value(value):
+                raise ValueError(f"invalid trailer field {name!r}")
+        self.trailers.extend(trailers)
 
     def start_response(
         self, status: str, headers: list[tuple[str, str]], exc_info: Any = None
@@ -267,6 +284,12 @@ class ResponseWriter:
         self.sent += len(data)
         self.conn.send(head + data if head else data)
 
+    def _last_chunk(self) -> bytes:
+        if not self.trailers:
+            return b"0\r\n\r\n"
+        fields = "".join(f"{name}: {value}\r\n" for name, value in self.trailers)
+        return b"0\r\n" + fields.encode("latin-1") + b"\r\n"
+
     def run(self, app: WSGIApplication) -> bool:
         environ = self.environ
         result: Iterable[bytes] | None = None
@@ -284,7 +307,7 @@ class ResponseWriter:
                 if not self.head_sent:
                     self.write(b"", 0 if total is None else total)
                 if self.chunked:
-                    self.conn.send(b"0\r\n\r\n")
+                    self.conn.send(self._last_chunk())
                 elif self.length is not None and self.sent < self.length and not self.no_body:
                     log.warning("app sent less than its Content-Length; closing the connection")
                     return False
