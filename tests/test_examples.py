@@ -112,6 +112,9 @@ def test_every_example_says_how_to_run_it() -> None:
     files = sorted(p for p in EXAMPLES.rglob("*.py") if p.name != "__init__.py")
     assert {p.name for p in files} >= {
         "flask_wrapped.py",
+        "flask_behind_proxy.py",
+        "django_behind_proxy.py",
+        "upstream.py",
         "custom_gateway.py",
         "gateway_app.py",
         "gunicorn.conf.py",
@@ -121,7 +124,7 @@ def test_every_example_says_how_to_run_it() -> None:
     for path in files:
         doc = ast.get_docstring(ast.parse(path.read_text()))
         assert doc, path
-        if path.parent == EXAMPLES or path.name == "wsgi.py":
+        if path.parent == EXAMPLES or path.name in ("wsgi.py", "upstream.py"):
             assert "Run" in doc, path
 
 
@@ -162,6 +165,75 @@ def test_django_project(run: Callable[..., Example], echo_upstream: str) -> None
         proxied = ex.request("GET", "/api/items/7")
         assert proxied.status == 200
         assert json.loads(proxied.data)["path"] == "/items/7"
+    finally:
+        ex.stop()
+
+
+def _cookies(resp: urllib3.BaseHTTPResponse) -> dict[str, str]:
+    """``name -> full Set-Cookie line`` of a response."""
+    return {line.split("=", 1)[0]: line for line in resp.headers.getlist("Set-Cookie")}
+
+
+def test_django_login_post_under_a_prefix(run: Callable[..., Example]) -> None:
+    pytest.importorskip("django")
+    ex = run([sys.executable, "django_behind_proxy.py"])
+    try:
+        form = ex.request("GET", "/app/login/")
+        assert form.status == 200
+        assert b'action="/app/login/"' in form.data
+        csrf = _cookies(form)["csrftoken"]
+        assert "; Path=/app/" in csrf  # cookie_path={"/": "/app/"}
+        token = csrf.split(";", 1)[0].split("=", 1)[1]
+        hidden = form.data.split(b'name="csrfmiddlewaretoken" value="', 1)[1].split(b'"', 1)[0]
+        body = f"csrfmiddlewaretoken={hidden.decode()}&user=alice"
+        headers = {
+            "Cookie": f"csrftoken={token}",
+            "Origin": ex.url,
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
+        done = ex.request("POST", "/app/login/", headers=headers, body=body, redirect=False)
+        assert done.status == 302, done.data
+        assert done.headers["Location"] == ex.url + "/app/welcome/"
+        user = _cookies(done)["user"]
+        assert "; Path=/app/" in user
+        page = ex.request(
+            "GET", "/app/welcome/", headers={"Cookie": user.split(";", 1)[0]}, redirect=False
+        )
+        assert json.loads(page.data) == {
+            "welcome": "alice",
+            "path": "/app/welcome/",
+            "home": "/app/hello/",
+        }
+        # The origin check still refuses another site.
+        headers["Origin"] = "http://evil.example"
+        refused = ex.request("POST", "/app/login/", headers=headers, body=body, redirect=False)
+        assert refused.status == 403
+    finally:
+        ex.stop()
+
+
+def test_flask_login_under_a_prefix(run: Callable[..., Example]) -> None:
+    pytest.importorskip("flask")
+    ex = run([sys.executable, "flask_behind_proxy.py"])
+    try:
+        form = ex.request("GET", "/app/")
+        assert (form.status, b'action="/app/login"' in form.data) == (200, True)
+        done = ex.request(
+            "POST",
+            "/app/login",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+            body="user=alice",
+            redirect=False,
+        )
+        assert done.status == 302
+        assert done.headers["Location"] == ex.url + "/app/welcome"
+        session = _cookies(done)["session"].split(";", 1)[0]
+        page = ex.request("GET", "/app/welcome", headers={"Cookie": session})
+        assert json.loads(page.data) == {
+            "welcome": "alice",
+            "home": ex.url + "/app/",
+            "client": "127.0.0.1",
+        }
     finally:
         ex.stop()
 
