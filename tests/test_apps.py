@@ -1,4 +1,4 @@
-"""Real applications behind Forward: redirects, prefixes, cookies, Max-Forwards, framing, trailers."""
+"""Real applications behind Forward: redirects, prefixes, cookies, Max-Forwards, trailers."""
 
 from __future__ import annotations
 
@@ -373,7 +373,10 @@ EXTRA = {
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSMUGG"
     ),
-    "after-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nJUNKJUNK",
+    "after-chunked": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\nJUNKJUNK"
+    ),
 }
 
 
