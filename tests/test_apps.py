@@ -374,8 +374,7 @@ EXTRA = {
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nSMUGG"
     ),
     "after-chunked": (
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"5\r\nhello\r\n0\r\n\r\nJUNKJUNK"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nJUNKJUNK"
     ),
 }
 
