@@ -115,9 +115,18 @@ class Forward:
     base prefix: ``http://h:p/api`` + ``/x`` goes to ``/api/x``.  Path and query
     travel byte-exact from the raw request URI.
 
-    **Reads** ``oxypy.target``, the request head and ``wsgi.input``.
+    **Reads** ``oxypy.target``, ``oxypy.forwarded_prefix`` (sent as
+    ``X-Forwarded-Prefix``), the request head and ``wsgi.input``; calls
+    ``oxypy.send_trailers`` with the upstream's trailers when the client
+    sent ``TE: trailers`` and the server offers it.
     **Writes** ``oxypy.exchanges`` (an :class:`Exchange` per upstream request)
     and ``oxypy.error`` on failure.  **Streams** both ways; never buffers a body.
+
+    OPTIONS and TRACE: ``Max-Forwards`` is decremented; at 0 Forward answers
+    itself (OPTIONS: 200 with ``Allow``; TRACE: 200 ``message/http``
+    reflecting the request head without credentials or cookies); an invalid
+    value is 400.  Bytes an upstream sends after a complete response are
+    never relayed, and that connection is never pooled.
 
     Errors (plain-text bodies through ``error_handler``): ambiguous framing
     400, no target 500, refused/unreachable/TLS failure 502
@@ -158,6 +167,21 @@ class Forward:
     :param tunnel_idle_timeout: seconds a tunnel may stay silent (default 3600).
     :param expect_continue_timeout: seconds to wait for the upstream's
         ``100 Continue`` before sending the body anyway (default 1).
+    :param rewrite_location: rewrite a ``Location`` or ``Content-Location``
+        that points at the upstream (its host:port, or the ``Host`` sent, and
+        a path under the target's base path) to the address the client used:
+        scheme and host (``X-Forwarded-Proto``/``-Host`` from a trusted proxy,
+        else ``wsgi.url_scheme``/``Host``) and the mount prefix (a trusted
+        ``X-Forwarded-Prefix``, then ``environ["oxypy.forwarded_prefix"]``)
+        in place of the base path; relative ones and other hosts are left
+        alone (default True, nginx's ``proxy_redirect default``).
+    :param cookie_domain: rewrite each ``Set-Cookie``'s ``Domain``: a mapping
+        ``{"upstream.internal": "example.com"}`` (case-insensitive, leading
+        dot ignored) or ``fn(domain) -> new | None`` (None removes it).
+        Default None: untouched.
+    :param cookie_path: rewrite ``Path``: a mapping of prefixes
+        (``{"/": "/app/"}``, the longest match wins) or ``fn(path) -> new |
+        None``.  Default None: untouched.
     :param error_handler: ``(environ, start_response, exc)`` for request errors.
     :param modify_request: ``fn(environ, OutgoingRequest)`` before sending.
     :param modify_response: ``fn(environ, ResponseHead)`` before relaying.
