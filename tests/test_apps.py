@@ -412,7 +412,8 @@ def trailer_upstream() -> RawUpstream:
         sock.sendall(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
             b"5\r\nhello\r\n6\r\n world\r\n"
-            b"0\r\nX-Checksum: abc123\r\nContent-Type: text/evil\r\nGrpc-Status: 0\r\n\r\n"
+            b"0\r\nX-Checksum: abc123\r\nContent-Type: text/evil\r\nX_Under: 1\r\n"
+            b"Grpc-Status: 0\r\n\r\n"
         )
         sock.recv(65536)
 

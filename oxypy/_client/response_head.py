@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import urlsplit
 
 from .. import environ as keys
-from .._core.headers import environ_to_header
+from .._core.headers import environ_to_header, is_field_name, is_field_value
 from .._core.net import TrustedProxies
 from .._core.types import StartResponse, WSGIEnvironment
 from ..exceptions import ConfigurationError
@@ -240,8 +240,15 @@ def rewrite_cookies(
 
 
 def trailer_fields(trailers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The trailer fields a proxy may relay (no framing, routing or auth fields)."""
-    return [(n, v) for n, v in trailers if n.lower() not in _NOT_TRAILERS]
+    """The trailer fields a proxy may relay (no framing, routing or auth fields).
+
+    A field the server would refuse (a name with ``_``) is dropped too.
+    """
+    return [
+        (n, v)
+        for n, v in trailers
+        if n.lower() not in _NOT_TRAILERS and is_field_name(n) and is_field_value(v)
+    ]
 
 
 def answer_max_forwards(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
