@@ -14,6 +14,7 @@ from ._core.types import Clock
 from .buffer import Buffer
 from .cbreaker import CircuitBreaker
 from .compress import Compress
+from .config import Gateway, load_app, load_config
 from .connlimit import ConnLimit, ConnStore, Lease
 from .cors import CORS
 from .errors import ErrorHandler, default_error_handler
@@ -22,6 +23,7 @@ from .exceptions import (
     BodyTooLarge,
     CircuitOpen,
     ClientDisconnected,
+    ConfigFileError,
     ConfigurationError,
     ConnLimitReached,
     NoResponse,
@@ -120,6 +122,10 @@ __all__ = [
     # serving
     "Server",
     "serve",
+    # configuration files
+    "Gateway",
+    "load_app",
+    "load_config",
     # hooks and records
     "Exchange",
     "OutgoingRequest",
@@ -130,6 +136,7 @@ __all__ = [
     "BodyTooLarge",
     "CircuitOpen",
     "ClientDisconnected",
+    "ConfigFileError",
     "ConfigurationError",
     "ConnLimitReached",
     "NoResponse",

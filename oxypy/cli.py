@@ -59,6 +59,8 @@ examples:
         --breaker 'NetworkErrorRatio() > 0.5' --rate 100/s:200 --trace
   oxypy serve mygateway:app --listen 0.0.0.0:8080
   oxypy demo
+  oxypy check gateway.toml
+  oxypy run gateway.toml
 """
 
 
@@ -124,7 +126,90 @@ def _make_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     d.add_argument(
         "--interval", type=_positive, default=3.0, metavar="SECONDS", help="summary every N s (3)"
     )
-    return parser, {"proxy": p, "serve": s, "demo": d}
+    c, r = _config_parsers(sub)
+    return parser, {"proxy": p, "serve": s, "demo": d, "check": c, "run": r}
+
+
+def _config_parsers(sub: Any) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    c = sub.add_parser(
+        "check",
+        help="validate a gateway TOML file (exit 0, or 2 listing every error)",
+        description="Build the gateway a TOML file describes (docs/config.md) and close it: "
+        "exit 0 with a one-line summary, or 2 with every error (key path: problem).",
+    )
+    c.add_argument("config", metavar="FILE", help="the gateway's TOML file")
+    r = sub.add_parser(
+        "run",
+        help="serve a gateway TOML file, reloading it on change or SIGHUP",
+        description="Serve the gateway a TOML file describes on the listeners it names. "
+        "The file is reloaded when it changes and on SIGHUP; a file with errors keeps the "
+        "running configuration (the errors are logged).",
+    )
+    r.add_argument("config", metavar="FILE", help="the gateway's TOML file")
+    r.add_argument(
+        "--no-watch", action="store_true", help="do not watch the file (SIGHUP still reloads)"
+    )
+    r.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, let in-flight requests finish for up to N s (10)",
+    )
+    return c, r
+
+
+def _config_command(args: argparse.Namespace) -> int:
+    """``oxypy check`` / ``oxypy run``: 2 and every error on a bad file."""
+    from .config import load_config
+    from .exceptions import ConfigFileError
+
+    try:
+        gateway = load_config(os.fspath(args.config))
+    except ConfigFileError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        gateway.close()
+        print(f"{args.config}: OK: {gateway.summary}", flush=True)
+        return 0
+    _show_warnings()
+    logging.getLogger("oxypy.config").setLevel(logging.INFO)
+    try:
+        _run_gateway(gateway, args)
+    finally:
+        gateway.close()
+    return 0
+
+
+def _run_gateway(gateway: Any, args: argparse.Namespace) -> None:
+    import signal
+
+    import gevent
+
+    from .server import Server
+
+    listeners = gateway.listeners
+    if not listeners:
+        raise FlagError("FILE", "the file has no [[listeners]]: nothing to serve on")
+    if not args.no_watch:
+        gateway.watch()
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(gateway.reload))
+    servers = []
+    for opts in listeners:
+        opts.setdefault("graceful_timeout", args.graceful_timeout)
+        servers.append(Server(gateway, **opts).start())
+    print(
+        f"{PROG}: serving {args.config} ({gateway.summary}) on "
+        f"{', '.join(server.url for server in servers)} (Ctrl-C to stop)",
+        flush=True,
+    )
+    try:
+        servers[0].serve_forever()
+    finally:
+        for server in servers[1:]:
+            server.stop()
+    print(f"{PROG}: stopped", flush=True)
 
 
 def _common(p: argparse.ArgumentParser, listen: Any) -> None:
@@ -402,6 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 close = getattr(app, "close", None)
                 if callable(close):
                     close()  # flush a Trace queue, stop health checks
+        elif args.command in ("check", "run"):
+            return _config_command(args)
         else:
             from ._cli.demo import run_demo
 

@@ -16,6 +16,7 @@ __all__ = [
     "CircuitOpen",
     "ClientDisconnected",
     "ClientGone",
+    "ConfigFileError",
     "ConfigurationError",
     "ConnLimitReached",
     "NoResponse",
@@ -40,6 +41,21 @@ class OxypyError(Exception):
 
 class ConfigurationError(OxypyError, ValueError):
     """A block was constructed with invalid options."""
+
+
+class ConfigFileError(ConfigurationError):
+    """A configuration file (:func:`oxypy.load_config`) has errors: all of them.
+
+    ``errors`` lists each one as ``"key.path: problem"`` (for instance
+    ``"routes[2].chain[1].retry: unexpected '=' at column 16"``); ``origin``
+    is the file's path (``"<config>"`` for text).
+    """
+
+    def __init__(self, origin: str, errors: list[str]) -> None:
+        self.origin = origin
+        self.errors = list(errors)
+        count = f"{len(errors)} error{'s' if len(errors) != 1 else ''}"
+        super().__init__(f"{origin}: {count}\n" + "\n".join(f"  {e}" for e in errors))
 
 
 class PredicateError(ConfigurationError):
