@@ -178,12 +178,12 @@ def _table_of_str(name: str, allow_false: bool = False) -> _Kind:
 
 
 def _choice(choices: tuple[str, ...]) -> _Kind:
-    name = " | ".join(f'"{c}"' for c in choices)
+    name = "one of " + ", ".join(f'"{c}"' for c in choices)
 
     def convert(value: object) -> object:
         if isinstance(value, str) and value in choices:
             return value
-        raise _Invalid(f"expected one of {name}, got {_describe(value)}")
+        raise _Invalid(f"expected {name}, got {_describe(value)}")
 
     return _Kind(name, convert)
 
@@ -297,7 +297,8 @@ def _option_kind(class_name: str) -> _Kind:
             raise _Invalid(f"expected a table of {class_name} options, got {_describe(value)}")
         return _construct(_public()[class_name], value)
 
-    return _Kind(f"a {class_name} table", convert)
+    article = "an" if class_name[0] in "AEIOU" else "a"
+    return _Kind(f"{article} {class_name} table", convert)
 
 
 class _Param:
@@ -376,7 +377,18 @@ def _construct(cls: Any, table: Mapping[str, Any], *, first: Any = None, extra: 
             f"{exc.message} at column {exc.position + 1}", f".{_key(where)}" if where else ""
         ) from None
     except (ConfigurationError, ValueError, TypeError, OSError) as exc:
-        raise _Invalid(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # "Block: option: problem" or "option: problem" names the key itself.
+        match = re.match(rf"{cls.__name__}\.(\w+) ", message)
+        if match and match[1] in table:
+            raise _Invalid(message, f".{_key(match[1])}") from None
+        head, sep, rest = message.partition(": ")
+        if sep and head == cls.__name__:
+            message = rest
+            head, sep, rest = message.partition(": ")
+        if sep and head in table:
+            raise _Invalid(rest, f".{_key(head)}") from None
+        raise _Invalid(message) from None
 
 
 class _Many(Exception):
@@ -540,6 +552,93 @@ def chain_blocks() -> dict[str, Any]:
             out[name] = obj
     out["Metrics"] = _public()["Metrics"]
     return dict(sorted(out.items()))
+
+
+def _toml_value(value: object) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str | bytes):
+        text = value.decode() if isinstance(value, bytes) else value
+        return json.dumps(text)
+    if isinstance(value, tuple | list | frozenset | set):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def _table_md(params: Mapping[str, _Param], extra: Iterable[tuple[str, str, str]] = ()) -> str:
+    rows = ["| key | value | default |", "| --- | --- | --- |"]
+    rows += [f"| `{k}` | {kind} | {default} |" for k, kind, default in extra]
+    for name, p in params.items():
+        default = "**required**" if p.required else f"`{_toml_value(p.default)}`"
+        rows.append(f"| `{name}` | {p.kind.name} | {default} |")
+    return "\n".join(rows)
+
+
+def reference_markdown() -> str:
+    """The per-block option tables of ``docs/config.md``, generated from the
+    signatures and conversion tables the loader itself uses."""
+    public = _public()
+    out = [
+        "### `[[listeners]]`",
+        "",
+        _table_md(
+            {k: v for k, v in _listener_params().items() if k != "ssl_context"},
+            [
+                ("address", 'a string, `"host:port"`', "**required**"),
+                ("cert", "a file path (PEM certificate chain)", "(unset: plain HTTP)"),
+                ("key", "a file path (PEM private key)", "(unset)"),
+            ],
+        ),
+    ]
+    for name in _BALANCERS:
+        params = _params(public[name], skip_first=True)
+        params.pop("servers", None)
+        extra = [
+            ("servers", "an array of URLs or `{url, weight}` tables", "**required**"),
+        ]
+        if name == "RoundRobin":
+            extra.insert(0, ("balancer", '`"RoundRobin"` or `"LeastRequest"`', '`"RoundRobin"`'))
+        extra += [
+            ("rebalancer", "true or a Rebalancer table", "`false`"),
+            ("forward", "a Forward table", "`{}`"),
+        ]
+        title = f'### `[services.NAME]` with `balancer = "{name}"`'
+        out += ["", title, "", _table_md(params, extra)]
+    out += ["", "### `forward` (Forward)", "", _table_md(_forward_params())]
+    for name in ("Rebalancer",):
+        out += ["", f"### `rebalancer` ({name})", "", _table_md(_params(public[name], True))]
+    out += [
+        "",
+        "### `[[routes]]`",
+        "",
+        "\n".join(
+            [
+                "| key | value | default |",
+                "| --- | --- | --- |",
+                "| `name` | a string (identifies the route across reloads) | (unset) |",
+                '| `host` | a string: `"a.example.com"` or `"*.example.com"` | (unset: any host) |',
+                '| `prefix` | a path starting with `/` | `"/"` |',
+                "| `methods` | an array of strings | (unset: any method) |",
+                "| `headers` | a table of strings (exact values, all must match) | (unset) |",
+                "| `strip` | a boolean: remove the prefix before the chain | `false` |",
+                "| `service` | a `[services.NAME]` name | **required** (or `metrics`) |",
+                "| `metrics` | a boolean: serve the Prometheus metrics | `false` |",
+                "| `chain` | an array of block tables (first = outermost) | `[]` |",
+            ]
+        ),
+    ]
+    for name, cls in chain_blocks().items():
+        params = _params(cls, skip_first=True)
+        alias = " (alias of `PrometheusMetrics`)" if name == "Metrics" else ""
+        out += ["", f'### `block = "{name}"`{alias}', "", _table_md(params)]
+    options = [*_OPTION_CLASSES, "RedisStore", "RedisConnStore"]
+    for name in options:
+        if name not in public:
+            continue
+        out += ["", f"### {name} tables", "", _table_md(_params(public[name], False))]
+    return "\n".join(out) + "\n"
 
 
 def _listener_params() -> dict[str, _Param]:
@@ -975,7 +1074,11 @@ class _Build:
             return None
         app = target
         seen: dict[str, int] = {}
+        start = len(self.errors)
+        chunks: list[list[str]] = []
         for i, cls, opts in reversed(parsed):
+            mark = len(self.errors)
+            chunks.append(self.errors[mark:])  # filled in below
             norm = _norm([cls.__name__, opts])
             seen[norm] = seen.get(norm, 0) + 1
             key = ("block", route_key, norm, seen[norm])
@@ -991,6 +1094,9 @@ class _Build:
                 continue
             built = self._block(f"{path}[{i}]", cls, opts, app, key)
             app = built if built is not None else app
+            chunks[-1] = self.errors[mark:]
+        # Built innermost first; reported in the file's order.
+        self.errors[start:] = [e for chunk in reversed(chunks) for e in chunk]
         return app if not self.errors else None
 
     def _block(

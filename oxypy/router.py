@@ -101,6 +101,11 @@ class _Compiled:
     def conditional(self) -> bool:
         return self.methods is not None or bool(self.headers)
 
+    @property
+    def specificity(self) -> int:
+        """How many conditions the route has (a method set counts one, each header one)."""
+        return (self.methods is not None) + len(self.headers)
+
 
 def _environ_key(name: str) -> str:
     key = name.strip().upper().replace("-", "_")
@@ -128,9 +133,9 @@ class Router:
     ``path_prefix`` matches at a segment boundary (``"/api"`` matches
     ``/api`` and ``/api/x``, not ``/apix``; ``"/"`` matches everything).
     Exact-host routes are tried first, then wildcard-host routes, then
-    host-less ones; within each group the longest prefix wins, then routes
-    with a method or header condition before those without, then the order
-    given.
+    host-less ones; within each group the longest prefix wins, then the
+    route with more conditions (a method list counts one, each header one),
+    then the order given.
 
     A route may carry a fourth element, a mapping of conditions and options:
     ``"methods"`` (request methods, any of which matches), ``"headers"``
@@ -198,8 +203,8 @@ class Router:
         if not compiled and default is None:
             raise ConfigurationError("Router needs routes or a default app")
         # Stable sort: exact hosts, wildcard hosts, any host; then longer
-        # prefixes; then conditional routes; then the order given.
-        compiled.sort(key=lambda r: (r.host is None, r.wildcard, -len(r.prefix), not r.conditional))
+        # prefixes; then routes with more conditions; then the order given.
+        compiled.sort(key=lambda r: (r.host is None, r.wildcard, -len(r.prefix), -r.specificity))
         self.routes = compiled
         self.default = default
         self.error_handler = error_handler

@@ -105,3 +105,56 @@ def test_forward_mounted_full_path_or_stripped(proxy: Any) -> None:
         assert got == [b"GET /api/a%2Fb?q=1 HTTP/1.1", b"GET /a%2Fb?q=1 HTTP/1.1"]
     finally:
         upstream.stop()
+
+
+CONDITIONAL = Router(
+    [
+        (None, "/x", named("any")),
+        (None, "/x", named("delete"), {"methods": ["delete"]}),
+        (None, "/x", named("canary"), {"headers": {"X-Canary": "1"}}),
+        (None, "/x", named("both"), {"methods": ["POST"], "headers": {"X-Canary": "1"}}),
+        (None, "/s", named("stripped"), {"strip": True}),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "path", "app", "script", "rest"),
+    [
+        pytest.param("GET", {}, "/x/1", "any", "/x", "/1", id="no-condition"),
+        pytest.param("DELETE", {}, "/x/1", "delete", "/x", "/1", id="method"),
+        pytest.param("GET", {"X-Canary": "1"}, "/x/1", "canary", "/x", "/1", id="header"),
+        pytest.param("GET", {"X-Canary": "2"}, "/x/1", "any", "/x", "/1", id="header-value"),
+        pytest.param("POST", {"X-Canary": "1"}, "/x", "both", "/x", "", id="method-and-header"),
+        pytest.param("POST", {}, "/x", "any", "/x", "", id="falls-through"),
+        pytest.param("GET", {}, "/s/a", "stripped", "", "/a", id="per-route-strip"),
+    ],
+)
+def test_method_header_and_strip_conditions(
+    method: str, headers: dict[str, str], path: str, app: str, script: str, rest: str
+) -> None:
+    resp = Client(LintMiddleware(CONDITIONAL)).open(
+        path, method=method, headers=headers, buffered=True
+    )
+    assert resp.status_code == 200
+    assert json.loads(resp.data) == {"app": app, "script": script, "path": rest}
+
+
+@pytest.mark.parametrize(
+    ("conditions", "message"),
+    [
+        (
+            {"method": ["GET"]},
+            "Router: unknown route match key 'method' (expected methods, headers, strip)",
+        ),
+        ({"methods": "GET"}, "Router: methods must be a list of strings"),
+        ({"methods": []}, "Router: methods must not be empty"),
+        ({"headers": {"X": 1}}, "Router: headers must map names to string values"),
+        ({"headers": {"X Y": "1"}}, "Router: invalid header name 'X Y'"),
+        ({"strip": "yes"}, "Router: strip must be true or false"),
+    ],
+)
+def test_bad_conditions_are_configuration_errors(conditions: Any, message: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Router([(None, "/", named("a"), conditions)])
+    assert str(info.value) == message
