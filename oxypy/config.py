@@ -339,14 +339,20 @@ def _params(cls: Any, skip_first: bool) -> dict[str, _Param]:
     return out
 
 
-def _construct(cls: Any, table: Mapping[str, Any], *, first: Any = None, extra: Any = ()) -> Any:
-    """``cls([first,] *positional, **keywords)`` from ``table``; errors as _Invalid/_Many."""
+def _construct(
+    cls: Any, table: Mapping[str, Any], *, first: Any = None, opened: list[Any] | None = None
+) -> Any:
+    """``cls([first,] *positional, **keywords)`` from ``table``; errors as _Invalid/_Many.
+
+    Files the conversion opened (a Trace sink) go to ``opened`` when the object
+    is built, and are closed when it is not.
+    """
     params = _params(cls, skip_first=first is not None)
     errors: list[tuple[str, str]] = []
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     for key in table:
-        if key not in params and key not in extra:
+        if key not in params:
             errors.append((f".{_key(key)}", _unknown(key, list(params))))
     for name, param in params.items():
         if name not in table:
@@ -367,28 +373,43 @@ def _construct(cls: Any, table: Mapping[str, Any], *, first: Any = None, extra: 
             args.append(value)
         else:
             kwargs[name] = value
+    files = [v for v in kwargs.values() if getattr(v, "_oxypy_config_file", False)]
     if errors:
+        for f in files:
+            f.close()
         raise _Many(errors)
     try:
-        return cls(*(() if first is None else (first,)), *args, **kwargs)
-    except PredicateError as exc:
+        built = cls(*(() if first is None else (first,)), *args, **kwargs)
+    except BaseException as exc:
+        for f in files:
+            f.close()
+        raise _explain(cls, table, exc) from None
+    if opened is not None:
+        opened.extend(files)
+    return built
+
+
+def _explain(cls: Any, table: Mapping[str, Any], exc: BaseException) -> BaseException:
+    """The _Invalid for a constructor's exception (others are returned as they are)."""
+    if isinstance(exc, PredicateError):
         where = next((k for k, v in table.items() if v == exc.expression), "")
-        raise _Invalid(
+        return _Invalid(
             f"{exc.message} at column {exc.position + 1}", f".{_key(where)}" if where else ""
-        ) from None
-    except (ConfigurationError, ValueError, TypeError, OSError) as exc:
+        )
+    if isinstance(exc, ConfigurationError | ValueError | TypeError | OSError):
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         # "Block: option: problem" or "option: problem" names the key itself.
         match = re.match(rf"{cls.__name__}\.(\w+) ", message)
         if match and match[1] in table:
-            raise _Invalid(message, f".{_key(match[1])}") from None
+            return _Invalid(message, f".{_key(match[1])}")
         head, sep, rest = message.partition(": ")
         if sep and head == cls.__name__:
             message = rest
             head, sep, rest = message.partition(": ")
         if sep and head in table:
-            raise _Invalid(rest, f".{_key(head)}") from None
-        raise _Invalid(message) from None
+            return _Invalid(rest, f".{_key(head)}")
+        return _Invalid(message)
+    return exc
 
 
 class _Many(Exception):
@@ -492,7 +513,9 @@ def _sink_kind() -> _Kind:
             return logging.getLogger(value[len("logger:") :])
         if isinstance(value, str) and value:
             try:
-                return open(value, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+                sink = open(value, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+                setattr(sink, "_oxypy_config_file", True)  # closed with its Trace  # noqa: B010
+                return sink
             except OSError as exc:
                 raise _Invalid(f"cannot open: {exc.strerror}") from None
         raise _Invalid(
@@ -835,7 +858,7 @@ class _Build:
         return out
 
     def _service(self, path: str, table: dict[str, Any]) -> list[Any] | None:
-        """[the service app, its closeable parts...], or None after errors."""
+        """[the service app, the other objects it is made of...], or None after errors."""
         public = _public()
         balancer_name = table.get("balancer", "RoundRobin")
         if balancer_name not in _BALANCERS:
@@ -944,7 +967,7 @@ class _Build:
             _close(balancer)
             _close(forward)
             return None
-        return [balancer, balancer, forward]
+        return [balancer, forward]
 
     # -- routes -----------------------------------------------------------------------
     def _routes(self, value: object, services: dict[str, WSGIApplication]) -> None:
@@ -1103,15 +1126,17 @@ class _Build:
         self, path: str, cls: Any, opts: dict[str, Any], app: Any, key: tuple[Any, ...] | None
     ) -> Any:
         link = _Link(app)
+        opened: list[Any] = []
         try:
-            obj = _construct(cls, opts, first=link)
+            obj = _construct(cls, opts, first=link, opened=opened)
         except (_Invalid, _Many) as exc:
             self._many(path, exc)
             return None
         if key is None:
-            _close(obj)
+            for part in (obj, *opened):
+                _close(part)
             return None
-        self._own(key, obj, link, [obj], new=True)
+        self._own(key, obj, link, [obj, *opened], new=True)
         return obj
 
 
