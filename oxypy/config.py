@@ -797,14 +797,6 @@ class _Build:
                     else f'expected a string such as "127.0.0.1:8080", got {_describe(address)}',
                 )
                 ok = False
-            else:
-                from .server import parse_listen
-
-                try:
-                    parse_listen(address)
-                except (ConfigurationError, ValueError) as exc:
-                    self.error(f"{path}.address", str(exc))
-                    ok = False
             for name, param in params.items():
                 if name in table:
                     try:
@@ -831,6 +823,15 @@ class _Build:
                         ok = False
             if ok:
                 opts["listen"] = address
+                from .server import Server
+
+                try:  # the server's own checks (it binds only when started)
+                    Server(_not_built, **opts)
+                except (ConfigurationError, ValueError, TypeError) as exc:
+                    message = str(exc)
+                    key = "address" if "listen" in message else ""
+                    self.error(f"{path}.{key}" if key else path, message)
+                    continue
                 self.gen.listeners.append(opts)
         self.gen.listeners_norm = _norm(value)
 

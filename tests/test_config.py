@@ -354,6 +354,11 @@ ERRORS = [
         id="listener",
     ),
     pytest.param(
+        SERVICE + '[[listeners]]\naddress = "nope"\n' + ROUTE,
+        ["listeners[0].address: listen address must be host:port, got 'nope'"],
+        id="listener-address",
+    ),
+    pytest.param(
         SERVICE + '[[listeners]]\naddress = "127.0.0.1:0"\ncert = "c.pem"\n' + ROUTE,
         ["listeners[0].key: missing (cert and key go together)"],
         id="listener-tls",
