@@ -187,18 +187,14 @@ def _run_gateway(gateway: Any, args: argparse.Namespace) -> None:
 
     import gevent
 
-    from .server import Server
-
-    listeners = gateway.listeners
-    if not listeners:
+    servers = gateway.servers(graceful_timeout=args.graceful_timeout)
+    if not servers:
         raise FlagError("FILE", "the file has no [[listeners]]: nothing to serve on")
     if not args.no_watch:
         gateway.watch()
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(gateway.reload))
-    servers = []
-    for opts in listeners:
-        opts.setdefault("graceful_timeout", args.graceful_timeout)
-        servers.append(Server(gateway, **opts).start())
+    for server in servers:
+        server.start()
     print(
         f"{PROG}: serving {args.config} ({gateway.summary}) on "
         f"{', '.join(server.url for server in servers)} (Ctrl-C to stop)",

@@ -826,7 +826,9 @@ class _Build:
                 from .server import Server
 
                 try:  # the server's own checks (it binds only when started)
-                    Server(_not_built, **opts)
+                    Server(
+                        _not_built, str(address), **{k: v for k, v in opts.items() if k != "listen"}
+                    )
                 except (ConfigurationError, ValueError, TypeError) as exc:
                     message = str(exc)
                     key = "address" if "listen" in message else ""
@@ -1221,9 +1223,21 @@ class Gateway:
 
     @property
     def listeners(self) -> list[dict[str, Any]]:
-        """Keyword arguments for one :class:`~oxypy.Server` per ``[[listeners]]``
-        table (``listen`` included; ``ssl_context`` when ``cert``/``key`` are set)."""
+        """The options of each ``[[listeners]]`` table: ``listen`` (the address)
+        and the :class:`~oxypy.Server` keyword options (``ssl_context`` when
+        ``cert``/``key`` are set).  :meth:`servers` builds the servers."""
         return [dict(opts) for opts in self._current.listeners]
+
+    def servers(self, **defaults: Any) -> list[Any]:
+        """One unstarted :class:`~oxypy.Server` serving this gateway per
+        ``[[listeners]]`` table; ``defaults`` are options the file did not set."""
+        from .server import Server
+
+        out = []
+        for opts in self.listeners:
+            listen = opts.pop("listen")
+            out.append(Server(self, listen, **{**defaults, **opts}))
+        return out
 
     @property
     def summary(self) -> str:
