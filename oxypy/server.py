@@ -40,6 +40,7 @@ from ._core.types import WSGIApplication
 from ._server.config import ServerConfig
 from ._server.connection import Connection
 from ._server.listener import ConnectionTable, Listener, default_max_connections
+from ._server.tls import accept_tls
 from .exceptions import ClientGone, ConfigurationError
 
 __all__ = ["Server", "serve"]
@@ -76,8 +77,12 @@ class Server:
 
     :param app: the WSGI application (any oxypy chain, Flask, Django, ...).
     :param listen: ``"host:port"``; port 0 picks a free port (see :attr:`address`).
-    :param ssl_context: an :class:`ssl.SSLContext` to serve HTTPS (the handshake
-        must finish within ``header_timeout``).
+    :param ssl_context: an :class:`ssl.SSLContext` to serve HTTPS.  Plain HTTP
+        sent to the TLS port gets ``400`` (``plain HTTP request sent to HTTPS
+        port``) and a close; a failed handshake is one ``INFO`` line on
+        ``oxypy.server`` (peer and reason), never a traceback.
+    :param handshake_timeout: seconds a TLS client has, from accept, to finish
+        its handshake; then the connection is closed (default 10).
     :param backlog: the listen backlog.
     :param header_timeout: seconds a request head may take, from its first
         byte to its end (nginx ``client_header_timeout``; default 30).
@@ -125,6 +130,7 @@ class Server:
         max_head_bytes: int = 64 * 1024,
         max_drain_bytes: int = 1024 * 1024,
         graceful_timeout: float = 30.0,
+        handshake_timeout: float = 10.0,
         read_timeout: float | None = None,
     ) -> None:
         if read_timeout is not None:
@@ -138,6 +144,7 @@ class Server:
             ("header_timeout", header_timeout),
             ("keepalive_timeout", keepalive_timeout),
             ("body_timeout", body_timeout),
+            ("handshake_timeout", handshake_timeout),
         ):
             if not (value > 0 and math.isfinite(value)):
                 raise ConfigurationError(f"{name} must be a finite number above 0, got {value!r}")
@@ -160,6 +167,7 @@ class Server:
         self.max_head_bytes = max_head_bytes
         self.max_drain_bytes = max_drain_bytes
         self.graceful_timeout = graceful_timeout
+        self.handshake_timeout = handshake_timeout
         self.connections: set[Connection] = set()
         self._table = ConnectionTable(max_connections)
         self._config: ServerConfig | None = None
@@ -195,12 +203,11 @@ class Server:
             if config is None:
                 return  # gevent closes the socket
             if self.ssl_context is not None:
-                sock.settimeout(config.header_timeout)
-                try:
-                    sock = self.ssl_context.wrap_socket(sock, server_side=True)
-                except (OSError, ValueError) as exc:
-                    log.info("TLS handshake with %s failed: %s", addr[0], exc)
+                tls = accept_tls(sock, addr, self.ssl_context, self.handshake_timeout)
+                if tls is None:
+                    _close(sock)
                     return
+                sock = tls
             conn = Connection(config, table, sock, addr, accepted)
             conn.greenlet = gevent.getcurrent()
             self.connections.add(conn)
@@ -268,6 +275,13 @@ class Server:
                 gevent.signal_handler(sig, lambda: gevent.spawn(self.stop))
         log.info("oxypy serving on %s", self.url)
         self._stopped.wait()
+
+
+def _close(sock: Any) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 def _shutdown(sock: Any) -> None:
