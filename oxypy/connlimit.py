@@ -19,7 +19,7 @@ from ._core.net import TrustedProxies
 from ._core.observe import observe
 from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
-from .exceptions import ConfigurationError, ConnLimitReached, RequestError
+from .exceptions import ConfigurationError, ConnLimitReached
 from .extractors import Missing, Source, SourceExtractor
 
 __all__ = ["ConnLimit", "ConnStore", "Lease", "MemoryConnStore"]
@@ -173,14 +173,9 @@ class ConnLimit:
         self.skip = skip
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if self.skip is not None and self.skip(environ):
-            return self.next_app(environ, start_response)
-        try:
-            key = self.source.key(environ)
-        except RequestError as exc:
-            return respond_error(self.error_handler, environ, start_response, exc)
-        if key is None:
-            return self.next_app(environ, start_response)
+        key = self.source.gate(self, environ, start_response)
+        if not isinstance(key, str):
+            return key  # skipped, unkeyed or refused: already answered
         lease = self.store.acquire(key, self.max_conns)
         if lease is None:
             reached = ConnLimitReached(f"connection limit reached: {self.max_conns} in flight")

@@ -15,8 +15,9 @@ from typing import Literal, Protocol
 
 from ._core.headers import header_to_environ
 from ._core.net import TrustedProxies
-from ._core.types import WSGIEnvironment
-from .exceptions import BadRequest, ConfigurationError
+from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from .errors import ErrorHandler, respond_error
+from .exceptions import BadRequest, ConfigurationError, RequestError
 
 __all__ = ["MISSING_KEY", "Missing", "SourceExtractor"]
 
@@ -148,3 +149,34 @@ class Source:
         if self.missing == "skip":
             return None
         raise BadRequest(f"no {self.name} to limit this request by")
+
+    def gate(
+        self,
+        block: _Keyed,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+    ) -> str | Iterable[bytes]:
+        """The preamble a keyed limit runs: the request's key (a ``str``), or its response.
+
+        A response settles the request without a key: the block's ``skip``
+        said so or the source has no value under ``missing="skip"`` (both go
+        straight to the next app), or the source refused the request (its
+        error answered through the block's ``error_handler``).
+        """
+        if block.skip is not None and block.skip(environ):
+            return block.next_app(environ, start_response)
+        try:
+            key = self.key(environ)
+        except RequestError as exc:
+            return respond_error(block.error_handler, environ, start_response, exc)
+        if key is None:
+            return block.next_app(environ, start_response)
+        return key
+
+
+class _Keyed(Protocol):
+    """What :meth:`Source.gate` needs of a block: its next app, skip and error handler."""
+
+    next_app: WSGIApplication
+    skip: Skip | None
+    error_handler: ErrorHandler

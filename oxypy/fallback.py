@@ -16,6 +16,7 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 import urllib3
 
 from ._core.deprecation import keyword_only_since
+from ._core.status import status_line
 from ._core.types import StartResponse, WSGIEnvironment
 from ._core.urls import parse_target_url
 from .exceptions import ConfigurationError
@@ -62,11 +63,9 @@ class ResponseFallback:
             raise ConfigurationError("body must be bytes or str")
         if content_type is not None and any(ch in content_type for ch in "\r\n"):
             raise ConfigurationError("content_type must be a single header line")
-        from .forward import status_line
-
         self.status = status
         self.body = body
-        self._status_line = status_line(status, "")
+        self._status_line = status_line(status)
         self._headers = [("Content-Length", str(len(body)))]
         if content_type is not None:
             self._headers.insert(0, ("Content-Type", content_type))

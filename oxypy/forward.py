@@ -33,6 +33,7 @@ from ._client.response_head import (
 from ._core.exchange import Exchange, exchange_log
 from ._core.headers import HOP_BY_HOP, connection_tokens
 from ._core.net import TrustedProxies
+from ._core.status import reason_phrase
 from ._core.types import StartResponse, WSGIEnvironment
 from ._core.urls import parse_target_url
 from ._tunnel.bytes_tunnel import relay_upgrade
@@ -47,21 +48,6 @@ from .exceptions import (
 __all__ = ["Exchange", "Forward", "OutgoingRequest", "ResponseHead"]
 
 log = logging.getLogger(__name__)
-
-_STATUS_PHRASES = {
-    200: "OK",
-    201: "Created",
-    204: "No Content",
-    301: "Moved Permanently",
-    302: "Found",
-    304: "Not Modified",
-    400: "Bad Request",
-    404: "Not Found",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
 
 
 class OutgoingRequest:
@@ -446,17 +432,8 @@ class Forward:
 def status_line(status: int, reason: str) -> str:
     """A WSGI status line; a missing or unprintable reason gets the standard phrase."""
     if not reason or not reason.isprintable():
-        reason = _STATUS_PHRASES.get(status) or _phrase(status)
+        reason = reason_phrase(status)
     return f"{status} {reason}"
-
-
-def _phrase(status: int) -> str:
-    from http import HTTPStatus
-
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
 
 
 def response_headers(raw: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -351,14 +351,9 @@ class RateLimit:
         self._policies: dict[tuple[Rate, ...], str] = {self.rates: policy_header(self.rates)}
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if self.skip is not None and self.skip(environ):
-            return self.next_app(environ, start_response)
-        try:
-            key = self.source.key(environ)
-        except RequestError as exc:
-            return respond_error(self.error_handler, environ, start_response, exc)
-        if key is None:
-            return self.next_app(environ, start_response)
+        key = self.source.gate(self, environ, start_response)
+        if not isinstance(key, str):
+            return key  # skipped, unkeyed or refused: already answered
         rates = self.rates
         if self.rates_for is not None:
             try:

@@ -9,17 +9,8 @@ shared with the other balancers (see :mod:`oxypy._balance`).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable
-
-from ._balance.address import ServerSpec
 from ._balance.balancer import Balancer
-from ._balance.pool import OnChange
 from ._balance.state import ServerState
-from ._core.types import Clock, Skip, WSGIApplication
-from .errors import ErrorHandler, default_error_handler
-from .health import HealthCheck, OutlierDetection
-from .sticky import StickySession
 
 __all__ = ["RoundRobin"]
 
@@ -66,32 +57,6 @@ class RoundRobin(Balancer):
 
     .. versionadded:: 0.1
     """
-
-    def __init__(
-        self,
-        next_app: WSGIApplication,
-        servers: Iterable[ServerSpec] = (),
-        /,
-        *,
-        sticky: StickySession | None = None,
-        health_check: HealthCheck | None = None,
-        outlier_detection: OutlierDetection | None = None,
-        on_change: OnChange | None = None,
-        error_handler: ErrorHandler = default_error_handler,
-        skip: Skip | None = None,
-        clock: Clock = time.monotonic,
-    ) -> None:
-        super().__init__(
-            next_app,
-            servers,
-            sticky=sticky,
-            health_check=health_check,
-            outlier_detection=outlier_detection,
-            on_change=on_change,
-            error_handler=error_handler,
-            skip=skip,
-            clock=clock,
-        )
 
     def _choose(self, candidates: list[ServerState]) -> ServerState:
         total = 0

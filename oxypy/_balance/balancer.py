@@ -14,6 +14,7 @@ A server is a *candidate* when it is in rotation (state ``ACTIVE``, see
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from functools import partial
 from typing import Any
@@ -22,7 +23,7 @@ from .. import environ as keys
 from .._core.exchange import Mark, mark
 from .._core.iterables import ClosingIterable
 from .._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
-from ..errors import ErrorHandler, respond_error
+from ..errors import ErrorHandler, default_error_handler, respond_error
 from ..exceptions import ConfigurationError, NoServers
 from ..health import HealthCheck, OutlierDetection
 from ..sticky import StickySession
@@ -49,15 +50,16 @@ class Balancer:
     def __init__(
         self,
         next_app: WSGIApplication,
-        servers: Iterable[ServerSpec],
+        servers: Iterable[ServerSpec] = (),
+        /,
         *,
-        sticky: StickySession | None,
-        health_check: HealthCheck | None,
-        outlier_detection: OutlierDetection | None,
-        on_change: OnChange | None,
-        error_handler: ErrorHandler,
-        skip: Skip | None,
-        clock: Clock,
+        sticky: StickySession | None = None,
+        health_check: HealthCheck | None = None,
+        outlier_detection: OutlierDetection | None = None,
+        on_change: OnChange | None = None,
+        error_handler: ErrorHandler = default_error_handler,
+        skip: Skip | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         if not callable(next_app):
             raise ConfigurationError("next_app must be a WSGI callable")

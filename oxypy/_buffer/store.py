@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO
 
+from .._core.iterables import LineIteration
+
 __all__ = ["CHUNK", "Overflow", "SpillBuffer"]
 
 #: Read and write granularity (matches the server's and Forward's recv size).
@@ -120,7 +122,7 @@ class SpillBuffer:
             file.close()
 
 
-class _FileReader:
+class _FileReader(LineIteration):
     """A read-only view of a spilled body with its own position (``os.pread``)."""
 
     __slots__ = ("_fd", "_size", "_pos")
@@ -164,18 +166,6 @@ class _FileReader:
             if nl >= 0:
                 break
         return bytes(out)
-
-    def readlines(self, hint: int = -1) -> list[bytes]:
-        return list(self)
-
-    def __iter__(self) -> _FileReader:
-        return self
-
-    def __next__(self) -> bytes:
-        line = self.readline()
-        if not line:
-            raise StopIteration
-        return line
 
     def close(self) -> None:
         pass

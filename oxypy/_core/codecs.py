@@ -67,33 +67,18 @@ class _Brotli:
         return bytes(self._c.finish())
 
 
-class _Zstandard:
-    """The ``zstandard`` package's compressobj."""
+class _Zstd:
+    """A zstd compressor: ``zstandard``'s compressobj or Python 3.14's ``compression.zstd``.
+
+    Both take ``compress(data)``, ``flush(mode)`` with a block-flush mode, and
+    ``flush()`` to end the frame; they differ only in how one is made.
+    """
 
     __slots__ = ("_c", "_block")
 
-    def __init__(self, module: Any) -> None:
-        self._c = module.ZstdCompressor(level=ZSTD_LEVEL).compressobj()
-        self._block = module.COMPRESSOBJ_FLUSH_BLOCK
-
-    def compress(self, data: bytes | memoryview) -> bytes:
-        return bytes(self._c.compress(data))
-
-    def flush(self) -> bytes:
-        return bytes(self._c.flush(self._block))
-
-    def finish(self) -> bytes:
-        return bytes(self._c.flush())
-
-
-class _StdlibZstd:
-    """Python 3.14's ``compression.zstd.ZstdCompressor``."""
-
-    __slots__ = ("_c", "_block")
-
-    def __init__(self, module: Any) -> None:
-        self._c = module.ZstdCompressor(level=ZSTD_LEVEL)
-        self._block = module.ZstdCompressor.FLUSH_BLOCK
+    def __init__(self, compressor: Any, block_mode: Any) -> None:
+        self._c = compressor
+        self._block = block_mode
 
     def compress(self, data: bytes | memoryview) -> bytes:
         return bytes(self._c.compress(data))
@@ -121,11 +106,16 @@ def _factories() -> dict[str, Callable[[], Coder]]:
         out["br"] = lambda: _Brotli(brotli)
     zstandard = _first("zstandard")
     if zstandard is not None:
-        out["zstd"] = lambda: _Zstandard(zstandard)
+        out["zstd"] = lambda: _Zstd(
+            zstandard.ZstdCompressor(level=ZSTD_LEVEL).compressobj(),
+            zstandard.COMPRESSOBJ_FLUSH_BLOCK,
+        )
     else:
         stdlib = _first("compression.zstd")
         if stdlib is not None:
-            out["zstd"] = lambda: _StdlibZstd(stdlib)
+            out["zstd"] = lambda: _Zstd(
+                stdlib.ZstdCompressor(level=ZSTD_LEVEL), stdlib.ZstdCompressor.FLUSH_BLOCK
+            )
     return out
 
 

@@ -1,8 +1,10 @@
-"""Response iterables whose ``close()`` runs cleanup exactly once.
+"""Response iterables whose ``close()`` runs cleanup exactly once, and line iteration.
 
 In WSGI the body is produced after ``app()`` returns, so every block settles
 its per-request state in the ``close()`` of the iterable it returns.  That
 ``close()`` always closes the inner iterable first and is idempotent.
+:class:`LineIteration` gives a body reader with ``readline()`` the rest of the
+file-like line protocol PEP 3333 asks of ``wsgi.input``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,28 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-__all__ = ["ClosingIterable"]
+__all__ = ["ClosingIterable", "LineIteration"]
+
+
+class LineIteration:
+    """``readlines()``, ``__iter__`` and ``__next__`` on top of a ``readline()``."""
+
+    __slots__ = ()
+
+    def readline(self, size: int = -1) -> bytes:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def readlines(self, hint: int = -1) -> list[bytes]:
+        return list(iter(self.readline, b""))
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
 
 
 class ClosingIterable:

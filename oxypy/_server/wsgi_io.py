@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 from .. import environ as keys
 from .._core.headers import is_field_name, is_field_value
+from .._core.iterables import LineIteration
 from .._core.status import status_line
 from .._core.types import WSGIApplication
 from ..exceptions import BadRequest, ClientDisconnected
@@ -35,7 +36,7 @@ class Conn(Protocol):
     def reject(self, exc: BadRequest) -> None: ...
 
 
-class Input:
+class Input(LineIteration):
     """``wsgi.input``: the request body, pulled from the connection on demand."""
 
     __slots__ = ("_conn", "_buf", "_eof", "_expect")
@@ -106,18 +107,6 @@ class Input:
             parts.append(data)
             have += len(data)
         return b"".join(parts)
-
-    def readlines(self, hint: int = -1) -> list[bytes]:
-        return list(iter(self.readline, b""))
-
-    def __iter__(self) -> Input:
-        return self
-
-    def __next__(self) -> bytes:
-        line = self.readline()
-        if not line:
-            raise StopIteration
-        return line
 
 
 class RawInput(Input):
