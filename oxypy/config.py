@@ -660,8 +660,21 @@ def reference_markdown() -> str:
     for name in options:
         if name not in public:
             continue
-        out += ["", f"### {name} tables", "", _table_md(_params(public[name], False))]
+        params = _params(public[name], False)
+        renamed = _RENAMED_URL.get(name)
+        if renamed is not None:  # the file names the URL after what it is
+            params = {renamed if k == "url" else k: v for k, v in params.items()}
+        out += ["", f"### {name} tables", "", _table_md(params)]
     return "\n".join(out) + "\n"
+
+
+#: Option tables whose ``url`` argument the file spells differently.
+_RENAMED_URL = {
+    "RedisStore": "redis",
+    "RedisConnStore": "redis",
+    "Webhook": "webhook",
+    "RedirectFallback": "redirect",
+}
 
 
 def _listener_params() -> dict[str, _Param]:

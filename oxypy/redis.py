@@ -8,6 +8,13 @@ the ``on_error`` policy applies (``"allow"``, the default, fails open;
 ``"deny"`` answers 429) and Redis is not asked again for ``retry_interval``
 seconds.  The failure is logged at most once per ``log_interval``.
 
+Either store takes a URL (it then owns its client: short timeouts, no
+retries, closed by ``close()``) or a redis-py client object you built
+(``redis.Redis``, a Sentinel-managed master from ``Sentinel.master_for``, or
+``redis.cluster.RedisCluster``): your client's own timeouts and retry policy
+apply, and ``close()`` leaves it open.  Every Lua script touches one key, so
+the stores work on Redis Cluster.
+
 ``redis`` (redis-py) is imported when a store is created, so ``import oxypy``
 never needs it.
 """
@@ -103,7 +110,7 @@ return 0
 class _RedisBase:
     def __init__(
         self,
-        url: str,
+        url: Any,
         *,
         prefix: str,
         timeout: float,
@@ -133,7 +140,13 @@ class _RedisBase:
             raise ConfigurationError("timeout must be > 0")
         if not isinstance(prefix, str):
             raise ConfigurationError("prefix must be a string")
-        self.url = url
+        self._owns_client = isinstance(url, str)
+        if not self._owns_client and not callable(getattr(url, "register_script", None)):
+            raise ConfigurationError(
+                "expected a Redis URL (redis://, rediss://, unix://) or a redis-py client "
+                f"object, got {type(url).__name__}"
+            )
+        self.url = url if isinstance(url, str) else _describe_client(url)
         self.prefix = prefix
         self.timeout = timeout
         self.on_error: OnError = on_error
@@ -141,22 +154,29 @@ class _RedisBase:
         self.log_interval = log_interval
         self.clock = clock
         self.errors = 0
-        try:
-            self.client: Any = redis.Redis.from_url(
-                url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 0),
-                retry_on_timeout=False,
-                health_check_interval=0,
-            )
-        except ValueError as exc:
-            raise ConfigurationError(f"invalid Redis URL {url!r}: {exc}") from exc
+        if not isinstance(url, str):
+            self.client: Any = url
+        else:
+            self.client = self._connect(redis, Retry, NoBackoff, url, timeout)
         self._errors_type: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._lock = threading.Lock()
         self._down_until = float("-inf")
         self._logged_at = float("-inf")
         self._unlogged = 0
+
+    @staticmethod
+    def _connect(redis: Any, retry: Any, no_backoff: Any, url: str, timeout: float) -> Any:
+        try:
+            return redis.Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=retry(no_backoff(), 0),
+                retry_on_timeout=False,
+                health_check_interval=0,
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid Redis URL {url!r}: {exc}") from exc
 
     def _available(self) -> bool:
         return self.clock() >= self._down_until
@@ -180,8 +200,18 @@ class _RedisBase:
         )
 
     def close(self) -> None:
-        """Close the connection pool."""
-        self.client.close()
+        """Close the connection pool of a client the store made from a URL
+        (a client object passed in stays open: it is yours)."""
+        if self._owns_client:
+            self.client.close()
+
+
+def _describe_client(client: Any) -> str:
+    """A short name of a client object for the log lines (never its password)."""
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None) or {}
+    host, port = kwargs.get("host"), kwargs.get("port")
+    where = f" {host}:{port}" if host else ""
+    return f"<{type(client).__name__}{where}>"
 
 
 class RedisStore(_RedisBase):
@@ -190,9 +220,11 @@ class RedisStore(_RedisBase):
     A source's buckets are one hash, ``<prefix><source>``, that expires exactly
     when every bucket in it is full again (so expiry never grants a burst).
 
-    :param url: ``redis://host:port/db`` (or ``rediss://``, ``unix://``).
+    :param url: ``redis://host:port/db`` (or ``rediss://``, ``unix://``), or a
+        redis-py client object (``Redis``, ``Sentinel.master_for(...)``,
+        ``RedisCluster``) whose own timeouts then apply.
     :param prefix: key prefix.
-    :param timeout: seconds to connect and per reply; no retries.
+    :param timeout: seconds to connect and per reply; no retries (URL only).
     :param on_error: ``"allow"`` (fail open, default) or ``"deny"`` (429, retry in 1 s).
     :param retry_interval: seconds Redis is left alone after a failure.
     :param log_interval: at most one warning per this many seconds.
@@ -205,11 +237,13 @@ class RedisStore(_RedisBase):
         app = RateLimit(Forward("http://127.0.0.1:9000"), rates=[Rate(20)], store=store)
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``url`` may be a redis-py client object.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Any,
         *,
         prefix: str = "oxypy:rl:",
         timeout: float = 0.25,
@@ -286,21 +320,24 @@ class RedisConnStore(_RedisBase):
     ``lease_ttl / 3`` seconds *as chunks pass*: a stream silent for longer
     than ``lease_ttl`` may lose its slot to another request.
 
-    :param url: ``redis://host:port/db``.
+    :param url: ``redis://host:port/db``, or a redis-py client object (as for
+        :class:`RedisStore`).
     :param prefix: key prefix.
     :param lease_ttl: seconds a lease lives without a refresh (default 60).
-    :param timeout: seconds to connect and per reply; no retries.
+    :param timeout: seconds to connect and per reply; no retries (URL only).
     :param on_error: ``"allow"`` (fail open, default) or ``"deny"`` (429).
     :param retry_interval: seconds Redis is left alone after a failure.
     :param log_interval: at most one warning per this many seconds.
     :param clock: monotonic seconds, for the two intervals.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``url`` may be a redis-py client object.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | Any,
         *,
         prefix: str = "oxypy:cl:",
         lease_ttl: float = 60.0,

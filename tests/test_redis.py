@@ -288,3 +288,55 @@ def test_conn_store_redis_down_fails_open() -> None:
     call = Call(LintMiddleware(ConnLimit(hello, max_conns=1, store=deny)))
     assert call.status == "429 Too Many Requests"
     call.finish()
+
+
+# -- client objects ---------------------------------------------------------------------
+
+
+def test_stores_accept_a_client_object_and_leave_it_open(redis_url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    store = RedisStore(client, prefix="obj:rl:")
+    assert store.client is client
+    rates = [Rate(1, 60.0, burst=2)]
+    assert [store.hit("k", rates).allowed for _ in range(3)] == [True, True, False]
+    assert client.exists("obj:rl:k") == 1
+    conns = RedisConnStore(client, prefix="obj:cl:", lease_ttl=30)
+    app = ConnLimit(hello, max_conns=1, store=conns)
+    first = Call(app)
+    assert first.status.startswith("200")
+    assert client.zcard("obj:cl:127.0.0.1") == 1
+    second = Call(app)
+    assert second.status.startswith("429")
+    assert b"".join(second.body) == b"connection limit reached: 1 in flight\n"
+    assert first.finish() == b"hello"
+    assert client.zcard("obj:cl:127.0.0.1") == 0
+    store.close()
+    conns.close()
+    assert client.ping() is True  # the caller's client is still theirs, still open
+    assert store.url == f"<Redis {client.connection_pool.connection_kwargs['host']}:" + (
+        f"{client.connection_pool.connection_kwargs['port']}>"
+    )
+    client.close()
+
+
+def test_a_client_object_down_fails_open_like_a_url() -> None:
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=dead_port(), socket_connect_timeout=0.2)
+    store = RedisStore(client, retry_interval=60)
+    verdict = store.hit("k", [Rate(1, 60.0)])
+    assert (verdict.allowed, store.errors) == (True, 1)
+    client.close()
+
+
+@pytest.mark.parametrize("bad", [42, None, b"redis://x", object()])
+def test_neither_url_nor_client(bad: Any) -> None:
+    for cls in (RedisStore, RedisConnStore):
+        with pytest.raises(ConfigurationError) as info:
+            cls(bad)
+        assert str(info.value) == (
+            "expected a Redis URL (redis://, rediss://, unix://) or a redis-py client "
+            f"object, got {type(bad).__name__}"
+        )
