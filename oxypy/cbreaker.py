@@ -58,7 +58,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ._core.observe import Observation, observe
-from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import CircuitOpen, ConfigurationError
 from .fallback import (  # noqa: F401 - importable from here until 1.0; live in oxypy.fallback
@@ -203,7 +203,7 @@ class CircuitBreaker:
         check_period: float = 0.1,
         on_trip: Callback | None = None,
         on_standby: Callback | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = time.monotonic,
         metrics: RoundTripMetrics | None = None,
         error_handler: ErrorHandler = default_error_handler,
         skip: Skip | None = None,

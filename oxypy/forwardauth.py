@@ -14,7 +14,6 @@ import io
 import logging
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import urlsplit
 
 from . import environ as keys
 from ._client.request_head import request_target
@@ -27,6 +26,7 @@ from ._core.headers import (
 )
 from ._core.net import TrustedProxies, normalize_ip
 from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from ._core.urls import parse_target_url
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import ConfigurationError, RequestError, UpstreamError
 from .forward import Forward
@@ -166,10 +166,10 @@ class ForwardAuth:
         self.auth_app: WSGIApplication
         self.auth_path = self.auth_query = None
         if isinstance(auth, str):
-            parts = urlsplit(auth)
-            if parts.fragment:
-                raise ConfigurationError(f"auth: URL must not carry a fragment: {auth!r}")
-            origin = f"{parts.scheme}://{parts.netloc}"
+            target = parse_target_url(auth, what="auth", allow_query=True)
+            origin = f"{target.scheme}://{target.shown_host}"
+            if target.explicit_port is not None:
+                origin += f":{target.explicit_port}"
             try:
                 self.auth_app = Forward(
                     origin,
@@ -180,8 +180,8 @@ class ForwardAuth:
                 )
             except ConfigurationError as exc:
                 raise ConfigurationError(f"auth: invalid URL {auth!r}: {exc}") from exc
-            self.auth_path = parts.path or "/"
-            self.auth_query = parts.query
+            self.auth_path = target.path or "/"
+            self.auth_query = target.query
         elif callable(auth):
             self.auth_app = auth
         else:

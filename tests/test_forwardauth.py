@@ -280,7 +280,7 @@ def test_skip_passes_without_asking(setup: Any) -> None:
 @pytest.mark.parametrize(
     ("auth", "kwargs", "message"),
     [
-        pytest.param("ftp://h/x", {}, "auth: invalid URL 'ftp://h/x'", id="scheme"),
+        pytest.param("ftp://h/x", {}, "auth must be an http:// or https:// URL", id="scheme"),
         pytest.param("http://h/x#frag", {}, "fragment", id="fragment"),
         pytest.param(42, {}, "auth must be", id="type"),
         pytest.param("http://h/", {"request_headers": "Cookie"}, "request_headers", id="str"),
