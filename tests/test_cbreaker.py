@@ -175,9 +175,10 @@ def test_trigger_table(
     ],
 )
 def test_configuration_errors(kwargs: dict[str, Any], error: type[Exception]) -> None:
-    expression = kwargs.pop("expression", TRIGGER)
+    options = dict(kwargs)  # the parameter dict is shared by every repeat of this case
+    expression = options.pop("expression", TRIGGER)
     with pytest.raises(error):
-        CircuitBreaker(hello, expression, **kwargs)
+        CircuitBreaker(hello, expression, **options)
 
 
 @pytest.mark.parametrize(
