@@ -45,11 +45,13 @@ from .fallback import RedirectFallback, ResponseFallback, Webhook
 from .forward import Exchange, Forward, OutgoingRequest, ResponseHead
 from .forwardauth import ForwardAuth
 from .headers import Headers
+from .hedge import Hedge
 from .health import HealthCheck, OutlierDetection
 from .ipallow import IPAllowList
 from .leastrequest import LeastRequest
+from .mirror import Mirror
 from .predicate import Func, Predicate, compile_predicate
-from .prometheus import BreakerStateGauge, PrometheusMetrics, metrics_app
+from .prometheus import BreakerStateGauge, PrometheusMetrics, RetryBudgetMetrics, metrics_app
 from .ratelimit import Rate, RateLimit, RateStore, Verdict
 from .rebalancer import Rebalancer
 
@@ -57,6 +59,7 @@ from .rebalancer import Rebalancer
 # names cost nothing (and need nothing) until used.
 from .redis import RedisConnStore, RedisStore
 from .requestid import RequestID
+from .retrybudget import RetryBudget
 from .rewrite import Rewrite
 from .roundrobin import RoundRobin
 from .router import Router
@@ -84,9 +87,11 @@ __all__ = [
     "Forward",
     "ForwardAuth",
     "Headers",
+    "Hedge",
     "IPAllowList",
     "LeastRequest",
     "Metrics",
+    "Mirror",
     "PrometheusMetrics",
     "RateLimit",
     "Rebalancer",
@@ -105,6 +110,8 @@ __all__ = [
     "RedisConnStore",
     "RedisStore",
     "ResponseFallback",
+    "RetryBudget",
+    "RetryBudgetMetrics",
     "StickySession",
     "Webhook",
     # protocols a user implements (and what they return)

@@ -38,6 +38,7 @@ from .exceptions import (
     UpstreamError,
 )
 from .predicate import Func, Predicate, compile_predicate
+from .retrybudget import RetryBudget
 
 __all__ = ["Buffer", "NoResponse"]
 
@@ -134,6 +135,9 @@ class Buffer:
         thresholds (default: the system temp dir, ``tempfile.gettempdir()``).
         The files are anonymous (unlinked at creation) and closed when the
         request ends.  Must be an existing directory, else ConfigurationError.
+    :param retry_budget: a :class:`~oxypy.RetryBudget` asked before each retry
+        the predicate wants (each client request is counted on it); when it
+        refuses, the attempt's outcome goes to the client as it is.
     :param sleep: how to wait (``gevent.sleep``); tests inject a fake.
     :param error_handler: ``(environ, start_response, exc)`` for request errors.
     :param skip: ``callable(environ) -> bool``; True passes the request straight on.
@@ -164,6 +168,7 @@ class Buffer:
         retry_backoff: tuple[float, float] | None = None,
         rng: random.Random | None = None,
         spool_dir: str | os.PathLike[str] | None = None,
+        retry_budget: RetryBudget | None = None,
         sleep: Callable[[float], object] = gevent.sleep,
         error_handler: ErrorHandler = default_error_handler,
         skip: Skip | None = None,
@@ -191,6 +196,8 @@ class Buffer:
                 raise ConfigurationError("retry_backoff must be (base, max) seconds >= 0")
             if retry_backoff[0] > retry_backoff[1]:
                 raise ConfigurationError("retry_backoff base must not exceed max")
+        if retry_budget is not None and not isinstance(retry_budget, RetryBudget):
+            raise ConfigurationError("retry_budget must be a RetryBudget or None")
         if retry is not None and not isinstance(retry, str):
             raise ConfigurationError("retry must be a predicate string or None")
         if rng is not None and not isinstance(rng, random.Random):
@@ -215,6 +222,7 @@ class Buffer:
         self.retry_backoff = retry_backoff
         self._rng = rng if rng is not None else random.Random()
         self.spool_dir: str | None = spool_dir
+        self.retry_budget = retry_budget
         self.sleep = sleep
         self.error_handler = error_handler
         self.skip = skip
@@ -224,6 +232,8 @@ class Buffer:
             return self.next_app(environ, start_response)
         if not self.buffer_request and not self.buffer_response and self.retry is None:
             return self.next_app(environ, start_response)
+        if self.retry_budget is not None and self.retry is not None:
+            self.retry_budget.request(environ)
         body: SpillBuffer | None = None
         try:
             base = dict(environ)
@@ -319,6 +329,8 @@ class Buffer:
                 client_gone=gone,
                 replayable=replayable or _never_sent(outcome, new),
             )
+            if retry and self.retry_budget is not None:
+                retry = self.retry_budget.try_retry()
             if retry:
                 retry = self._wait(attempt, environ)
             if not retry:

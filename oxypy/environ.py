@@ -17,6 +17,7 @@ __all__ = [
     "FORWARDAUTH_FAILURE",
     "FORWARDED_PREFIX",
     "RAW_URI",
+    "RETRY_BUDGETS",
     "REQUEST_ID",
     "REQUEST_ID_ORIG",
     "REWRITE_ORIG",
@@ -47,6 +48,11 @@ ERROR = "oxypy.error"
 #: Targets already tried for this client request (a set shared by reference);
 #: balancers avoid them on a retry when another server is available.
 TRIED_TARGETS = "oxypy.tried_targets"
+
+#: ``RetryBudget``: ids of the budgets that already counted this client
+#: request (a set shared by reference between environ copies), so a request
+#: passing through two blocks sharing one budget is counted once.
+RETRY_BUDGETS = "oxypy.retry_budgets"
 
 #: The request id minted or validated by ``RequestID``.
 REQUEST_ID = "oxypy.request_id"

@@ -22,8 +22,9 @@ from . import environ as keys
 from ._core.observe import Observation, error_kind, observe
 from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .exceptions import ConfigurationError, RequestError
+from .retrybudget import RetryBudget
 
-__all__ = ["BreakerStateGauge", "PrometheusMetrics", "metrics_app"]
+__all__ = ["BreakerStateGauge", "PrometheusMetrics", "RetryBudgetMetrics", "metrics_app"]
 
 #: Latency buckets in seconds: 5 ms to 30 s, suited to a gateway.
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -122,7 +123,64 @@ class _BreakerFamily:
         )
 
 
-_F = TypeVar("_F", _RequestFamilies, _BreakerFamily)
+class _BudgetFamily:
+    """RetryBudgetMetrics' collector for one namespace in one registry.
+
+    A custom collector: it reads each budget's state when scraped, so a
+    budget costs nothing per request beyond its own counting.
+    """
+
+    def __init__(self, pc: Any, registry: Any, namespace: str, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.pc = pc
+        self.prefix = f"{namespace}_retry_budget"
+        self.lock = threading.Lock()
+        self.budgets: dict[str, RetryBudget] = {}
+        registry.register(self)
+
+    def _families(self) -> list[Any]:
+        core = self.pc.core
+        p = self.prefix
+        return [
+            core.CounterMetricFamily(
+                f"{p}_requests", "Client requests counted by the retry budget.", labels=["name"]
+            ),
+            core.CounterMetricFamily(
+                f"{p}_retries", "Retries and hedges the retry budget allowed.", labels=["name"]
+            ),
+            core.CounterMetricFamily(
+                f"{p}_refused", "Retries and hedges the retry budget refused.", labels=["name"]
+            ),
+            core.GaugeMetricFamily(
+                f"{p}_window_retries", "Retries counted in the budget's window.", labels=["name"]
+            ),
+            core.GaugeMetricFamily(
+                f"{p}_limit", "Retries the budget allows in its window now.", labels=["name"]
+            ),
+        ]
+
+    def describe(self) -> list[Any]:
+        return self._families()
+
+    def collect(self) -> list[Any]:
+        families = self._families()
+        with self.lock:
+            budgets = list(self.budgets.items())
+        for name, budget in budgets:
+            state = budget.state()
+            values = (
+                state.requests_total,
+                state.retries_total,
+                state.refused_total,
+                state.retries,
+                state.limit,
+            )
+            for family, value in zip(families, values, strict=True):
+                family.add_metric([name], value)
+        return families
+
+
+_F = TypeVar("_F", _RequestFamilies, _BreakerFamily, _BudgetFamily)
 
 # A registry accepts each metric name once, so the families registered for a
 # namespace are kept next to the registry (weakly: a registry that goes away
@@ -325,6 +383,42 @@ class BreakerStateGauge:
             self.set(name, transition)
 
         return hook
+
+
+class RetryBudgetMetrics:
+    """Export the state of :class:`~oxypy.RetryBudget` objects, read when scraped.
+
+    Metrics, each labelled ``name`` (``<ns>`` is ``namespace``):
+    ``<ns>_retry_budget_requests_total``, ``<ns>_retry_budget_retries_total``
+    (retries and hedges allowed), ``<ns>_retry_budget_refused_total``, and
+    the gauges ``<ns>_retry_budget_window_retries`` and
+    ``<ns>_retry_budget_limit`` (the retries the window allows now)::
+
+        budget = RetryBudget(percent=20.0)
+        RetryBudgetMetrics(registry=registry).add("api", budget)
+
+    The collector reads each budget in the scraping process; with
+    ``PROMETHEUS_MULTIPROC_DIR`` set, :func:`metrics_app` only aggregates
+    the files of the multi-process mode, which these metrics are not part of.
+
+    :param registry: as for :class:`PrometheusMetrics` (instances on the same
+        registry and namespace share one collector).
+    :param namespace: metric name prefix.
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(self, *, registry: Any = None, namespace: str = "oxypy") -> None:
+        pc = _require()
+        _check_namespace(namespace)
+        self._family = _shared(pc, registry, namespace, "budget", (), _BudgetFamily)
+
+    def add(self, name: str, budget: RetryBudget) -> None:
+        """Export ``budget`` under the label ``name`` (a name already used is replaced)."""
+        if not isinstance(budget, RetryBudget):
+            raise ConfigurationError("RetryBudgetMetrics.add needs a RetryBudget")
+        with self._family.lock:
+            self._family.budgets[name] = budget
 
 
 def metrics_app(registry: Any = None) -> WSGIApplication:
