@@ -139,7 +139,7 @@ class _BudgetFamily:
         registry.register(self)
 
     def _families(self) -> list[Any]:
-        core = self.pc.core
+        from prometheus_client import core
         p = self.prefix
         return [
             core.CounterMetricFamily(

@@ -1,0 +1,217 @@
+"""Hedge: a late response head sends the request again; the first head wins."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import gevent
+import gevent.event
+import pytest
+import urllib3
+
+from oxypy import Buffer, ConfigurationError, Forward, Hedge, RetryBudget, RoundRobin
+from oxypy import environ as keys
+
+from _servers import RawUpstream, read_exact_body
+
+HTTP = urllib3.PoolManager(retries=False, timeout=10)
+App = Callable[..., Any]
+
+
+class SlowUpstream:
+    """Answers after ``delay`` seconds unless the proxy closes the connection first."""
+
+    def __init__(self, delay: float = 1.0, body: bytes = b"slow") -> None:
+        self.closed = gevent.event.Event()
+        self.answered = 0
+        self.delay = delay
+        self.body = body
+        self.raw = RawUpstream(self.handle)
+
+    def handle(self, sock: socket.socket, data: bytes) -> None:
+        read_exact_body(sock, data)
+        sock.settimeout(self.delay)
+        try:
+            if sock.recv(1) == b"":
+                self.closed.set()  # the proxy gave up on this attempt
+                return
+        except TimeoutError:
+            pass
+        self.answered += 1
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(self.body)}\r\n\r\n".encode()
+        sock.sendall(head + self.body)
+        sock.settimeout(5)
+        while sock.recv(65536):
+            pass
+
+
+def fast_upstream(body: bytes = b"fast") -> RawUpstream:
+    def handler(sock: socket.socket, data: bytes) -> None:
+        read_exact_body(sock, data)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    return RawUpstream(handler)
+
+
+def first_untried(app: App, targets: list[str]) -> App:
+    """A deterministic balancer: the first target not tried yet for this request."""
+
+    def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        tried = environ.get(keys.TRIED_TARGETS, set())
+        target = next((t for t in targets if t not in tried), targets[0])
+        tried.add(target)
+        env = dict(environ)
+        env[keys.TARGET] = target
+        result: Iterable[bytes] = app(env, start_response)
+        return result
+
+    return wsgi
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[SlowUpstream, RawUpstream]]:
+    slow, fast = SlowUpstream(), fast_upstream()
+    yield slow, fast
+    slow.raw.stop()
+    fast.stop()
+
+
+def test_a_late_head_is_hedged_and_the_loser_connection_closed(proxy: Any, pair: Any) -> None:
+    slow, fast = pair
+    hedge = Hedge(first_untried(Forward(), [slow.raw.url, fast.url]), delay=0.05)
+    url = proxy(hedge)
+    started = time.monotonic()
+    resp = HTTP.request("GET", url + "/x")
+    elapsed = time.monotonic() - started
+    assert (resp.status, resp.data) == (200, b"fast")
+    assert elapsed < 0.5
+    assert slow.closed.wait(0.8)  # closed before the slow server would have answered
+    assert slow.answered == 0
+    assert (len(slow.raw.requests), len(fast.requests)) == (1, 1)
+    assert (hedge.hedges, hedge.hedge_wins, hedge.refused) == (1, 1, 0)
+
+
+def test_with_roundrobin_the_hedge_goes_to_the_other_server(proxy: Any, pair: Any) -> None:
+    slow, fast = pair
+    hedge = Hedge(RoundRobin(Forward(), [slow.raw.url, fast.url]), delay=0.05)
+    url = proxy(hedge)
+    for _ in range(4):
+        started = time.monotonic()
+        resp = HTTP.request("GET", url)
+        assert (resp.status, resp.data) == (200, b"fast")
+        assert time.monotonic() - started < 0.5
+    # RoundRobin alternates: two requests went to the slow server first and
+    # were hedged to the fast one, never to the slow one again.
+    assert len(slow.raw.requests) == 2
+    assert len(fast.requests) == 4
+    assert hedge.hedges == 2
+
+
+def test_a_prompt_head_is_not_hedged(proxy: Any, pair: Any) -> None:
+    slow, fast = pair
+    hedge = Hedge(first_untried(Forward(), [fast.url, slow.raw.url]), delay=0.3)
+    url = proxy(hedge)
+    resp = HTTP.request("GET", url)
+    assert (resp.status, resp.data) == (200, b"fast")
+    assert (len(fast.requests), len(slow.raw.requests), hedge.hedges) == (1, 0, 0)
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [pytest.param("POST", b"data", id="POST"), pytest.param("GET", b"data", id="GET-with-body")],
+)
+def test_other_methods_and_bodies_are_not_hedged(
+    proxy: Any, pair: Any, method: str, body: bytes
+) -> None:
+    slow, fast = pair
+    slow.delay = 0.3
+    hedge = Hedge(first_untried(Forward(), [slow.raw.url, fast.url]), delay=0.05)
+    url = proxy(hedge)
+    resp = HTTP.request(method, url, body=body)
+    assert (resp.status, resp.data) == (200, b"slow")
+    assert (len(slow.raw.requests), len(fast.requests), hedge.hedges) == (1, 0, 0)
+
+
+def test_a_refusing_budget_keeps_the_first_attempt(proxy: Any, pair: Any) -> None:
+    slow, fast = pair
+    slow.delay = 0.3
+    budget = RetryBudget(0.0, min_per_second=0.0)
+    hedge = Hedge(first_untried(Forward(), [slow.raw.url, fast.url]), delay=0.05, retry_budget=budget)
+    url = proxy(hedge)
+    resp = HTTP.request("GET", url)
+    assert (resp.status, resp.data) == (200, b"slow")
+    assert (hedge.hedges, hedge.refused, len(fast.requests)) == (0, 1, 0)
+    state = budget.state()
+    assert (state.requests_total, state.retries_total, state.refused_total) == (1, 0, 1)
+
+
+def test_a_buffer_above_sees_only_the_winner(proxy: Any, pair: Any) -> None:
+    """The cancelled attempt is no network error: the winner's 200 is not retried."""
+    slow, fast = pair
+    seen: list[list[Any]] = []
+
+    def spy(app: App) -> App:
+        def wsgi(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            seen.append(environ.setdefault(keys.EXCHANGES, []))
+            result: Iterable[bytes] = app(environ, start_response)
+            return result
+
+        return wsgi
+
+    inner = Hedge(first_untried(Forward(), [slow.raw.url, fast.url]), delay=0.05)
+    url = proxy(spy(Buffer(inner, retry="IsNetworkError() && Attempts() < 3")))
+    resp = HTTP.request("GET", url)
+    assert (resp.status, resp.data) == (200, b"fast")
+    assert slow.closed.wait(0.8)
+    assert (len(slow.raw.requests), len(fast.requests)) == (1, 1)
+    assert [(x.target, x.status, x.error) for x in seen[0]] == [(fast.url, 200, None)]
+
+
+def test_the_winner_streams_its_body(proxy: Any, pywsgi: Any, pair: Any) -> None:
+    slow, _ = pair
+
+    def chunks(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "application/json")])
+        for i in range(3):
+            yield json.dumps({"i": i}).encode() + b"\n"
+            gevent.sleep(0.01)
+
+    streaming = pywsgi(chunks)
+    hedge = Hedge(first_untried(Forward(), [slow.raw.url, streaming]), delay=0.05)
+    resp = HTTP.request("GET", proxy(hedge))
+    assert resp.status == 200
+    assert resp.data == b'{"i": 0}\n{"i": 1}\n{"i": 2}\n'
+
+
+def test_every_attempt_failing_answers_the_error(proxy: Any) -> None:
+    def refuse() -> str:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        return f"http://127.0.0.1:{port}"
+
+    hedge = Hedge(first_untried(Forward(), [refuse(), refuse()]), delay=0.05)
+    resp = HTTP.request("GET", proxy(hedge))
+    assert resp.status == 502
+    assert hedge.hedges == 0  # the refusal was the first head
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"delay": 0},
+        {"delay": "1"},
+        {"delay": 0.1, "max_hedges": 0},
+        {"delay": 0.1, "methods": "GET"},
+        {"delay": 0.1, "methods": ()},
+        {"delay": 0.1, "retry_budget": 5},
+    ],
+)
+def test_bad_configuration_is_refused(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        Hedge(Forward(), **kwargs)
