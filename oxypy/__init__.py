@@ -45,8 +45,8 @@ from .fallback import RedirectFallback, ResponseFallback, Webhook
 from .forward import Exchange, Forward, OutgoingRequest, ResponseHead
 from .forwardauth import ForwardAuth
 from .headers import Headers
-from .hedge import Hedge
 from .health import HealthCheck, OutlierDetection
+from .hedge import Hedge
 from .ipallow import IPAllowList
 from .leastrequest import LeastRequest
 from .mirror import Mirror

@@ -139,7 +139,11 @@ class Mirror:
             or max_body_bytes < 0
         ):
             raise ConfigurationError(f"max_body_bytes must be an int >= 0, got {max_body_bytes!r}")
-        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+        if (
+            isinstance(max_in_flight, bool)
+            or not isinstance(max_in_flight, int)
+            or max_in_flight < 1
+        ):
             raise ConfigurationError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
         self.next_app = next_app
         self.mirror = mirror
@@ -220,9 +224,7 @@ class Mirror:
 
     @staticmethod
     def _copy_environ(environ: WSGIEnvironment) -> WSGIEnvironment:
-        copy = {
-            k: v for k, v in environ.items() if not k.startswith("oxypy.") or k in _KEPT
-        }
+        copy = {k: v for k, v in environ.items() if not k.startswith("oxypy.") or k in _KEPT}
         copy["wsgi.input"] = io.BytesIO(b"")
         return copy
 
@@ -243,9 +245,7 @@ class Mirror:
         failed = False
         status: list[str] = []
 
-        def start_response(
-            line: str, headers: list[tuple[str, str]], exc_info: Any = None
-        ) -> Any:
+        def start_response(line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             status[:] = [line]
             return _discard(line, headers)
 

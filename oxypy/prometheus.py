@@ -140,6 +140,7 @@ class _BudgetFamily:
 
     def _families(self) -> list[Any]:
         from prometheus_client import core
+
         p = self.prefix
         return [
             core.CounterMetricFamily(

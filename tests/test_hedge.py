@@ -140,7 +140,8 @@ def test_a_refusing_budget_keeps_the_first_attempt(proxy: Any, pair: Any) -> Non
     slow, fast = pair
     slow.delay = 0.3
     budget = RetryBudget(0.0, min_per_second=0.0)
-    hedge = Hedge(first_untried(Forward(), [slow.raw.url, fast.url]), delay=0.05, retry_budget=budget)
+    lb = first_untried(Forward(), [slow.raw.url, fast.url])
+    hedge = Hedge(lb, delay=0.05, retry_budget=budget)
     url = proxy(hedge)
     resp = HTTP.request("GET", url)
     assert (resp.status, resp.data) == (200, b"slow")

@@ -233,6 +233,6 @@ def test_metrics_export_the_budget_state() -> None:
     ]
     # A second instance on the same registry adds to the same collector.
     RetryBudgetMetrics(registry=registry).add("other", RetryBudget())
-    assert 'oxypy_retry_budget_requests_total{name="other"} 0.0' in generate_latest(
-        registry
-    ).decode()
+    assert (
+        'oxypy_retry_budget_requests_total{name="other"} 0.0' in generate_latest(registry).decode()
+    )
