@@ -256,6 +256,25 @@ def _common(p: argparse.ArgumentParser, listen: Any) -> None:
 
 def _chain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry", metavar="EXPR", help="Buffer retry predicate")
+    p.add_argument(
+        "--retry-budget",
+        type=_percent,
+        metavar="PERCENT",
+        help="retries and hedges at most this %% of requests (10 s window; needs --retry or "
+        "--hedge)",
+    )
+    p.add_argument(
+        "--hedge",
+        type=_positive,
+        metavar="SECONDS",
+        help="send a GET/HEAD/OPTIONS without body again to another upstream when no response "
+        "head came in this time; the first head wins",
+    )
+    p.add_argument(
+        "--mirror",
+        metavar="URL",
+        help="send a copy of every request to this upstream, answer discarded",
+    )
     p.add_argument("--breaker", metavar="EXPR", help="CircuitBreaker trigger predicate")
     p.add_argument(
         "--breaker-duration",
@@ -338,6 +357,16 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
+    return value
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a percentage from 0 to 100, got {text!r}")
     return value
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import gevent
 import pytest
 import urllib3
 
@@ -648,3 +649,47 @@ def test_proxy_edge_flags(oxypy: Callable[..., Running], pywsgi: Callable[[Any],
     finally:
         gw.stop()
         refused.stop()
+
+
+def test_proxy_hedge_retry_budget_and_mirror_flags(
+    oxypy: Callable[..., Running], pywsgi: Callable[[Any], str], echo_upstream: str
+) -> None:
+    copies: list[str] = []
+
+    def slow(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        gevent.sleep(1.0)
+        start_response("200 OK", [("Content-Length", "4")])
+        return [b"slow"]
+
+    def mirror(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        copies.append(environ["PATH_INFO"])
+        start_response("500 Internal Server Error", [("Content-Length", "0")])
+        return []
+
+    slow_url, mirror_url = pywsgi(slow), pywsgi(mirror)
+    gw = oxypy(
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        slow_url,
+        echo_upstream,
+        "--hedge",
+        "0.05",
+        "--retry-budget",
+        "100",
+        "--mirror",
+        mirror_url,
+    )
+    try:
+        for i in range(4):
+            started = time.monotonic()
+            r = gw.get(f"/h/{i}")
+            assert time.monotonic() - started < 0.5
+            assert r.status == 200
+            assert json.loads(r.data)["path"] == f"/h/{i}"
+        deadline = time.monotonic() + 5
+        while len(copies) < 4 and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        assert sorted(copies) == [f"/h/{i}" for i in range(4)]
+    finally:
+        gw.stop()

@@ -142,6 +142,12 @@ def test_every_predicate_flag_refuses_bombs(
         pytest.param(
             ["proxy", UP, "--rate", "1" + "0" * 400 + "/s"], "--rate", "too large", id="r"
         ),
+        pytest.param(["proxy", UP, "--retry-budget", "101"], "--retry-budget", "0 to 100", id="rb"),
+        pytest.param(["proxy", UP, "--retry-budget", "x"], "--retry-budget", "number", id="rb-x"),
+        pytest.param(["proxy", UP, "--retry-budget", "20"], "--retry-budget", "--retry", id="rb1"),
+        pytest.param(["proxy", UP, "--hedge", "0"], "--hedge", "above 0", id="hedge-0"),
+        pytest.param(["proxy", UP, "--hedge", "nan"], "--hedge", "above 0", id="hedge-nan"),
+        pytest.param(["proxy", UP, "--mirror", "ftp://x"], "--mirror", "http", id="mirror"),
         pytest.param(["serve", ".:app"], "APP", "module:attribute", id="relative-module"),
         pytest.param(["serve", "..os:app"], "APP", "module:attribute", id="relative-module-2"),
         pytest.param(["serve", "os:path..join"], "APP", "module:attribute", id="empty-attr"),

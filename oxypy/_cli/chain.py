@@ -149,9 +149,11 @@ def build_proxy(
     fallback: WSGIApplication | None = None,
 ) -> Proxy:
     """Build Trace → RequestID → IPAllowList → CORS → Compress → ConnLimit →
-    RateLimit → CircuitBreaker → Buffer → balancer → Forward from parsed flags.
+    RateLimit → CircuitBreaker → Mirror → Buffer → Hedge → balancer → Forward
+    from parsed flags.
 
-    Blocks whose flag is absent are left out; Buffer is there only with ``--retry``.
+    Blocks whose flag is absent are left out; Buffer is there only with
+    ``--retry``; one ``--retry-budget`` is shared by Buffer and Hedge.
     """
     from .. import (
         CORS,
@@ -161,12 +163,15 @@ def build_proxy(
         ConnLimit,
         Forward,
         HealthCheck,
+        Hedge,
         IPAllowList,
         LeastRequest,
+        Mirror,
         OutlierDetection,
         Rate,
         RateLimit,
         RequestID,
+        RetryBudget,
         RoundRobin,
         StickySession,
         Trace,
@@ -200,6 +205,13 @@ def build_proxy(
             "--eject-after", lambda: OutlierDetection(consecutive_errors=args.eject_after)
         )
     balancer_cls: Any = LeastRequest if args.least_request else RoundRobin
+    percent = getattr(args, "retry_budget", None)
+    hedge_delay = getattr(args, "hedge", None)
+    budget = None
+    if percent is not None:
+        if args.retry is None and hedge_delay is None:
+            raise FlagError("--retry-budget", "needs --retry or --hedge")
+        budget = _block("--retry-budget", lambda: RetryBudget(percent))
     # Validate everything that starts no greenlet before the balancer starts its checker.
     rates: list[Rate] = []
     for text in args.rate or []:
@@ -220,9 +232,15 @@ def build_proxy(
     proxy.closers.append(balancer.close)
     app: WSGIApplication = balancer
     try:
+        if hedge_delay is not None:
+            inner = app
+            app = _block("--hedge", lambda: Hedge(inner, delay=hedge_delay, retry_budget=budget))
         if args.retry is not None:
             inner = app
-            app = _block("--retry", lambda: Buffer(inner, retry=args.retry))
+            app = _block("--retry", lambda: Buffer(inner, retry=args.retry, retry_budget=budget))
+        if getattr(args, "mirror", None) is not None:
+            inner = app
+            app = _block("--mirror", lambda: Mirror(inner, args.mirror))
         if args.breaker is not None:
             inner = app
             cb_options: dict[str, Any] = {}
