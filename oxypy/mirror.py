@@ -178,23 +178,25 @@ class Mirror:
                 self.dropped += 1
                 return self.next_app(environ, start_response)
             self.in_flight += 1
+        primary = environ
         try:
             copy = self._copy_environ(environ)
             if copy_body:
+                primary = dict(environ)
                 try:
-                    body = self._read_body(environ, framing.length)
+                    body = self._read_body(primary, framing.length)
                 except RequestError as exc:
                     self._release()
                     return respond_error(default_error_handler, environ, start_response, exc)
                 if body is None:
                     self._release()
                     self._count_too_large()
-                    return self.next_app(environ, start_response)
-                for env in (environ, copy):
+                    return self.next_app(primary, start_response)
+                for env in (primary, copy):
                     env["CONTENT_LENGTH"] = str(len(body))
                     env.pop("HTTP_TRANSFER_ENCODING", None)
                     env["wsgi.input_terminated"] = True
-                environ["wsgi.input"] = io.BytesIO(body)
+                primary["wsgi.input"] = io.BytesIO(body)
                 copy["wsgi.input"] = io.BytesIO(body)
             elif framing.has_body:
                 copy["CONTENT_LENGTH"] = "0"
@@ -205,7 +207,7 @@ class Mirror:
         except BaseException:
             self._release()
             raise
-        return self.next_app(environ, start_response)
+        return self.next_app(primary, start_response)
 
     # -- helpers ----------------------------------------------------------------
     def _sampled(self) -> bool:
@@ -229,7 +231,11 @@ class Mirror:
         return copy
 
     def _read_body(self, environ: WSGIEnvironment, length: int | None) -> bytes | None:
-        """The whole body, or None when it is over the limit (the primary keeps all of it)."""
+        """The whole body, or None when it is over the limit.
+
+        Then ``environ["wsgi.input"]`` (the primary's copy) replays what was
+        read before the rest of the stream, so the primary gets all of it.
+        """
         stream = environ["wsgi.input"]
         parts: list[bytes] = []
         size = 0
