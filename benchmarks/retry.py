@@ -146,9 +146,11 @@ def drive(
 
     try:
         pool = gevent.pool.Pool(concurrency)
+        began = time.perf_counter()
         for i in range(requests):
             pool.spawn(one, i)
         pool.join()
+        latencies.append(time.perf_counter() - began)  # the last value: the whole run
     finally:
         http.clear()
         proxy.stop()
@@ -195,22 +197,25 @@ def tail(requests: int, concurrency: int, rounds: int) -> list[str]:
         for name, flags in chains.items():
             ups = [Upstream(five_percent_slow, 11), Upstream(five_percent_slow, 12)]
             latencies, statuses = drive(ups, flags, requests, concurrency)
+            rate = requests / latencies.pop()
             assert all(s == 200 for s in statuses), set(statuses)
             load = sum(u.requests for u in ups) / requests
             ms = [v * 1000 for v in latencies]
-            runs[name].append((pct(ms, 50), pct(ms, 90), pct(ms, 99), max(ms), load))
+            runs[name].append((pct(ms, 50), pct(ms, 90), pct(ms, 99), max(ms), load, rate))
             for u in ups:
                 u.stop()
     rows = [
-        "| chain | p50 ms | p90 ms | p99 ms | max ms | upstream requests / client request |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| chain | p50 ms | p90 ms | p99 ms | max ms | upstream requests / client request "
+        "| client req/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     medians = {}
     for name, values in runs.items():
         med = [statistics.median(column) for column in zip(*values, strict=True)]
         medians[name] = med
         rows.append(
-            f"| {name} | {med[0]:.1f} | {med[1]:.1f} | {med[2]:.1f} | {med[3]:.1f} | {med[4]:.3f} |"
+            f"| {name} | {med[0]:.1f} | {med[1]:.1f} | {med[2]:.1f} | {med[3]:.1f} | "
+            f"{med[4]:.3f} | {med[5]:.0f} |"
         )
     ratio = medians["`--hedge 0.02`"][2] / medians["no hedging"][2]
     p99s = ", ".join(f"{v[2]:.0f}" for v in runs["`--hedge 0.02`"])
