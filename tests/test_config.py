@@ -169,6 +169,26 @@ def test_example_chain_retries_past_a_dead_server(
         assert (status, app_of(body)) == (200, ("api1", "/api/retry"))
 
 
+def test_retry_budget_hedge_and_mirror_in_a_chain(
+    upstreams: dict[str, str], serve: Callable[[Gateway], Served], dead_url: str
+) -> None:
+    text = f"""
+[services.api]
+servers = ["{upstreams["api1"]}", "{dead_url}"]
+[[routes]]
+service = "api"
+chain = [
+  {{ block = "Mirror", mirror = "{upstreams["other"]}", percent = 50.0 }},
+  {{ block = "Buffer", retry = "IsNetworkError()", retry_budget = {{ percent = 100.0 }} }},
+  {{ block = "Hedge", delay = 0.05, max_hedges = 1 }},
+]
+"""
+    s = serve(load_config(text))
+    for _ in range(6):
+        status, _, body = s.get("/api/budget")
+        assert (status, app_of(body)) == (200, ("api1", "/api/budget"))
+
+
 def test_method_and_header_matches(
     upstreams: dict[str, str], serve: Callable[[Gateway], Served]
 ) -> None:
