@@ -39,6 +39,7 @@ from .exceptions import (
     UpstreamProtocolError,
     UpstreamReadError,
     UpstreamTimeout,
+    UpstreamTLSError,
 )
 from .extractors import SourceExtractor
 from .fallback import RedirectFallback, ResponseFallback, Webhook
@@ -159,4 +160,5 @@ __all__ = [
     "UpstreamProtocolError",
     "UpstreamReadError",
     "UpstreamTimeout",
+    "UpstreamTLSError",
 ]

@@ -31,6 +31,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamProtocolError",
     "UpstreamReadError",
+    "UpstreamTLSError",
     "UpstreamTimeout",
 ]
 
@@ -198,11 +199,31 @@ class UpstreamError(RequestError):
     #: never read, so it is still there to send).
     before_send: bool = False
 
+    #: The short cause of the failure as the socket or TLS library gave it
+    #: (``"certificate verify failed: unable to get local issuer
+    #: certificate"``), when known: Trace writes it as ``error_detail``.
+    detail: str | None = None
+
 
 class UpstreamConnectError(UpstreamError):
     """The connection could not be opened: refused, unreachable, DNS or TLS failure (502)."""
 
     reason = "upstream unreachable"
+
+
+class UpstreamTLSError(UpstreamConnectError):
+    """The TLS handshake with the upstream failed: an unverifiable certificate,
+    a wrong name, a refused client certificate, no common protocol (502; Trace
+    kind ``upstream_tls_error``, with the library's reason as ``error_detail``).
+
+    .. versionadded:: 0.3
+    """
+
+    reason = "TLS handshake with upstream failed"
+
+    @property
+    def kind(self) -> str:
+        return "upstream_tls_error"
 
 
 class UpstreamReadError(UpstreamError):

@@ -170,6 +170,9 @@ class _Request:
             record["status_sent"] = outcome.status_sent
         if outcome.error is not None:
             record["error"] = outcome.error_kind
+            detail = getattr(outcome.error, "detail", None)
+            if detail:
+                record["error_detail"] = detail
         exchanges = outcome.exchanges
         if exchanges:
             record["upstream"] = [
@@ -179,6 +182,11 @@ class _Request:
                     "duration_ms": round(((ex.ended or ex.started) - ex.started) * 1000.0, 3),
                     "bytes": ex.bytes_received,
                     **({"error": error_kind(ex.error)} if ex.error is not None else {}),
+                    **(
+                        {"error_detail": ex.error.detail}
+                        if getattr(ex.error, "detail", None)
+                        else {}
+                    ),
                 }
                 for ex in exchanges
             ]

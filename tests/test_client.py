@@ -119,7 +119,8 @@ def test_tls_failure_is_a_connect_error(proxy: Any) -> None:
         assert resp.status == 502
         assert resp.data == b"TLS handshake with upstream failed\n"
         (rec,) = traced_lines(lines)
-        assert rec["error"] == "upstream_connect_error"
+        assert rec["error"] == "upstream_tls_error"  # an UpstreamConnectError subclass
+        assert rec["error_detail"] == "wrong version number"
     finally:
         up.stop()
 

@@ -15,7 +15,7 @@ from gevent.pywsgi import WSGIServer
 
 from oxypy import Forward, Server
 
-from _servers import echo_app
+from _servers import echo_app, wait_for
 
 HTTP = urllib3.PoolManager(retries=False, timeout=10)
 
@@ -108,3 +108,40 @@ def test_https_front_sets_forwarded_proto(
         assert doc["headers"]["x-forwarded-port"] == str(server.address[1])
     finally:
         server.stop(timeout=1)
+
+
+def test_tls_failure_is_traced_with_its_cause(proxy: Any, tls_upstream: Any) -> None:
+    from oxypy import Trace, UpstreamConnectError, UpstreamTLSError
+
+    url, _, _ = tls_upstream
+    lines: list[str] = []
+    resp = HTTP.request("GET", proxy(Trace(Forward(url), sink=lines.append)) + "/")
+    assert resp.status == 502 and resp.data == b"TLS handshake with upstream failed\n"
+    wait_for(lambda: lines)
+    rec = json.loads(lines[0])
+    assert rec["error"] == "upstream_tls_error"
+    assert rec["error_detail"].startswith("certificate verify failed: ")
+    assert "_ssl.c" not in rec["error_detail"]
+    assert rec["upstream"][0]["error"] == "upstream_tls_error"
+    assert rec["upstream"][0]["error_detail"] == rec["error_detail"]
+    assert issubclass(UpstreamTLSError, UpstreamConnectError)
+    assert UpstreamTLSError().kind == "upstream_tls_error"
+
+
+def test_refused_upstream_has_a_short_error_detail(proxy: Any) -> None:
+    import socket
+
+    from oxypy import Trace
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    lines: list[str] = []
+    resp = HTTP.request(
+        "GET", proxy(Trace(Forward(f"http://127.0.0.1:{port}"), sink=lines.append)) + "/"
+    )
+    assert resp.status == 502
+    wait_for(lambda: lines)
+    rec = json.loads(lines[0])
+    assert rec["error"] == "upstream_connect_error"
+    assert rec["error_detail"] == "Connection refused"

@@ -8,7 +8,7 @@ phase      exception                                    oxypy error (status, rea
 =========  ===========================================  ==================================
 connect    socket timeout / urllib3 ConnectTimeoutError  UpstreamTimeout 504
                                                           "upstream connect timed out"
-connect    TLS failure (ssl.SSLError, urllib3 SSLError)  UpstreamConnectError 502 "TLS ..."
+connect    TLS failure (ssl.SSLError, urllib3 SSLError)  UpstreamTLSError 502 "TLS ..."
 connect    name resolution (socket.gaierror)             UpstreamConnectError 502
 connect    ConnectionRefusedError                        UpstreamConnectError 502 "refused"
 connect    any other OSError / urllib3 HTTPError         UpstreamConnectError 502
@@ -25,6 +25,7 @@ passes through unchanged.
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ from ..exceptions import (
     UpstreamError,
     UpstreamReadError,
     UpstreamTimeout,
+    UpstreamTLSError,
 )
 
 __all__ = ["CONNECT", "READ", "SEND", "map_exceptions", "upstream_error"]
@@ -83,7 +85,7 @@ def upstream_error(exc: BaseException, phase: str) -> BaseException:
         # only its cause can say whether it timed out.
         err = UpstreamTimeout("upstream connect timed out")
     elif isinstance(exc, SSLError) or isinstance(root, ssl.SSLError):
-        err = UpstreamConnectError("TLS handshake with upstream failed")
+        err = UpstreamTLSError("TLS handshake with upstream failed")
     elif isinstance(exc, NameResolutionError) or isinstance(root, socket.gaierror):
         err = UpstreamConnectError("upstream host name does not resolve")
     elif isinstance(root, ConnectionRefusedError):
@@ -93,7 +95,26 @@ def upstream_error(exc: BaseException, phase: str) -> BaseException:
     else:
         err = UpstreamConnectError("upstream unreachable")
     err.before_send = True
+    err.detail = _detail(root)
     return err
+
+
+_SSL_PREFIX = re.compile(r"^\[[A-Z0-9_]+: [A-Z0-9_]+\] ")
+_SSL_SUFFIX = re.compile(r" \(_ssl\.c:\d+\)$")
+
+
+def _detail(exc: BaseException) -> str:
+    """The short cause of ``exc``: ``certificate verify failed: ...`` for TLS."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        text = _SSL_SUFFIX.sub(
+            "", _SSL_PREFIX.sub("", str(exc.args[1] if len(exc.args) > 1 else exc))
+        )
+        return text or str(exc.reason or type(exc).__name__).lower()
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
 
 
 @contextmanager
