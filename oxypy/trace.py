@@ -170,9 +170,7 @@ class _Request:
             record["status_sent"] = outcome.status_sent
         if outcome.error is not None:
             record["error"] = outcome.error_kind
-            detail = getattr(outcome.error, "detail", None)
-            if detail:
-                record["error_detail"] = detail
+            record.update(_detail(outcome.error))
         exchanges = outcome.exchanges
         if exchanges:
             record["upstream"] = [
@@ -182,11 +180,7 @@ class _Request:
                     "duration_ms": round(((ex.ended or ex.started) - ex.started) * 1000.0, 3),
                     "bytes": ex.bytes_received,
                     **({"error": error_kind(ex.error)} if ex.error is not None else {}),
-                    **(
-                        {"error_detail": ex.error.detail}
-                        if getattr(ex.error, "detail", None)
-                        else {}
-                    ),
+                    **_detail(ex.error),
                 }
                 for ex in exchanges
             ]
@@ -358,3 +352,9 @@ def _names(names: Iterable[str]) -> list[str]:
             raise ConfigurationError(f"invalid header name {name!r}")
         out.append(name)
     return out
+
+
+def _detail(error: BaseException | None) -> dict[str, str]:
+    """``{"error_detail": ...}`` when ``error`` knows its short cause, else ``{}``."""
+    detail = getattr(error, "detail", None)
+    return {"error_detail": detail} if isinstance(detail, str) and detail else {}
