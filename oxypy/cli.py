@@ -26,6 +26,7 @@ import inspect
 import logging
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +46,7 @@ __all__ = ["main", "make_parser"]
 PROG = "oxypy"
 _REEXEC_ENV = "OXYPY_CLI_PATCHED"
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_LOG_LEVELS = ("debug", "info", "warning", "error")
 _BOOT = (
     "from gevent import monkey; monkey.patch_all()\n"
     "import sys\n"
@@ -61,6 +63,23 @@ examples:
   oxypy demo
   oxypy check gateway.toml
   oxypy run gateway.toml
+"""
+
+_PROXY_EPILOG = """\
+examples:
+  # two app servers, retries on network errors, a breaker, a rate limit, JSON access lines
+  oxypy proxy http://10.0.0.5:8000 http://10.0.0.6:8000 --listen 0.0.0.0:8080 \\
+        --retry 'IsNetworkError() && Attempts() < 3' \\
+        --breaker 'NetworkErrorRatio() > 0.5' --rate 100/s:200 --trace
+
+  # HTTPS in front, a private-CA upstream, Prometheus metrics at /metrics, JSON logs
+  oxypy proxy https://app.internal:8443 --listen 0.0.0.0:443 \\
+        --tls-cert /etc/oxypy/cert.pem --tls-key /etc/oxypy/key.pem \\
+        --ca-certs /etc/oxypy/internal-ca.pem --metrics /metrics \\
+        --log-level info --log-format json
+
+  # Django behind the proxy: keep the client's Host so CSRF's origin check passes
+  oxypy proxy http://127.0.0.1:8000 --pass-host-header --health-check /healthz
 """
 
 
@@ -92,6 +111,8 @@ def _make_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
         help="reverse-proxy to one or more upstreams through the full chain",
         description="Serve Trace -> ConnLimit -> RateLimit -> CircuitBreaker -> Buffer -> "
         "balancer -> Forward; blocks whose flag is absent are left out.",
+        epilog=_PROXY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "upstreams",
@@ -210,6 +231,33 @@ def _run_gateway(gateway: Any, args: argparse.Namespace) -> None:
 
 def _common(p: argparse.ArgumentParser, listen: Any) -> None:
     p.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="serve HTTPS with this PEM certificate (chain); needs --tls-key",
+    )
+    p.add_argument("--tls-key", metavar="FILE", help="the PEM private key of --tls-cert")
+    p.add_argument(
+        "--handshake-timeout",
+        type=_timer,
+        default=10.0,
+        metavar="SECONDS",
+        help="with --tls-cert: close a client that has not finished its TLS handshake "
+        "N s after connecting (10)",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=_LOG_LEVELS,
+        default="warning",
+        help="log lines at this level and above on stderr (warning); info adds the "
+        "listening line and every state change (server ejected/returned, breaker, Redis)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines, or one JSON object per line (time, level, logger, message, extras)",
+    )
+    p.add_argument(
         "--listen",
         default="127.0.0.1:8080",
         type=listen,
@@ -290,7 +338,7 @@ def _chain_flags(p: argparse.ArgumentParser) -> None:
         help="rate limit per client ip, e.g. 100/s:200, 600/m, 1000/h (repeatable)",
     )
     p.add_argument(
-        "--conn-limit", type=_non_negative, metavar="N", help="requests in flight per client ip"
+        "--conn-limit", type=_positive_int, metavar="N", help="requests in flight per client ip"
     )
     p.add_argument("--trace", action="store_true", help="JSON lines to stderr, one per request")
     p.add_argument(
@@ -330,7 +378,36 @@ def _chain_flags(p: argparse.ArgumentParser) -> None:
         "--timeout", type=_positive, metavar="SECONDS", help="upstream read timeout (default 60)"
     )
     p.add_argument(
-        "--pass-host-header", action="store_true", help="send the client's Host upstream"
+        "--pass-host-header",
+        action="store_true",
+        help="send the client's Host upstream instead of the upstream's own: needed by apps "
+        "that build URLs or check origins from Host, e.g. Django's CSRF check, which "
+        "refuses a POST whose Origin does not match the Host it sees (docs/apps.md)",
+    )
+    p.add_argument(
+        "--ca-certs",
+        metavar="FILE",
+        help="verify https upstreams against these PEM CA certificates (a private CA)",
+    )
+    p.add_argument(
+        "--client-cert", metavar="FILE", help="PEM client certificate for https upstreams (mTLS)"
+    )
+    p.add_argument("--client-key", metavar="FILE", help="the PEM private key of --client-cert")
+    p.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="TLS name (SNI and verification) of https upstreams, when the URL has an address",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="do not verify https upstreams' certificates (testing only)",
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="PATH",
+        help="serve Prometheus metrics at this path on the same listener, e.g. /metrics "
+        "(needs prometheus_client)",
     )
     p.add_argument(
         "--ip-allow",
@@ -397,16 +474,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
-    return value
-
-
 def _patch() -> None:
     """Monkey-patch with gevent, re-executing first if ssl was imported unpatched."""
     from gevent import monkey
@@ -466,19 +533,37 @@ def _serve(app: Any, args: argparse.Namespace, banner: str) -> None:
     print("oxypy: stopped", flush=True)
 
 
-def _show_warnings() -> None:
-    """Give the ``oxypy`` logger a one-line stderr handler unless logging is configured."""
-    package = logging.getLogger("oxypy")
-    configured = logging.getLogger().handlers or any(
-        not isinstance(h, logging.NullHandler) for h in package.handlers
-    )
-    if configured:
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
-    package.addHandler(handler)
-    if package.level == logging.NOTSET:
-        package.setLevel(logging.WARNING)
+def _show_warnings(args: argparse.Namespace | None = None) -> None:
+    """Give the ``oxypy`` logger a stderr handler (``--log-level``/``--log-format``)
+    unless logging is configured."""
+    from ._cli.logs import configure
+
+    configure(getattr(args, "log_level", "warning"), getattr(args, "log_format", "text"))
+
+
+#: An option's value may start with "-" (``--rate -5/s``): argparse would take
+#: it for an option and say only "expected one argument".
+_NEGATIVE = re.compile(r"^-[0-9.]")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``["--rate", "-5/s"]`` -> ``["--rate=-5/s"]``, so the flag's own check names
+    what is wrong with the value."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            out.extend(argv[i:])
+            break
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if token.startswith("--") and "=" not in token and _NEGATIVE.match(nxt):
+            out.append(f"{token}={nxt}")
+            i += 2
+            continue
+        out.append(token)
+        i += 1
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -492,12 +577,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not monkey.is_module_patched("socket"):
             monkey.patch_all()
     parser, subparsers = _make_parsers()
-    args = parser.parse_args(list(argv))
+    args = parser.parse_args(_join_negative_values(list(argv)))
     try:
         if args.command == "proxy":
             from ._cli.chain import build_proxy
 
-            _show_warnings()
+            _show_warnings(args)
             proxy = build_proxy(args)
             try:
                 _serve(proxy.app, args, f"proxying to {', '.join(args.upstreams)}")
@@ -505,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 proxy.close()
         elif args.command == "serve":
             app = load_app(args.target)
-            _show_warnings()  # after the app's import, which may configure logging itself
+            _show_warnings(args)  # after the app's import, which may configure logging itself
             try:
                 _serve(app, args, f"serving {args.target}")
             finally:
@@ -517,7 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from ._cli.demo import run_demo
 
-            _show_warnings()
+            _show_warnings(args)
             run_demo(args)
     except FlagError as exc:
         subparsers[args.command].error(str(exc))  # exits with status 2

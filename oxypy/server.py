@@ -273,7 +273,7 @@ class Server:
         if signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 gevent.signal_handler(sig, lambda: gevent.spawn(self.stop))
-        log.info("oxypy serving on %s", self.url)
+        log.info("listening on %s", self.url)
         self._stopped.wait()
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._core.net import parse_listen
 from .._core.urls import parse_target_url
+from .logs import server_events
 
 if TYPE_CHECKING:
     from .._core.types import WSGIApplication
@@ -64,6 +65,8 @@ def parse_rate(text: str) -> tuple[float, float, int | None]:
     Raises ValueError with a short reason.
     """
     m = _RATE.match(text.lower())
+    if m is None and _RATE.match(text.lower().lstrip().lstrip("-")):
+        raise ValueError(f"the rate must be above 0, got {text!r}")
     if m is None:
         raise ValueError(f"expected N/UNIT[:BURST] such as 100/s:200, got {text!r}")
     average = float(m.group(1))
@@ -95,13 +98,30 @@ def parse_listen_flag(text: str) -> str:
 
 def server_options(args: argparse.Namespace) -> dict[str, Any]:
     """The :class:`oxypy.Server` options of the serving flags (every subcommand)."""
-    return {
+    options: dict[str, Any] = {
         "graceful_timeout": args.graceful_timeout,
         "header_timeout": args.header_timeout,
         "keepalive_timeout": args.keepalive_timeout,
         "body_timeout": args.body_timeout,
         "max_connections": args.max_connections,
     }
+    cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    if cert is None and key is None:
+        return options
+    if cert is None or key is None:
+        raise FlagError(
+            "--tls-cert" if cert is None else "--tls-key", "--tls-cert and --tls-key go together"
+        )
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise FlagError("--tls-cert", f"cannot load {cert} with {key}: {exc}") from None
+    options["ssl_context"] = context
+    options["handshake_timeout"] = args.handshake_timeout
+    return options
 
 
 def argtype(fn: Callable[[str], Any], name: str) -> Callable[[str], Any]:
@@ -131,6 +151,31 @@ class Proxy:
         # Outermost first: Trace flushes its lines last-in, balancers stop checkers.
         for close in self.closers:
             close()
+
+
+def _forward_flag(args: argparse.Namespace) -> str:
+    """The flag to name when Forward refuses its options."""
+    for flag in ("ca_certs", "client_cert", "server_name"):
+        if getattr(args, flag, None) is not None:
+            return "--" + flag.replace("_", "-")
+    return "--trusted-proxy"
+
+
+def _with_metrics(app: WSGIApplication, path: str) -> WSGIApplication:
+    """``app`` measured by PrometheusMetrics, and ``path`` answering the metrics."""
+    from .. import PrometheusMetrics, metrics_app
+
+    if not path.startswith("/"):
+        raise FlagError("--metrics", f"expected a path starting with /, got {path!r}")
+    measured = _block("--metrics", lambda: PrometheusMetrics(app))
+    exporter = _block("--metrics", metrics_app)
+
+    def route(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("PATH_INFO") == path:
+            return exporter(environ, start_response)
+        return measured(environ, start_response)
+
+    return route
 
 
 def _block(flag: str, make: Callable[[], Any]) -> Any:
@@ -186,7 +231,22 @@ def build_proxy(
     if timeout is not None:
         fwd_options["read_timeout"] = timeout
         fwd_options["connect_timeout"] = min(5.0, timeout)
-    fwd = _block("--trusted-proxy", lambda: Forward(**fwd_options))
+    for flag, option in (
+        ("ca_certs", "ca_certs"),
+        ("client_cert", "cert_file"),
+        ("client_key", "key_file"),
+        ("server_name", "server_hostname"),
+    ):
+        value = getattr(args, flag, None)
+        if value is not None:
+            fwd_options[option] = value
+    if getattr(args, "insecure", False):
+        fwd_options["insecure"] = True
+    if (getattr(args, "client_key", None) is not None) and getattr(
+        args, "client_cert", None
+    ) is None:
+        raise FlagError("--client-key", "needs --client-cert")
+    fwd = _block(_forward_flag(args), lambda: Forward(**fwd_options))
     proxy = Proxy(app=fwd)
 
     sticky = None
@@ -226,6 +286,7 @@ def build_proxy(
             sticky=sticky,
             health_check=health,
             outlier_detection=outlier,
+            on_change=server_events,
         ),
     )
     proxy.balancer = balancer
@@ -278,6 +339,9 @@ def build_proxy(
                 "--ip-allow",
                 lambda: IPAllowList(inner, args.ip_allow, trusted_proxies=trusted),
             )
+        metrics_path = getattr(args, "metrics", None)
+        if metrics_path is not None:
+            app = _with_metrics(app, metrics_path)
         if args.request_id:
             app = RequestID(app)
         if args.trace or trace_sink is not None:
