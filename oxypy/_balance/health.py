@@ -50,15 +50,29 @@ class HealthChecker:
             timeout=urllib3.Timeout(connect=config.timeout, read=config.timeout),
         )
         self.greenlet: gevent.Greenlet | None = None
+        #: Probes in flight.  They are never killed while a round is cut short
+        #: (a probe killed inside urllib3's connect leaks its half-made socket):
+        #: each is bounded by its own timeouts, and stop() waits for them.
+        self.probes: set[gevent.Greenlet] = set()
+        self.stopped = False
 
     def start(self) -> None:
         self.greenlet = gevent.spawn(self._run)
 
     def stop(self) -> None:
-        """Kill the greenlet and close the probe connections.  Idempotent."""
+        """Stop probing: end the loop, let probes in flight finish, close connections.
+
+        Idempotent.  A probe still running after twice its timeout (a name
+        lookup that never returns) is killed as a last resort.
+        """
+        self.stopped = True
         greenlet, self.greenlet = self.greenlet, None
         if greenlet is not None:
             greenlet.kill(block=True, timeout=self.config.timeout + 1)
+        probes = list(self.probes)
+        if probes:
+            gevent.joinall(probes, timeout=2 * self.config.timeout + 1)
+            gevent.killall([p for p in probes if not p.dead], block=True, timeout=1)
         self.http.clear()
 
     def probe(self, url: str) -> bool:
@@ -77,6 +91,8 @@ class HealthChecker:
     def check(self, server: ServerState) -> None:
         """Probe one server and count the result as soon as it is known."""
         passed = self.probe(server.url)
+        if self.stopped:
+            return  # the balancer closed meanwhile: its pool takes no more results
         events: list[Event] = []
         with self.pool.lock:
             count_probe(self.config, server, passed, events)
@@ -85,10 +101,10 @@ class HealthChecker:
     def round(self) -> None:
         """Probe every server at once, so one hanging server delays no other."""
         jobs = [gevent.spawn(self.check, server) for server in self.pool.snapshot()]
-        try:
-            gevent.joinall(jobs, timeout=2 * self.config.timeout + 1)
-        finally:
-            gevent.killall([job for job in jobs if not job.dead], block=False)
+        for job in jobs:
+            self.probes.add(job)
+            job.link(self.probes.discard)
+        gevent.joinall(jobs, timeout=2 * self.config.timeout + 1)
 
     def _run(self) -> None:
         while True:
