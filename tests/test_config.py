@@ -1122,3 +1122,59 @@ service = "a"
     assert info.value.errors == [
         "listeners[0].cert: cannot load cert/key: [Errno 2] No such file or directory"
     ]
+
+
+def test_oxypy_run_shows_redis_failing_open_on_stderr(
+    tmp_path: Path, upstreams: dict[str, str]
+) -> None:
+    """The command makes the library's WARNING lines visible: a RateLimit whose
+    Redis is down lets requests through and says so on stderr, once."""
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        redis_url = f"redis://127.0.0.1:{closed.getsockname()[1]}/0"
+        path = tmp_path / "gw.toml"
+        path.write_text(
+            f"""
+[[listeners]]
+address = "127.0.0.1:0"
+[services.api]
+servers = ["{upstreams["api1"]}"]
+[[routes]]
+prefix = "/"
+service = "api"
+chain = [
+  {{ block = "RateLimit", rates = [{{ average = 10, period = "1s" }}], store = {{ redis = "{redis_url}", timeout = "100ms" }} }},
+]
+"""
+        )
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "oxypy", "run", str(path), "--no-watch"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            port = int(re.search(r" on http://127\.0\.0\.1:(\d+)", line)[1])  # type: ignore[index]
+            for _ in range(3):
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.request("GET", "/x")
+                resp = conn.getresponse()
+                assert resp.status == 200
+                assert json.loads(resp.read())["app"] == "api1"
+                conn.close()
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0
+    lines = [ln for ln in err.splitlines() if "unavailable" in ln]
+    assert len(lines) == 1, err  # logged at most every log_interval, not per request
+    assert f"WARNING oxypy.redis: Redis at {redis_url} unavailable" in lines[0]
+    assert "allowing requests" in lines[0]
+    assert "Traceback" not in err
