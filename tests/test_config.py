@@ -1132,6 +1132,7 @@ def test_oxypy_run_shows_redis_failing_open_on_stderr(
     with socket.socket() as closed:  # bound, never listening: connections are refused
         closed.bind(("127.0.0.1", 0))
         redis_url = f"redis://127.0.0.1:{closed.getsockname()[1]}/0"
+        store = f'{{ redis = "{redis_url}", timeout = "100ms" }}'
         path = tmp_path / "gw.toml"
         path.write_text(
             f"""
@@ -1142,9 +1143,7 @@ servers = ["{upstreams["api1"]}"]
 [[routes]]
 prefix = "/"
 service = "api"
-chain = [
-  {{ block = "RateLimit", rates = [{{ average = 10, period = "1s" }}], store = {{ redis = "{redis_url}", timeout = "100ms" }} }},
-]
+chain = [{{ block = "RateLimit", rates = [{{ average = 10, period = "1s" }}], store = {store} }}]
 """
         )
         env = dict(os.environ, PYTHONPATH=str(REPO))
