@@ -12,10 +12,12 @@ a Redis store failing open, a breaker tripping) on stderr, one line each:
 unless logging was configured already, it gives the ``oxypy`` logger a stderr
 handler at WARNING.  The library itself configures no logging.
 
-The process cooperates with gevent: :func:`main` monkey-patches it before
-anything opens a socket.  When ``ssl`` was already imported unpatched (the
-package's ``__init__`` pulls in urllib3), the process re-executes itself with
-the patch applied first, keeping its PID, so upstream TLS stays cooperative.
+The process cooperates with gevent.  The console script's entry point
+(``_oxypy_cli.main``, a module outside the package) patches it before
+``oxypy`` is imported, so nothing re-executes.  ``python -m oxypy`` imports
+the package (and ``ssl``) first, so it re-executes itself once, keeping its
+PID, with the patch applied first (the current directory is on ``sys.path``
+there in both runs, as ``-m`` puts it).
 """
 
 from __future__ import annotations

@@ -99,8 +99,8 @@ class Compress:
     answers no request itself.
 
     gzip uses the standard library's zlib.  ``br`` needs ``brotli`` or
-    ``brotlicffi`` (extra ``oxypy[brotli]``), ``zstd`` needs ``zstandard``
-    (extra ``oxypy[zstd]``) or Python 3.14's ``compression.zstd``.  A coding
+    ``brotlicffi`` (extra ``oxypy-gateway[brotli]``), ``zstd`` needs ``zstandard``
+    (extra ``oxypy-gateway[zstd]``) or Python 3.14's ``compression.zstd``.  A coding
     whose library is not installed is silently left out of negotiation.
 
     :param min_size: smallest ``Content-Length`` compressed (default 1024).

@@ -3,7 +3,7 @@
 ``PrometheusMetrics`` counts requests by status class, times them, tracks
 requests in flight, and reads ``environ["oxypy.exchanges"]`` for per-target
 counts and upstream errors by kind.  ``prometheus_client`` is an optional
-extra (``pip install oxypy[prometheus]``), imported only when used.
+extra (``pip install 'oxypy-gateway[prometheus]'``), imported only when used.
 Not to be confused with :mod:`oxypy.rolling`, the in-memory rolling metrics
 that CircuitBreaker and the Rebalancer use.
 """
@@ -36,7 +36,8 @@ def _require() -> Any:
         import prometheus_client
     except ImportError as exc:
         raise ConfigurationError(
-            "prometheus metrics need the prometheus_client package: pip install 'oxypy[prometheus]'"
+            "prometheus metrics need the prometheus_client package: "
+            "pip install 'oxypy-gateway[prometheus]'"
         ) from exc
     return prometheus_client
 

@@ -125,7 +125,7 @@ class _RedisBase:
             from redis.retry import Retry
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ConfigurationError(
-                "the Redis backends need redis-py: pip install 'oxypy[redis]'"
+                "the Redis backends need redis-py: pip install 'oxypy-gateway[redis]'"
             ) from exc
         if on_error not in ("allow", "deny"):
             raise ConfigurationError(f"on_error must be 'allow' or 'deny', got {on_error!r}")

@@ -220,7 +220,14 @@ class Server:
             table.release()
 
     def start(self) -> Server:
-        """Bind and start accepting in the background; returns self."""
+        """Bind and start accepting in the background; returns self.
+
+        :raises ConfigurationError: the process was not monkey-patched by
+            gevent (``socket`` is the standard library's), so the app's
+            blocking calls (``Forward``'s upstream sockets) would stall every
+            other connection.
+        """
+        _require_patched()
         self._server = Listener((self.host, self.port), self._handle, self._table, self.backlog)
         self._server.start()
         self.port = self._server.address[1]
@@ -277,6 +284,23 @@ class Server:
         self._stopped.wait()
 
 
+#: What to do when the process is not patched (the message of the error).
+UNPATCHED = (
+    "oxypy's server needs a process monkey-patched by gevent, else one request "
+    "waiting on an upstream blocks every other one: put "
+    "`from gevent import monkey; monkey.patch_all()` on the first lines of your "
+    "program, before any other import (the `oxypy` command and "
+    "`gunicorn -k oxypy.gunicorn.Worker` do it for you)"
+)
+
+
+def _require_patched() -> None:
+    from gevent import monkey
+
+    if not monkey.is_module_patched("socket"):
+        raise ConfigurationError(UNPATCHED)
+
+
 def _close(sock: Any) -> None:
     try:
         sock.close()
@@ -295,7 +319,8 @@ def serve(app: WSGIApplication, listen: str = "127.0.0.1:8080", /, **options: An
     """Serve ``app`` on ``listen`` until SIGTERM/SIGINT; see :class:`Server` for the
     keyword-only options (timers, ``max_connections``, ``ssl_context``, ...).
 
-    Call ``gevent.monkey.patch_all()`` first in a program that imports
-    blocking libraries, so the whole process cooperates with gevent.
+    Call ``gevent.monkey.patch_all()`` first, before any other import, so the
+    whole process cooperates with gevent; without it :class:`~oxypy.exceptions.ConfigurationError`
+    is raised at once (it would hang under concurrency).
     """
     Server(app, listen, **options).serve_forever()

@@ -497,8 +497,9 @@ def test_import_oxypy_needs_no_extras() -> None:
         check=True,
     ).stdout.splitlines()
     assert out == [
-        "the Redis backends need redis-py: pip install 'oxypy[redis]'",
-        "prometheus metrics need the prometheus_client package: pip install 'oxypy[prometheus]'",
+        "the Redis backends need redis-py: pip install 'oxypy-gateway[redis]'",
+        "prometheus metrics need the prometheus_client package: "
+        "pip install 'oxypy-gateway[prometheus]'",
         "[]",
     ]
 
