@@ -57,6 +57,7 @@ from functools import partial
 from types import MappingProxyType
 from typing import Any
 
+from . import environ as keys
 from ._core.observe import Observation, observe
 from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
@@ -352,10 +353,11 @@ class CircuitBreaker:
         started = self.clock()
         admitted, wait = self._admit(started)
         if not admitted:
+            seconds = max(1, math.ceil(wait))
             if self.fallback is not None:
+                environ[keys.RETRY_AFTER] = seconds
                 return self.fallback(environ, start_response)
-            retry_after = str(max(1, math.ceil(wait)))
-            exc = CircuitOpen(headers=[("Retry-After", retry_after)])
+            exc = CircuitOpen(headers=[("Retry-After", str(seconds))])
             return respond_error(self.error_handler, environ, start_response, exc)
 
         return observe(

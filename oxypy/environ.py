@@ -17,6 +17,7 @@ __all__ = [
     "FORWARDAUTH_FAILURE",
     "FORWARDED_PREFIX",
     "RAW_URI",
+    "RETRY_AFTER",
     "RETRY_BUDGETS",
     "REQUEST_ID",
     "REQUEST_ID_ORIG",
@@ -96,3 +97,8 @@ FORWARDED_PREFIX = "oxypy.forwarded_prefix"
 #: the client sent ``TE: trailers``; under servers without it (gunicorn's
 #: sync/gevent workers, pywsgi, uWSGI) trailers are dropped.
 SEND_TRAILERS = "oxypy.send_trailers"
+
+#: Set by ``CircuitBreaker`` before it calls its ``fallback``: whole seconds
+#: (an ``int``, at least 1) until the breaker lets requests through again.
+#: ``ResponseFallback`` sends it as ``Retry-After`` on a 503 or 429.
+RETRY_AFTER = "oxypy.retry_after"

@@ -7,6 +7,7 @@ sends one HTTP request in the background with a hard timeout.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,6 +16,7 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import urllib3
 
+from . import environ as keys
 from ._core.deprecation import keyword_only_since
 from ._core.status import status_line
 from ._core.types import StartResponse, WSGIEnvironment
@@ -36,6 +38,9 @@ class ResponseFallback:
     :param status: HTTP status (100–599), default 503.
     :param body: bytes or text (UTF-8); keyword-only.
     :param content_type: the Content-Type header; None sends none.
+    :param retry_after: seconds for a ``Retry-After`` header.  None (default):
+        on a 503 or 429, the seconds a :class:`~oxypy.CircuitBreaker` calling
+        this fallback stays open (``environ["oxypy.retry_after"]``), else none.
 
     Example::
 
@@ -54,6 +59,7 @@ class ResponseFallback:
         *,
         body: bytes | str = b"",
         content_type: str | None = "text/plain; charset=utf-8",
+        retry_after: int | None = None,
     ) -> None:
         if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
             raise ConfigurationError(f"status must be an int from 100 to 599, got {status!r}")
@@ -63,15 +69,26 @@ class ResponseFallback:
             raise ConfigurationError("body must be bytes or str")
         if content_type is not None and any(ch in content_type for ch in "\r\n"):
             raise ConfigurationError("content_type must be a single header line")
+        if retry_after is not None and (
+            isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 1
+        ):
+            raise ConfigurationError(f"retry_after must be whole seconds >= 1, got {retry_after!r}")
         self.status = status
         self.body = body
+        self.retry_after = retry_after
         self._status_line = status_line(status)
         self._headers = [("Content-Length", str(len(body)))]
         if content_type is not None:
             self._headers.insert(0, ("Content-Type", content_type))
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        start_response(self._status_line, list(self._headers))
+        headers = list(self._headers)
+        seconds = self.retry_after
+        if seconds is None and self.status in (429, 503):
+            seconds = environ.get(keys.RETRY_AFTER)
+        if seconds is not None:
+            headers.append(("Retry-After", str(seconds)))
+        start_response(self._status_line, headers)
         if environ.get("REQUEST_METHOD") == "HEAD":
             return [b""]
         return [self.body]
@@ -193,6 +210,8 @@ class Webhook:
                 pairs.append(("Content-Type", "application/x-www-form-urlencoded"))
         else:
             data = body.encode("utf-8") if isinstance(body, str) else body
+            if data is not None and not any(n.lower() == "content-type" for n, _ in pairs):
+                pairs.append(("Content-Type", _content_type(data)))
         self.url = url
         self.method = method.upper()
         self.headers = pairs
@@ -242,3 +261,20 @@ class Webhook:
 
     def __repr__(self) -> str:
         return f"Webhook({self.method} {self.url})"
+
+
+def _content_type(body: bytes) -> str:
+    """The Content-Type of a webhook ``body`` given without one: JSON when it
+    parses as a JSON object or array, UTF-8 text, else bytes."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "application/octet-stream"
+    if text.lstrip()[:1] in ("{", "["):
+        try:
+            json.loads(text)
+        except ValueError:
+            pass
+        else:
+            return "application/json"
+    return "text/plain; charset=utf-8"

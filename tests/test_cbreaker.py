@@ -733,3 +733,69 @@ def test_buffer_retry_past_a_network_error_is_not_counted(proxy: Any, echo_upstr
     assert get(dead_url).status == 502
     eventually(lambda: only_dead.metrics.total_count() == 1)
     assert only_dead.metrics.network_error_count() == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        ('{"state": "tripped"}', "application/json"),
+        (b" [1, 2] ", "application/json"),
+        ("{not json", "text/plain; charset=utf-8"),
+        ("breaker tripped", "text/plain; charset=utf-8"),
+        (b"\xff\x00", "application/octet-stream"),
+    ],
+)
+def test_webhook_body_gets_a_content_type_by_kind(
+    pywsgi: Any, body: bytes | str, content_type: str
+) -> None:
+    recorder = Recorder()
+    hook = Webhook(pywsgi(recorder) + "/hook", body=body)
+    hook().join(timeout=5)
+    recorder.wait(1)
+    sent = body.encode() if isinstance(body, str) else body
+    assert recorder.requests == [
+        {"method": "POST", "path": "/hook", "content_type": content_type, "body": sent}
+    ]
+
+
+def test_webhook_keeps_an_explicit_content_type(pywsgi: Any) -> None:
+    recorder = Recorder()
+    hook = Webhook(
+        pywsgi(recorder) + "/hook", body="{}", headers={"content-type": "application/x-state"}
+    )
+    hook().join(timeout=5)
+    recorder.wait(1)
+    assert recorder.requests[0]["content_type"] == "application/x-state"
+
+
+def test_response_fallback_503_carries_the_breakers_retry_after(proxy: Any) -> None:
+    fallback = ResponseFallback(503, body="down for a moment")
+    clock = FakeClock()
+    cb = CircuitBreaker(hello, TRIGGER, clock=clock, fallback=fallback, fallback_duration=7)
+    url = proxy(cb)
+    preload(cb.metrics, 0.6)
+    get(url)
+    r = get(url)
+    assert (r.status, r.data, r.headers["Retry-After"]) == (503, b"down for a moment", "7")
+    clock.advance(4.5)
+    assert get(url).headers["Retry-After"] == "3"
+    fixed = ResponseFallback(503, body="x", retry_after=30)
+    assert fixed.retry_after == 30
+    cb2 = CircuitBreaker(hello, TRIGGER, clock=FakeClock(), fallback=fixed)
+    url2 = proxy(cb2)
+    preload(cb2.metrics, 0.6)
+    get(url2)
+    assert get(url2).headers["Retry-After"] == "30"
+    # Another status carries none unless asked.
+    other = ResponseFallback(400, body="no")
+    cb3 = CircuitBreaker(hello, TRIGGER, clock=FakeClock(), fallback=other)
+    url3 = proxy(cb3)
+    preload(cb3.metrics, 0.6)
+    get(url3)
+    assert "Retry-After" not in get(url3).headers
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_response_fallback_retry_after_is_validated(bad: Any) -> None:
+    with pytest.raises(ConfigurationError, match="retry_after must be whole seconds"):
+        ResponseFallback(503, retry_after=bad)
