@@ -84,6 +84,7 @@ CHAINS = (
     Chain("cors_star", '`CORS(Forward(up1), allow_origins=["*"])`, requests without Origin'),
     Chain("compress", "`Compress(Forward(up1))`, requests without Accept-Encoding"),
     Chain("forwardauth", "`ForwardAuth(Forward(up1), <in-process WSGI app answering 204>)`"),
+    Chain("timeout", "`Timeout(Forward(up1), 30.0)`: a deadline no request reaches"),
     Chain(
         "full",
         "Trace → ConnLimit → RateLimit → CircuitBreaker → Buffer → RoundRobin → Forward "
@@ -457,6 +458,12 @@ def goals(s: Settings, r: Results) -> list[str]:
             r.diff("forwardauth", "cpu"),
             "{:+.1f}",
             None,
+        )
+        row(
+            "#14 Timeout cost ≤ 3 µs (µs/req)",
+            r.diff("timeout", "cpu"),
+            "{:+.1f}",
+            lambda v: v <= 3,
         )
         row("#6 RateLimit (memory) cost (µs/req)", r.diff("ratelimit_mem", "cpu"), "{:+.1f}", None)
         row("#6 RateLimit (Redis) cost (µs/req)", r.diff("ratelimit_redis", "cpu"), "{:+.1f}", None)

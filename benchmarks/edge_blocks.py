@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from oxypy import CORS, Compress, ForwardAuth, Headers, IPAllowList  # noqa: E402
+from oxypy import CORS, Compress, ForwardAuth, Headers, IPAllowList, Timeout  # noqa: E402
 
 CALLS = 50_000
 RUNS = 7
@@ -30,6 +30,24 @@ BODY = [b"x" * 1024]
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
     start_response("200 OK", list(HEADERS))
     return BODY
+
+
+class _Stream:
+    """A one-chunk body that is not a list (as Forward's): Timeout bounds each chunk."""
+
+    def __init__(self) -> None:
+        self.chunks = BODY
+
+    def __iter__(self) -> Any:
+        return iter(self.chunks)
+
+    def close(self) -> None:
+        pass
+
+
+def stream_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> _Stream:
+    start_response("200 OK", list(HEADERS))
+    return _Stream()
 
 
 def allow(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
@@ -113,6 +131,9 @@ CASES: list[tuple[str, Callable[..., Iterable[bytes]], dict[str, str]]] = [
         {"HTTP_ACCEPT_ENCODING": "gzip, br, zstd"},
     ),
     ("ForwardAuth(in-process WSGI app)", ForwardAuth(app, allow, response_headers=["X-User"]), {}),
+    ("Timeout(30 s), list body", Timeout(app, 30.0), {}),
+    ("bare app, streamed body (1 chunk, not a list)", stream_app, {}),
+    ("Timeout(30 s), streamed body (1 chunk)", Timeout(stream_app, 30.0), {}),
 ]
 
 

@@ -26,6 +26,7 @@ from .exceptions import (
     ConfigFileError,
     ConfigurationError,
     ConnLimitReached,
+    DeadlineExceeded,
     NoResponse,
     NoServers,
     NoTarget,
@@ -36,10 +37,12 @@ from .exceptions import (
     ResponseTooLarge,
     UpstreamConnectError,
     UpstreamError,
+    UpstreamHeaderTimeout,
     UpstreamProtocolError,
     UpstreamReadError,
     UpstreamTimeout,
     UpstreamTLSError,
+    UpstreamTryTimeout,
 )
 from .extractors import SourceExtractor
 from .fallback import RedirectFallback, ResponseFallback, Webhook
@@ -66,6 +69,7 @@ from .roundrobin import RoundRobin
 from .router import Router
 from .server import Server, serve
 from .sticky import StickySession
+from .timeout import Timeout
 from .trace import Trace
 
 #: The name issue 7 and the README use; ``prometheus_client`` is needed only
@@ -100,6 +104,7 @@ __all__ = [
     "Rewrite",
     "RoundRobin",
     "Router",
+    "Timeout",
     "Trace",
     "metrics_app",
     # their options
@@ -147,6 +152,7 @@ __all__ = [
     "ConfigFileError",
     "ConfigurationError",
     "ConnLimitReached",
+    "DeadlineExceeded",
     "NoResponse",
     "NoServers",
     "NoTarget",
@@ -157,8 +163,10 @@ __all__ = [
     "ResponseTooLarge",
     "UpstreamConnectError",
     "UpstreamError",
+    "UpstreamHeaderTimeout",
     "UpstreamProtocolError",
     "UpstreamReadError",
     "UpstreamTimeout",
     "UpstreamTLSError",
+    "UpstreamTryTimeout",
 ]

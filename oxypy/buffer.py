@@ -1,11 +1,12 @@
-"""Buffer: read whole bodies with limits, then optionally retry the request.
+"""Buffer: read the request body with limits, then optionally retry the request.
 
 The request body is read into memory up to a threshold and then into an
 anonymous temp file, and sent upstream with a definite ``Content-Length``
-(chunked uploads become fixed-length).  Each attempt's response is captured
-the same way and only sent once the retry predicate has decided; the last
-attempt's response is the one the client gets.  ``text/event-stream`` and
-``101`` upgrades pass straight through.
+(chunked uploads become fixed-length), so every attempt can replay it.  The
+retry predicate needs only the status, the headers and the error, so it is
+decided on each attempt's response head and the chosen body streams from
+then on; a response is buffered (to answer 502 cleanly when it is over
+``max_response_body_bytes``) only when that limit is set.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -23,10 +25,11 @@ from ._buffer.attempt import Capture, Captured, Failed, Final, Streaming, close_
 from ._buffer.store import Overflow, SpillBuffer
 from ._client.exchange import BodySource
 from ._client.request_head import check_framing
-from ._core.exchange import Exchange, counts_against_upstream, exchange_log
+from ._core.exchange import Exchange, counts_against_upstream, exchange_log, settle_unfinished
 from ._core.iterables import ClosingIterable
 from ._core.observe import client_probe, client_went_away
 from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from ._core.watchdog import Watch, watchdog
 from .errors import ErrorHandler, default_error_handler, relay_or_answer, respond_error
 from .exceptions import (
     BodyTooLarge,
@@ -36,6 +39,7 @@ from .exceptions import (
     RequestError,
     ResponseTooLarge,
     UpstreamError,
+    UpstreamTryTimeout,
 )
 from .predicate import Func, Predicate, compile_predicate
 from .retrybudget import RetryBudget
@@ -45,6 +49,12 @@ __all__ = ["Buffer", "NoResponse"]
 log = logging.getLogger(__name__)
 
 MiB = 1 << 20
+
+#: How long after ``per_try_timeout`` an attempt is interrupted: Forward's own
+#: capped waits expire at the bound itself and answer first (with their
+#: exchange record); the interruption is the backstop for other apps and for
+#: a buffered body.
+GRACE = 0.01
 
 
 @dataclass(frozen=True)
@@ -83,16 +93,33 @@ def should_retry(
 
 
 class Buffer:
-    """Buffer request and response bodies (bounded, spilling to disk) and retry.
+    """Buffer the request body (bounded, spilling to disk) and retry.
 
     **Reads** the request head and ``wsgi.input``; ``oxypy.exchanges`` recorded
-    below it (to tell a network error from an upstream that answered 502).
+    below it (to tell a network error from an upstream that answered 502);
+    ``oxypy.deadline`` (set by :class:`~oxypy.Timeout`): once it has passed,
+    or would pass during the backoff, no retry is made.
     **Writes** a fresh environ copy per attempt with ``oxypy.attempt`` = 1, 2, ...,
     ``CONTENT_LENGTH`` set and ``Transfer-Encoding`` removed, ``wsgi.input`` a
-    replayable reader at position 0; creates ``oxypy.tried_targets`` (a set a
-    balancer fills) and ``oxypy.exchanges`` once per client request.
-    **Buffers** both bodies (each can be turned off); ``text/event-stream`` and
-    ``101`` responses stream through.  Sets ``Content-Length`` on what it sends.
+    replayable reader at position 0, and with ``per_try_timeout``
+    ``oxypy.try_deadline``; creates ``oxypy.tried_targets`` (a set a balancer
+    fills) and ``oxypy.exchanges`` once per client request.
+
+    **Streams the response.**  The retry decision is taken on each attempt's
+    response head (status, headers, error) and its first body bytes (which a
+    server sends with the head anyway; not awaited for an event stream or a
+    101), so an upstream that sends a head and closes is still a failed
+    attempt; the body of the response the client gets then streams as the
+    upstream sends it (first byte as soon as bare Forward's), with the
+    upstream's own framing.  A body that fails after its first bytes went
+    out aborts the client connection (never padded, never retried).
+    **Buffers the response** only when ``max_response_body_bytes`` is set (or
+    ``buffer_response=True``): the whole body is read (memory, then a temp
+    file) before anything is sent, so
+    an answer over the limit becomes a clean 502, a body cut short is a
+    network error that can still be retried, and the client gets a definite
+    ``Content-Length``; the price is the time to first byte of the whole
+    body.  ``text/event-stream`` and ``101`` responses always stream through.
 
     Failures: ambiguous request framing 400; request body over the maximum 413
     (``Content-Length`` is checked before reading); client gone 499 (nobody
@@ -105,7 +132,9 @@ class Buffer:
     ``buffer_response=False`` (or an event stream passing through) such a
     failure before the first body byte is answered the same way, and after it
     the client connection is cut: the response is visibly truncated, never
-    padded.  Other exceptions of the wrapped app propagate.
+    padded.  An attempt over ``per_try_timeout`` is 504
+    (:class:`~oxypy.UpstreamTryTimeout`, Trace kind ``upstream_try_timeout``)
+    when no retry follows.  Other exceptions of the wrapped app propagate.
 
     Retries: after each attempt the ``retry`` predicate is evaluated over that
     attempt (``IsNetworkError()``, ``Attempts()``, ``ResponseCode()``,
@@ -120,14 +149,26 @@ class Buffer:
     :param retry: predicate string, e.g. ``"IsNetworkError() && Attempts() < 2"``.
     :param max_request_body_bytes: 413 above this (None: unlimited).
     :param mem_request_body_bytes: bytes kept in memory before spilling (1 MiB).
-    :param max_response_body_bytes: 502 above this (None: unlimited).
-    :param mem_response_body_bytes: likewise for responses (1 MiB).
+    :param max_response_body_bytes: 502 above this (None: unlimited); setting
+        it makes Buffer buffer each response before sending it.
+    :param mem_response_body_bytes: bytes of a buffered response kept in
+        memory before spilling (1 MiB).
     :param max_attempts: hard cap on calls to ``next`` (11: oxy's first try + 10).
     :param buffer_request: read the request body first (needed to retry one).
-    :param buffer_response: capture responses before sending (else the retry
-        decision is made on the response head and the body streams).
+    :param buffer_response: True: capture each response whole before
+        sending it; False: decide on the head and stream; None (default):
+        buffer only when ``max_response_body_bytes`` is set.
+    :param per_try_timeout: seconds each attempt may take up to its response
+        head and first body bytes (with a buffered response: up to its last
+        body byte), so a hung
+        server costs one try.  A timed-out attempt is a network error for
+        ``IsNetworkError()`` and is retried as the predicate says; an outer
+        :class:`~oxypy.Timeout` still caps the whole request.  Forward caps
+        connect, send and the head wait at it (``oxypy.try_deadline``); any
+        other app is interrupted just after it.  None (default): no bound.
     :param retry_backoff: ``(base, max)`` seconds: sleep a random time in
-        ``[0, min(max, base * 2**(n-1))]`` before retry n (full jitter).
+        ``[0, min(max, base * 2**(n-1))]`` before retry n (full jitter); no
+        retry when the sleep would outlast the request's deadline.
     :param rng: the ``random.Random`` the backoff jitter is drawn from (default:
         a private one per instance, never the global ``random`` module); tests
         pass a seeded one.
@@ -164,11 +205,12 @@ class Buffer:
         mem_response_body_bytes: int = MiB,
         max_attempts: int = 11,
         buffer_request: bool = True,
-        buffer_response: bool = True,
+        buffer_response: bool | None = None,
         retry_backoff: tuple[float, float] | None = None,
         rng: random.Random | None = None,
         spool_dir: str | os.PathLike[str] | None = None,
         retry_budget: RetryBudget | None = None,
+        per_try_timeout: float | None = None,
         sleep: Callable[[float], object] = gevent.sleep,
         error_handler: ErrorHandler = default_error_handler,
         skip: Skip | None = None,
@@ -198,6 +240,12 @@ class Buffer:
                 raise ConfigurationError("retry_backoff base must not exceed max")
         if retry_budget is not None and not isinstance(retry_budget, RetryBudget):
             raise ConfigurationError("retry_budget must be a RetryBudget or None")
+        if per_try_timeout is not None and (
+            isinstance(per_try_timeout, bool)
+            or not isinstance(per_try_timeout, (int, float))
+            or not 0 < per_try_timeout < float("inf")
+        ):
+            raise ConfigurationError("per_try_timeout must be a finite number > 0 or None")
         if retry is not None and not isinstance(retry, str):
             raise ConfigurationError("retry must be a predicate string or None")
         if rng is not None and not isinstance(rng, random.Random):
@@ -218,7 +266,10 @@ class Buffer:
         self.mem_response = mem_response_body_bytes
         self.max_attempts = max_attempts
         self.buffer_request = buffer_request
+        if buffer_response is None:
+            buffer_response = max_response_body_bytes is not None
         self.buffer_response = buffer_response
+        self.per_try_timeout = per_try_timeout
         self.retry_backoff = retry_backoff
         self._rng = rng if rng is not None else random.Random()
         self.spool_dir: str | None = spool_dir
@@ -230,7 +281,12 @@ class Buffer:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self.skip is not None and self.skip(environ):
             return self.next_app(environ, start_response)
-        if not self.buffer_request and not self.buffer_response and self.retry is None:
+        if (
+            not self.buffer_request
+            and not self.buffer_response
+            and self.retry is None
+            and self.per_try_timeout is None
+        ):
             return self.next_app(environ, start_response)
         if self.retry_budget is not None and self.retry is not None:
             self.retry_budget.request(environ)
@@ -307,10 +363,20 @@ class Buffer:
             if body is not None:
                 env["wsgi.input"] = body.reader()
             before = len(log_list)
-            if self.buffer_response:
-                outcome = self._buffered(env, start_response)
-            else:
-                outcome = self._head_only(env, start_response)
+            timer = dog = None
+            if self.per_try_timeout is not None:
+                at = time.monotonic() + self.per_try_timeout
+                env[keys.TRY_DEADLINE] = at
+                dog = watchdog()
+                timer = dog.add(at + GRACE)
+            try:
+                if self.buffer_response:
+                    outcome = self._buffered(env, start_response, timer, log_list, before)
+                else:
+                    outcome = self._head_only(env, start_response, timer, log_list, before)
+            finally:
+                if dog is not None and timer is not None:
+                    dog.remove(timer)
             if isinstance(outcome, Final):
                 return outcome.body
             new = log_list[before:]
@@ -329,6 +395,8 @@ class Buffer:
                 client_gone=gone,
                 replayable=replayable or _never_sent(outcome, new),
             )
+            if retry and _past(environ):
+                retry = False  # the deadline is gone: not a retry, not counted
             if retry and self.retry_budget is not None:
                 retry = self.retry_budget.try_retry()
             if retry:
@@ -336,24 +404,38 @@ class Buffer:
             if not retry:
                 return outcome.send(environ, start_response, self.error_handler)
             log.info("retrying %s %s (attempt %d)", method, environ.get("PATH_INFO"), attempt + 1)
+            settle_unfinished(log_list[before:])  # abandoned on purpose, not by the client
             outcome.discard()
 
     def _wait(self, attempt: int, environ: WSGIEnvironment) -> bool:
-        """Back off before the next attempt; False if the client left meanwhile."""
+        """Back off before the next attempt; False if the client left meanwhile
+        or the request's deadline passes (or would, during the backoff)."""
         probe = client_probe(environ)
+        deadline = environ.get(keys.DEADLINE)
+        if deadline is not None and deadline - time.monotonic() <= 0:
+            return False
         if self.retry_backoff is not None:
             low, high = self.retry_backoff
             delay = self._rng.uniform(0.0, min(high, low * 2 ** (attempt - 1)))
+            if deadline is not None and delay >= deadline - time.monotonic():
+                return False
             while delay > 0:
                 if probe is not None and probe():
                     return False
                 step = min(delay, 0.05)
                 self.sleep(step)
                 delay -= step
+            if deadline is not None and deadline - time.monotonic() <= 0:
+                return False  # the sleep overran the deadline (a loaded hub)
         return not (probe is not None and probe())
 
     def _buffered(
-        self, env: WSGIEnvironment, start_response: StartResponse
+        self,
+        env: WSGIEnvironment,
+        start_response: StartResponse,
+        timer: Watch | None,
+        log_list: list[Exchange],
+        before: int,
     ) -> Captured | Failed | Final:
         store = SpillBuffer(self.mem_response, self.max_response, self.spool_dir)
         capture = Capture(store, start_response)
@@ -385,6 +467,8 @@ class Buffer:
             store.close()
             return Final(respond_error(self.error_handler, env, start_response, exc))
         except BaseException as exc:
+            if timer is not None and exc is timer.exc:
+                exc = self._timed_out(log_list, before)
             close_iterable(result)
             store.close()
             passed_through = capture.passthrough is not None
@@ -423,8 +507,19 @@ class Buffer:
         body = relay_or_answer(gen(), self.error_handler, env, start_response)
         return ClosingIterable(body, lambda: close_iterable(result))
 
+    def _timed_out(self, log_list: list[Exchange], before: int) -> UpstreamTryTimeout:
+        """The error of an attempt interrupted at ``per_try_timeout``."""
+        exc = UpstreamTryTimeout(f"upstream attempt timed out after {self.per_try_timeout:g} s")
+        settle_unfinished(log_list[before:], exc)
+        return exc
+
     def _head_only(
-        self, env: WSGIEnvironment, start_response: StartResponse
+        self,
+        env: WSGIEnvironment,
+        start_response: StartResponse,
+        timer: Watch | None,
+        log_list: list[Exchange],
+        before: int,
     ) -> Captured | Failed | Final:
         store = SpillBuffer(self.mem_response, None, self.spool_dir)
         capture = Capture(store, None)
@@ -442,11 +537,22 @@ class Buffer:
                 first.append(chunk)
             if capture.status is None:
                 raise NoResponse()
+            if not first and _prefetch(capture):
+                # Wait for the first body bytes too: a server sends the head
+                # with them anyway, so the client loses nothing, and an
+                # upstream failing before its first byte (the head, then a
+                # close) is still a failed attempt the predicate may retry.
+                for chunk in iterator:
+                    first.append(chunk)
+                    if chunk:
+                        break
         except NoResponse as exc:
             close_iterable(result)
             store.close()
             return Final(respond_error(self.error_handler, env, start_response, exc))
         except BaseException as exc:
+            if timer is not None and exc is timer.exc:
+                exc = self._timed_out(log_list, before)
             close_iterable(result)
             store.close()
             failed = _failed(exc, env)
@@ -474,6 +580,23 @@ def _failed(
     if isinstance(exc, RequestError):
         return Failed(exc, restart=restart)
     return None
+
+
+def _past(environ: WSGIEnvironment) -> bool:
+    """True once the request's deadline (``oxypy.deadline``) has passed."""
+    deadline = environ.get(keys.DEADLINE)
+    return deadline is not None and deadline - time.monotonic() <= 0
+
+
+def _prefetch(capture: Capture) -> bool:
+    """Whether to read the first body bytes before deciding: not for a 101
+    tunnel or an event stream, whose first bytes may be far away."""
+    if capture.code == 101:
+        return False
+    for name, value in capture.headers:
+        if name.lower() == "content-type":
+            return value.split(";")[0].strip().lower() != "text/event-stream"
+    return True
 
 
 def _never_sent(outcome: Captured | Failed, new: list[Exchange]) -> bool:

@@ -380,6 +380,26 @@ def _chain_flags(p: argparse.ArgumentParser) -> None:
         "--timeout", type=_positive, metavar="SECONDS", help="upstream read timeout (default 60)"
     )
     p.add_argument(
+        "--deadline",
+        type=_positive,
+        metavar="SECONDS",
+        help="one deadline for each request through the whole chain (every try, retry and "
+        "backoff): 504 before the response head, connection aborted after it",
+    )
+    p.add_argument(
+        "--per-try-timeout",
+        type=_positive,
+        metavar="SECONDS",
+        help="with --retry: bound each attempt up to its response head (a timed-out attempt "
+        "is a network error for the retry predicate)",
+    )
+    p.add_argument(
+        "--response-header-timeout",
+        type=_positive,
+        metavar="SECONDS",
+        help="seconds from the request sent to the upstream's response head (504 over it)",
+    )
+    p.add_argument(
         "--pass-host-header",
         action="store_true",
         help="send the client's Host upstream instead of the upstream's own: needed by apps "

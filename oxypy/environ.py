@@ -12,6 +12,7 @@ from __future__ import annotations
 __all__ = [
     "ATTEMPT",
     "CLIENT_GONE",
+    "DEADLINE",
     "ERROR",
     "EXCHANGES",
     "FORWARDAUTH_FAILURE",
@@ -26,6 +27,7 @@ __all__ = [
     "SERVER",
     "TARGET",
     "TRIED_TARGETS",
+    "TRY_DEADLINE",
 ]
 
 #: The upstream base URL (``scheme://host:port[/base/path]``) that ``Forward``
@@ -41,6 +43,19 @@ ATTEMPT = "oxypy.attempt"
 #: the environ, so outer blocks (Buffer, CircuitBreaker, Trace, balancers) read
 #: what happened below them, each through ``oxypy._core.exchange.mark``.
 EXCHANGES = "oxypy.exchanges"
+
+#: The request's deadline: an absolute ``time.monotonic()`` value set by
+#: ``Timeout`` (an inner ``Timeout`` keeps an earlier deadline already set).
+#: ``Forward`` caps its connect, send, head and body waits at what remains;
+#: ``Buffer`` stops retrying and backing off once it has passed.
+DEADLINE = "oxypy.deadline"
+
+#: The current attempt's deadline for its response head: an absolute
+#: ``time.monotonic()`` value set by ``Buffer(per_try_timeout=)`` on each
+#: attempt's environ.  ``Forward`` caps connect, send and the head wait at it
+#: (the body, relayed after the retry decision, is bounded by
+#: :data:`DEADLINE` only).
+TRY_DEADLINE = "oxypy.try_deadline"
 
 #: The :class:`oxypy.exceptions.RequestError` that ended this request, if any
 #: (set on the environ of the block that raised it, copied into the exchange).

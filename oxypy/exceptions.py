@@ -19,6 +19,7 @@ __all__ = [
     "ConfigFileError",
     "ConfigurationError",
     "ConnLimitReached",
+    "DeadlineExceeded",
     "NoResponse",
     "NoServers",
     "NoTarget",
@@ -29,10 +30,12 @@ __all__ = [
     "ResponseTooLarge",
     "UpstreamConnectError",
     "UpstreamError",
+    "UpstreamHeaderTimeout",
     "UpstreamProtocolError",
     "UpstreamReadError",
     "UpstreamTLSError",
     "UpstreamTimeout",
+    "UpstreamTryTimeout",
 ]
 
 
@@ -239,6 +242,35 @@ class UpstreamTimeout(UpstreamError):
 
     status = 504
     reason = "upstream timed out"
+
+
+class UpstreamHeaderTimeout(UpstreamTimeout):
+    """No response head within ``Forward(response_header_timeout=)`` of the
+    request being sent (504; Trace kind ``upstream_header_timeout``)."""
+
+    reason = "upstream sent no response head in time"
+
+
+class UpstreamTryTimeout(UpstreamTimeout):
+    """One attempt ran past ``Buffer(per_try_timeout=)`` (504; Trace kind
+    ``upstream_try_timeout``).  A network error for ``IsNetworkError()``, so
+    the retry predicate decides whether another attempt follows."""
+
+    reason = "upstream attempt timed out"
+
+
+class DeadlineExceeded(UpstreamTimeout):
+    """The request's deadline (``Timeout``) passed before it was answered (504;
+    Trace kind ``deadline_exceeded``).
+
+    Raised by ``Forward`` when a wait capped at the deadline runs out and by
+    ``Timeout`` when it interrupts an app below it that ignored the deadline.
+    Like every :class:`UpstreamTimeout` it is a network error (an upstream
+    that never answers within the deadline is counted by outlier detection
+    and the breaker), but ``Buffer`` never retries once the deadline is gone.
+    """
+
+    reason = "request deadline exceeded"
 
 
 class UpstreamProtocolError(UpstreamError):

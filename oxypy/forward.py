@@ -17,7 +17,7 @@ from typing import Any
 import urllib3
 
 from . import environ as keys
-from ._client.exchange import BodySource, UpstreamResponse, exchange
+from ._client.exchange import BodySource, Bounds, UpstreamResponse, exchange
 from ._client.pool import HostPool, Pools
 from ._client.request_head import build_headers, check_framing, max_forwards, request_target
 from ._client.response_head import (
@@ -31,7 +31,7 @@ from ._client.response_head import (
     trailer_fields,
 )
 from ._core.exchange import Exchange, exchange_log
-from ._core.headers import HOP_BY_HOP, connection_tokens
+from ._core.headers import HOP_BY_HOP, connection_tokens, is_field_name
 from ._core.net import TrustedProxies
 from ._core.status import reason_phrase
 from ._core.types import StartResponse, WSGIEnvironment
@@ -104,7 +104,13 @@ class Forward:
     **Reads** ``oxypy.target``, ``oxypy.forwarded_prefix`` (sent as
     ``X-Forwarded-Prefix``), the request head and ``wsgi.input``; calls
     ``oxypy.send_trailers`` with the upstream's trailers when the client
-    sent ``TE: trailers`` and the server offers it.
+    sent ``TE: trailers`` and the server offers it; ``oxypy.deadline`` (set
+    by :class:`~oxypy.Timeout`): connect, send, the head wait and every body
+    read are capped at what remains, and its expiry is 504
+    (:class:`DeadlineExceeded`) before the head, an aborted client connection
+    after it; ``oxypy.try_deadline`` (set by ``Buffer(per_try_timeout=)``):
+    connect, send and the head wait are capped at it (504
+    :class:`UpstreamTryTimeout`).
     **Writes** ``oxypy.exchanges`` (an :class:`Exchange` per upstream request)
     and ``oxypy.error`` on failure.  **Streams** both ways; never buffers a body.
 
@@ -132,6 +138,19 @@ class Forward:
         Forward owns one (``retries=False``, TLS verification on).
     :param connect_timeout: seconds to connect (default 5).
     :param read_timeout: seconds per socket read from the upstream (default 60).
+    :param response_header_timeout: seconds from the request fully sent to
+        the response head (interim 1xx skipped) arriving; over it 504
+        (:class:`UpstreamHeaderTimeout`, Trace kind
+        ``upstream_header_timeout``), a network error for the breaker,
+        outlier detection and ``IsNetworkError()``.  None (default): only
+        ``read_timeout`` bounds each read, so an upstream trickling its head
+        a byte at a time is not bounded as a whole.
+    :param deadline_header: a request header name, e.g.
+        ``"X-Request-Timeout-Ms"``: when the request has a deadline
+        (``environ["oxypy.deadline"]``, set by :class:`~oxypy.Timeout`) the
+        milliseconds that remain are sent in it (as Envoy's
+        ``x-envoy-expected-rq-timeout-ms``); a copy the client sent is always
+        removed.  None (default): nothing is sent.
     :param pool_maxsize: kept-alive connections per upstream host (default 128).
     :param pool_timeout: with a blocking ``pool``, seconds to wait for a free
         connection (default 5).
@@ -208,6 +227,8 @@ class Forward:
         rewrite_location: bool = True,
         cookie_domain: Mapping[str, str] | Callable[[str], str | None] | None = None,
         cookie_path: Mapping[str, str] | Callable[[str], str | None] | None = None,
+        response_header_timeout: float | None = None,
+        deadline_header: str | None = None,
         error_handler: ErrorHandler = default_error_handler,
         modify_request: Callable[[WSGIEnvironment, OutgoingRequest], None] | None = None,
         modify_response: Callable[[WSGIEnvironment, ResponseHead], None] | None = None,
@@ -220,6 +241,12 @@ class Forward:
             raise ConfigurationError("pool_maxsize must be >= 1")
         if pool_idle_timeout is not None and not pool_idle_timeout > 0:
             raise ConfigurationError("pool_idle_timeout must be > 0 or None")
+        if response_header_timeout is not None and not (
+            isinstance(response_header_timeout, (int, float)) and response_header_timeout > 0
+        ):
+            raise ConfigurationError("response_header_timeout must be > 0 or None")
+        if deadline_header is not None and not is_field_name(deadline_header):
+            raise ConfigurationError("deadline_header must be a header field name")
         if via is not None and (not via or any(c in via for c in "\r\n,")):
             raise ConfigurationError("via must be a non-empty token without commas")
         self.read_timeout = read_timeout
@@ -232,6 +259,9 @@ class Forward:
         self.tunnel_idle_timeout = tunnel_idle_timeout
         self.expect_continue_timeout = expect_continue_timeout
         self.max_head = max_response_head_bytes
+        self.response_header_timeout = response_header_timeout
+        self.deadline_header = deadline_header
+        self._deadline_header_lower = deadline_header.lower() if deadline_header else ""
         self.error_handler = error_handler
         self.modify_request = modify_request
         self.modify_response = modify_response
@@ -334,6 +364,9 @@ class Forward:
                 # so no extension the relay cannot decode may be negotiated.
                 headers = [h for h in headers if h[0] != "Sec-Websocket-Extensions"]
             path = request_target(environ, target.base_path)
+            deadline = environ.get(keys.DEADLINE)
+            if self.deadline_header is not None:
+                headers = self._with_deadline(headers, deadline)
             if self.modify_request is not None:
                 outgoing = OutgoingRequest(method, target.url, path, headers)
                 self.modify_request(environ, outgoing)
@@ -345,6 +378,14 @@ class Forward:
             expect = None
             if body is not None and environ.get("HTTP_EXPECT", "").lower() == "100-continue":
                 expect = self.expect_continue_timeout
+            bounds = None
+            try_deadline = environ.get(keys.TRY_DEADLINE)
+            if (
+                deadline is not None
+                or try_deadline is not None
+                or self.response_header_timeout is not None
+            ):
+                bounds = Bounds(deadline, try_deadline, self.response_header_timeout)
             resp = exchange(
                 target.pool,
                 method,
@@ -355,6 +396,7 @@ class Forward:
                 pool_timeout=self.pool_timeout,
                 max_head=self.max_head,
                 expect_timeout=expect,
+                bounds=bounds,
             )
         except RequestError as exc:
             exc.target = exc.target or record.target or None
@@ -373,6 +415,16 @@ class Forward:
                 error_handler=self.error_handler,
             )
         return self._relay(environ, start_response, resp, record, target, host)
+
+    def _with_deadline(
+        self, headers: list[tuple[str, str]], deadline: float | None
+    ) -> list[tuple[str, str]]:
+        name = self._deadline_header_lower
+        headers = [h for h in headers if h[0].lower() != name]
+        if deadline is not None:
+            left = max(0, int((deadline - time.monotonic()) * 1000))
+            headers.append((str(self.deadline_header), str(left)))
+        return headers
 
     def _relay(
         self,
@@ -517,6 +569,10 @@ class _ResponseBody:
             return
         self._closed = True
         record = self.record
+        if record.ended is not None:
+            # Settled above (settle_unfinished): a block abandoned or cut the body.
+            self.resp.close()
+            return
         record.ended = time.monotonic()
         if not self.resp.complete and record.error is None:
             exc = ClientDisconnected(target=record.target)

@@ -95,6 +95,7 @@ MIDDLEWARE = [
     oxypy.Rewrite,
     oxypy.RoundRobin,
     oxypy.Router,
+    oxypy.Timeout,
     oxypy.Trace,
 ]
 #: WSGI apps that end a chain: they have no next app, hence no ``skip``.

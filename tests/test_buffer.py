@@ -220,11 +220,21 @@ def chunked_upstream(pieces: list[bytes]) -> RawUpstream:
 
 
 def test_chunked_response_gets_content_length(proxy: Any) -> None:
+    # Updated when Buffer stopped buffering responses by default (issue 14):
+    # a buffered response (max_response_body_bytes set) gets a Content-Length;
+    # a streamed one keeps the upstream's chunked framing.
     up = chunked_upstream([b"test", b"test1", b"test2"])
     try:
-        r = HTTP.request("GET", proxy(Buffer(Forward(up.url))) + "/")
+        r = HTTP.request("GET", proxy(Buffer(Forward(up.url), max_response_body_bytes=1024)) + "/")
         assert (r.status, r.data, r.headers["Content-Length"]) == (200, b"testtest1test2", "14")
         assert "Transfer-Encoding" not in r.headers
+        r = HTTP.request("GET", proxy(Buffer(Forward(up.url))) + "/")
+        assert (r.status, r.data, r.headers.get("Transfer-Encoding")) == (
+            200,
+            b"testtest1test2",
+            "chunked",
+        )
+        assert "Content-Length" not in r.headers
     finally:
         up.stop()
 

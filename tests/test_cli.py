@@ -470,6 +470,55 @@ def test_eject_after_takes_a_hanging_upstream_out(
         hang.stop()
 
 
+def test_deadline_flags_bound_a_hanging_upstream(
+    oxypy: Callable[..., Running], pywsgi: Callable[[Any], str]
+) -> None:
+    import gevent.event
+
+    from _servers import RawUpstream
+
+    release = gevent.event.Event()
+    hang = RawUpstream(lambda sock, data: release.wait(10))
+    good = pywsgi(named(b"good"))
+    retrying = oxypy(
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        hang.url,
+        good,
+        "--retry",
+        "IsNetworkError() && Attempts() < 3",
+        "--per-try-timeout",
+        "0.3",
+        "--deadline",
+        "5",
+    )
+    alone = oxypy(
+        "proxy", "--listen", "127.0.0.1:0", hang.url, "--deadline", "0.4", "--timeout", "30"
+    )
+    slow_head = oxypy(
+        "proxy", "--listen", "127.0.0.1:0", hang.url, "--response-header-timeout", "0.4"
+    )
+    try:
+        for _ in range(2):  # one of the two starts on the hung server
+            started = time.monotonic()
+            r = retrying.get("/")
+            assert (r.status, r.data) == (200, b"good")
+            assert time.monotonic() - started < 0.3 + 1.0
+        started = time.monotonic()
+        r = alone.get("/")
+        assert (r.status, r.data) == (504, b"request deadline reached\n")
+        assert 0.4 <= time.monotonic() - started < 0.4 + 1.0
+        r = slow_head.get("/")
+        assert r.status == 504
+        assert r.data == b"upstream sent no response head within 0.4 s (response_header_timeout)\n"
+    finally:
+        for gw in (retrying, alone, slow_head):
+            gw.stop()
+        release.set()
+        hang.stop()
+
+
 # --------------------------------------------------------------------------- serve, demo
 
 GATEWAY = """

@@ -148,6 +148,24 @@ def test_every_predicate_flag_refuses_bombs(
         pytest.param(["proxy", UP, "--hedge", "0"], "--hedge", "above 0", id="hedge-0"),
         pytest.param(["proxy", UP, "--hedge", "nan"], "--hedge", "above 0", id="hedge-nan"),
         pytest.param(["proxy", UP, "--mirror", "ftp://x"], "--mirror", "http", id="mirror"),
+        pytest.param(["proxy", UP, "--deadline", "0"], "--deadline", "above 0", id="dl-0"),
+        pytest.param(["proxy", UP, "--deadline", "x"], "--deadline", "number", id="dl-x"),
+        pytest.param(["proxy", UP, "--deadline", "inf"], "--deadline", "finite", id="dl-inf"),
+        pytest.param(
+            ["proxy", UP, "--retry", "IsNetworkError()", "--per-try-timeout", "-1"],
+            "--per-try-timeout",
+            "above 0",
+            id="ptt-neg",
+        ),
+        pytest.param(
+            ["proxy", UP, "--per-try-timeout", "1"], "--per-try-timeout", "--retry", id="ptt-alone"
+        ),
+        pytest.param(
+            ["proxy", UP, "--response-header-timeout", "nope"],
+            "--response-header-timeout",
+            "number",
+            id="rht-x",
+        ),
         pytest.param(["serve", ".:app"], "APP", "module:attribute", id="relative-module"),
         pytest.param(["serve", "..os:app"], "APP", "module:attribute", id="relative-module-2"),
         pytest.param(["serve", "os:path..join"], "APP", "module:attribute", id="empty-attr"),

@@ -220,10 +220,20 @@ def good_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> lis
 def test_failing_upstream_under_buffer_is_retried_then_502(
     proxy: Any, raw_upstream: Any, handler: Callable[[socket.socket, bytes], None]
 ) -> None:
+    # Updated for issue 14: Buffer streams the response unless
+    # max_response_body_bytes is set; these cases are about the buffered path,
+    # where a body cut short is still retried.  Streaming: see
+    # test_unbuffered_response_cut_mid_body_aborts_the_client and
+    # test_head_then_close_is_retried_while_streaming.
     raw = raw_upstream(handler)
     lines: list[str] = []
     app = Trace(
-        Buffer(Forward(raw.url), retry="IsNetworkError() && Attempts() < 3"), sink=lines.append
+        Buffer(
+            Forward(raw.url),
+            retry="IsNetworkError() && Attempts() < 3",
+            max_response_body_bytes=MiB,
+        ),
+        sink=lines.append,
     )
     r = HTTP.request("GET", proxy(app) + "/")
     assert r.status == 502
@@ -255,8 +265,13 @@ def test_failing_upstream_without_retry_is_502(
     handler: Callable[[socket.socket, bytes], None],
     answer: bytes,
 ) -> None:
+    # Updated for issue 14: Buffer streams the response unless
+    # max_response_body_bytes is set; these cases are about the buffered path,
+    # where a body cut short is still retried.  Streaming: see
+    # test_unbuffered_response_cut_mid_body_aborts_the_client and
+    # test_head_then_close_is_retried_while_streaming.
     raw = raw_upstream(handler)
-    r = HTTP.request("GET", proxy(Buffer(Forward(raw.url))) + "/")
+    r = HTTP.request("GET", proxy(Buffer(Forward(raw.url), max_response_body_bytes=MiB)) + "/")
     assert (r.status, r.data) == (502, answer)
     assert raw.connections == 1
 
@@ -273,9 +288,18 @@ def test_failing_upstream_without_retry_is_502(
 def test_failing_upstream_behind_round_robin_fails_over(
     proxy: Any, pywsgi: Any, raw_upstream: Any, handler: Callable[[socket.socket, bytes], None]
 ) -> None:
+    # Updated for issue 14: Buffer streams the response unless
+    # max_response_body_bytes is set; these cases are about the buffered path,
+    # where a body cut short is still retried.  Streaming: see
+    # test_unbuffered_response_cut_mid_body_aborts_the_client and
+    # test_head_then_close_is_retried_while_streaming.
     raw = raw_upstream(handler)
     good = pywsgi(good_app)
-    app = Buffer(RoundRobin(Forward(), [raw.url, good]), retry="IsNetworkError() && Attempts() < 3")
+    app = Buffer(
+        RoundRobin(Forward(), [raw.url, good]),
+        retry="IsNetworkError() && Attempts() < 3",
+        max_response_body_bytes=MiB,
+    )
     url = proxy(app)
     for _ in range(4):
         r = HTTP.request("GET", url + "/")
@@ -315,10 +339,27 @@ def test_body_iterator_failing_under_buffer_is_retried(proxy: Any) -> None:
             raise UpstreamProtocolError("upstream closed the connection mid-body")
         yield b"whole"
 
-    app = Buffer(flaky, retry="IsNetworkError() && Attempts() < 3")
+    # Buffered (max_response_body_bytes): a body failing mid-way is retried.
+    # Updated for issue 14: streaming, the client would get "par" and a cut.
+    app = Buffer(flaky, retry="IsNetworkError() && Attempts() < 3", max_response_body_bytes=MiB)
     r = HTTP.request("GET", proxy(app) + "/")
     assert (r.status, r.data) == (200, b"whole")
     assert calls == [1, 2]
+
+
+def test_head_then_close_is_retried_while_streaming(
+    proxy: Any, pywsgi: Any, raw_upstream: Any
+) -> None:
+    """Streaming Buffer reads the first body bytes before deciding: an upstream
+    that sends a head and closes before any byte is still failed over."""
+    raw = raw_upstream(head_only)
+    good = pywsgi(good_app)
+    app = Buffer(RoundRobin(Forward(), [raw.url, good]), retry="IsNetworkError() && Attempts() < 3")
+    url = proxy(app)
+    for _ in range(4):
+        r = HTTP.request("GET", url + "/")
+        assert (r.status, r.data) == (200, b"good")
+    assert raw.connections >= 2
 
 
 # -- client aborts never count against an upstream: outlier detection, retries ------

@@ -17,6 +17,9 @@ Chains (every rate and limit is huge, so nothing is ever rejected):
 - ``cors`` / ``cors_star``: ``CORS(Forward(up1), allow_origins=[one origin] / ["*"])``
 - ``compress``: ``Compress(Forward(up1))``
 - ``forwardauth``: ``ForwardAuth(Forward(up1), <in-process WSGI app answering 204>)``
+- ``timeout``: ``Timeout(Forward(up1), 30.0)`` (a deadline no request reaches)
+- ``buffer_retry``: ``Buffer(Forward(up1), retry=...)`` (decides on the head, streams)
+- ``buffer_limit``: the same with ``max_response_body_bytes=1 GiB`` (buffers each response)
 - ``full``: Trace → ConnLimit → RateLimit → CircuitBreaker → Buffer → RoundRobin → Forward
 """
 
@@ -50,6 +53,7 @@ from oxypy import (  # noqa: E402
     RateLimit,
     RedisStore,
     RoundRobin,
+    Timeout,
     Trace,
 )
 from oxypy.server import Server  # noqa: E402
@@ -100,6 +104,11 @@ def build(chain: str, ups: list[str], redis_url: str | None) -> Any:
         "cors_star": lambda: CORS(Forward(ups[0]), allow_origins=["*"]),
         "compress": lambda: Compress(Forward(ups[0])),
         "forwardauth": lambda: ForwardAuth(Forward(ups[0]), _allow, response_headers=["X-User"]),
+        "timeout": lambda: Timeout(Forward(ups[0]), 30.0),
+        "buffer_retry": lambda: Buffer(Forward(ups[0]), retry=RETRY),
+        "buffer_limit": lambda: Buffer(
+            Forward(ups[0]), retry=RETRY, max_response_body_bytes=1 << 30
+        ),
         "full": lambda: Trace(
             ConnLimit(
                 RateLimit(
@@ -135,6 +144,9 @@ CHAINS = (
     "cors_star",
     "compress",
     "forwardauth",
+    "timeout",
+    "buffer_retry",
+    "buffer_limit",
     "full",
 )
 

@@ -5,6 +5,7 @@
 //
 //	GET  /small  1 KiB body with Content-Length
 //	GET  /big    100 MiB body with Content-Length (size from -big)
+//	GET  /stream chunked text/plain: 10 lines, 100 ms apart, each flushed
 //	POST /upload reads the whole body (Content-Length or chunked), answers the byte count
 //	GET  /ws     WebSocket echo (gorilla/websocket)
 //
@@ -23,6 +24,7 @@ import (
 	"net/http"
 	"os"
 	"strconv"
+	"time"
 
 	"github.com/gorilla/websocket"
 )
@@ -63,6 +65,21 @@ func main() {
 				return
 			}
 			left -= n
+		}
+	})
+	mux.HandleFunc("/stream", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain")
+		flusher, _ := w.(http.Flusher)
+		for i := 0; i < 10; i++ {
+			if i > 0 {
+				time.Sleep(100 * time.Millisecond)
+			}
+			if _, err := fmt.Fprintf(w, "line %d\n", i); err != nil {
+				return
+			}
+			if flusher != nil {
+				flusher.Flush()
+			}
 		}
 	})
 	mux.HandleFunc("/upload", func(w http.ResponseWriter, r *http.Request) {

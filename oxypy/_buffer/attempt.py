@@ -171,6 +171,10 @@ class Captured:
                 write = start_response(status, capture.headers)
                 for data in store.chunks():
                     write(data)
+                if capture.code == 101:
+                    # A tunnel's client waits for the 101 before it says
+                    # anything: flush the head now (PEP 3333 write()).
+                    write(b"")
             except BaseException:
                 self.discard()
                 raise

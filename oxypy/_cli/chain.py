@@ -10,6 +10,7 @@ touches the network at import time; the blocks are imported lazily by
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -193,12 +194,13 @@ def build_proxy(
     trace_sink: Any = None,
     fallback: WSGIApplication | None = None,
 ) -> Proxy:
-    """Build Trace → RequestID → IPAllowList → CORS → Compress → ConnLimit →
-    RateLimit → CircuitBreaker → Mirror → Buffer → Hedge → balancer → Forward
-    from parsed flags.
+    """Build Trace → RequestID → Timeout → IPAllowList → CORS → Compress →
+    ConnLimit → RateLimit → CircuitBreaker → Mirror → Buffer → Hedge →
+    balancer → Forward from parsed flags.
 
     Blocks whose flag is absent are left out; Buffer is there only with
-    ``--retry``; one ``--retry-budget`` is shared by Buffer and Hedge.
+    ``--retry``; one ``--retry-budget`` is shared by Buffer and Hedge;
+    Timeout only with ``--deadline``.
     """
     from .. import (
         CORS,
@@ -219,6 +221,7 @@ def build_proxy(
         RetryBudget,
         RoundRobin,
         StickySession,
+        Timeout,
         Trace,
     )
 
@@ -231,6 +234,14 @@ def build_proxy(
     if timeout is not None:
         fwd_options["read_timeout"] = timeout
         fwd_options["connect_timeout"] = min(5.0, timeout)
+    per_try = getattr(args, "per_try_timeout", None)
+    if per_try is not None and args.retry is None:
+        raise FlagError("--per-try-timeout", "needs --retry (it bounds each retried attempt)")
+    if per_try is not None and not math.isfinite(per_try):
+        raise FlagError("--per-try-timeout", f"must be a finite number, got {per_try!r}")
+    header_timeout = getattr(args, "response_header_timeout", None)
+    if header_timeout is not None:
+        fwd_options["response_header_timeout"] = header_timeout
     for flag, option in (
         ("ca_certs", "ca_certs"),
         ("client_cert", "cert_file"),
@@ -298,7 +309,12 @@ def build_proxy(
             app = _block("--hedge", lambda: Hedge(inner, delay=hedge_delay, retry_budget=budget))
         if args.retry is not None:
             inner = app
-            app = _block("--retry", lambda: Buffer(inner, retry=args.retry, retry_budget=budget))
+            app = _block(
+                "--retry",
+                lambda: Buffer(
+                    inner, retry=args.retry, retry_budget=budget, per_try_timeout=per_try
+                ),
+            )
         if getattr(args, "mirror", None) is not None:
             inner = app
             app = _block("--mirror", lambda: Mirror(inner, args.mirror))
@@ -339,6 +355,10 @@ def build_proxy(
                 "--ip-allow",
                 lambda: IPAllowList(inner, args.ip_allow, trusted_proxies=trusted),
             )
+        deadline = getattr(args, "deadline", None)
+        if deadline is not None:
+            inner = app
+            app = _block("--deadline", lambda: Timeout(inner, deadline))
         metrics_path = getattr(args, "metrics", None)
         if metrics_path is not None:
             app = _with_metrics(app, metrics_path)

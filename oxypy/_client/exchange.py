@@ -16,7 +16,9 @@ closes it and frees the pool slot.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import socket
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httptools
@@ -24,21 +26,113 @@ import httptools
 from .._core.sockets import send_all
 from ..exceptions import (
     ClientDisconnected,
+    DeadlineExceeded,
     RequestError,
     UpstreamError,
+    UpstreamHeaderTimeout,
     UpstreamProtocolError,
     UpstreamReadError,
     UpstreamTimeout,
+    UpstreamTryTimeout,
 )
 from .errors import READ, SEND, upstream_error
 from .pool import HostPool
 
-__all__ = ["BodySource", "UpstreamResponse", "exchange"]
+__all__ = ["BodySource", "Bounds", "Limit", "UpstreamResponse", "exchange"]
 
 RECV_SIZE = 65536
 #: Bodies up to this size are sent in the same ``sendall`` as the head.
 COALESCE_BYTES = 16384
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+_monotonic = time.monotonic
+
+
+class Limit:
+    """An absolute ``time.monotonic()`` bound on a wait and the error its expiry is."""
+
+    __slots__ = ("at", "error")
+
+    def __init__(self, at: float, error: Callable[[], UpstreamTimeout]) -> None:
+        self.at = at
+        self.error = error
+
+    def remaining(self) -> float:
+        """Seconds left; raises the bound's error when none are."""
+        left = self.at - _monotonic()
+        if left <= 0:
+            raise self.error()
+        return left
+
+
+def _earliest(*limits: Limit | None) -> Limit | None:
+    found = None
+    for limit in limits:
+        if limit is not None and (found is None or limit.at < found.at):
+            found = limit
+    return found
+
+
+def _deadline_error() -> UpstreamTimeout:
+    return DeadlineExceeded("request deadline reached")
+
+
+def _try_error() -> UpstreamTimeout:
+    return UpstreamTryTimeout("upstream attempt timed out (per_try_timeout)")
+
+
+class Bounds:
+    """The time bounds of one exchange beyond the per-read timeout.
+
+    ``deadline`` bounds everything (connect, send, head, every body read: the
+    request's ``Timeout``); ``try_deadline`` bounds everything up to the
+    response head (``Buffer(per_try_timeout=)``); ``header_timeout`` is
+    seconds from the request fully sent to the response head
+    (``Forward(response_header_timeout=)``).  Each expiry raises its own
+    :class:`~oxypy.UpstreamTimeout` subclass, whose reason names the bound.
+    """
+
+    __slots__ = ("deadline", "try_deadline", "header_timeout")
+
+    def __init__(
+        self,
+        deadline: float | None = None,
+        try_deadline: float | None = None,
+        header_timeout: float | None = None,
+    ) -> None:
+        self.deadline = None if deadline is None else Limit(deadline, _deadline_error)
+        self.try_deadline = None if try_deadline is None else Limit(try_deadline, _try_error)
+        self.header_timeout = header_timeout
+
+    def before_head(self) -> Limit | None:
+        """The bound on connecting and sending."""
+        if self.try_deadline is None:
+            return self.deadline
+        return _earliest(self.deadline, self.try_deadline)
+
+    def head(self) -> Limit | None:
+        """The bound on the response head, from now (the request was just sent)."""
+        seconds = self.header_timeout
+        if seconds is None:
+            return self.before_head()
+        header = Limit(
+            _monotonic() + seconds,
+            lambda: UpstreamHeaderTimeout(
+                f"upstream sent no response head within {seconds:g} s (response_header_timeout)"
+            ),
+        )
+        return _earliest(self.deadline, self.try_deadline, header)
+
+
+def _capped(limit: Limit | None, timeout: float | None) -> tuple[float | None, bool]:
+    """The socket timeout under ``limit``, and whether the limit is what binds."""
+    if limit is None:
+        return timeout, False
+    left = limit.remaining()
+    if timeout is None or left < timeout:
+        return left, True
+    return timeout, False
 
 
 class BodySource:
@@ -109,6 +203,8 @@ class UpstreamResponse:
         "_messages",
         "_released",
         "_read_timeout",
+        "limit",
+        "body_limit",
     )
 
     def __init__(self, pool: HostPool, conn: Any, max_head: int) -> None:
@@ -135,6 +231,11 @@ class UpstreamResponse:
         self._max_head = max_head
         self._messages = 0
         self._released = False
+        self._read_timeout: float | None = None
+        #: The bound on the next read (None: only the socket's read timeout).
+        self.limit: Limit | None = None
+        #: The bound on body reads, once the head is in.
+        self.body_limit: Limit | None = None
 
     # -- llhttp callbacks ---------------------------------------------------
     def on_message_begin(self) -> None:
@@ -211,9 +312,17 @@ class UpstreamResponse:
             raise UpstreamProtocolError() from exc  # the parser's detail stays in the log
 
     def _recv(self) -> bytes:
+        limit = self.limit
+        capped = False
+        if limit is not None:
+            timeout, capped = _capped(limit, self._read_timeout)
+            self.sock.settimeout(timeout)
         try:
             data: bytes = self.sock.recv(RECV_SIZE)
         except OSError as exc:  # ssl.SSLError and TimeoutError included
+            if capped and isinstance(exc, (TimeoutError, socket.timeout)):
+                assert limit is not None
+                raise limit.error() from exc
             raise upstream_error(exc, READ) from exc
         self.received += len(data)
         return data
@@ -227,6 +336,10 @@ class UpstreamResponse:
                     raise UpstreamReadError("upstream closed the connection without a response")
                 raise UpstreamProtocolError("upstream closed the connection mid-head")
             self._feed(data)
+        if self.limit is not None or self.body_limit is not None:
+            self.limit = self.body_limit
+            if self.limit is None:
+                self.sock.settimeout(self._read_timeout)
         if method == "HEAD" or self.status in (204, 304):
             self.no_body = True
             if not self.complete:
@@ -296,22 +409,37 @@ def exchange(
     pool_timeout: float | None,
     max_head: int,
     expect_timeout: float | None = None,
+    bounds: Bounds | None = None,
 ) -> UpstreamResponse:
     """Send one request and read the final response head.
 
     A request without a body that meets a stale keep-alive connection (reset
     or closed before any response byte) is sent once more on a fresh
     connection; no request with a body is ever sent twice here.  Connect
-    errors come from :meth:`HostPool.checkout`, already mapped.
+    errors come from :meth:`HostPool.checkout`, already mapped.  ``bounds``
+    caps connect, send, the head wait and (its deadline) every body read.
     """
     for attempt in (1, 2):
-        conn, reused = pool.checkout(pool_timeout)
+        before = bounds.before_head() if bounds is not None else None
+        if before is None:
+            conn, reused = pool.checkout(pool_timeout)
+        else:
+            conn, reused = _checkout_within(pool, pool_timeout, before)
         resp = UpstreamResponse(pool, conn, max_head)
+        resp._read_timeout = read_timeout
         try:
             sock = conn.sock
             resp.sock = sock
-            sock.settimeout(read_timeout)
-            _send(resp, sock, method, head, body, chunked, expect_timeout, read_timeout)
+            if before is None:
+                sock.settimeout(read_timeout)
+                _send(resp, sock, method, head, body, chunked, expect_timeout, read_timeout)
+            else:
+                _send_within(
+                    resp, sock, method, head, body, chunked, expect_timeout, read_timeout, before
+                )
+            if bounds is not None:
+                resp.body_limit = bounds.deadline
+                resp.limit = bounds.head()
             resp.read_head(method)
             return resp
         except UpstreamReadError:
@@ -324,6 +452,43 @@ def exchange(
             resp.close()
             raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _checkout_within(pool: HostPool, pool_timeout: float | None, limit: Limit) -> tuple[Any, bool]:
+    """``pool.checkout`` with the connect timeout capped at what ``limit`` leaves."""
+    left = limit.remaining()
+    try:
+        return pool.checkout(pool_timeout, connect_timeout=left)
+    except UpstreamTimeout as exc:
+        if exc.before_send and limit.at - _monotonic() <= 0.001:
+            err = limit.error()
+            err.before_send = True
+            raise err from exc
+        raise
+
+
+def _send_within(
+    resp: UpstreamResponse,
+    sock: Any,
+    method: str,
+    head: bytes,
+    body: BodySource | None,
+    chunked: bool,
+    expect_timeout: float | None,
+    read_timeout: float | None,
+    limit: Limit,
+) -> None:
+    """``_send`` with every socket wait capped at what ``limit`` leaves."""
+    timeout, capped = _capped(limit, read_timeout)
+    sock.settimeout(timeout)
+    if expect_timeout is not None:
+        expect_timeout = min(expect_timeout, limit.remaining())
+    try:
+        _send(resp, sock, method, head, body, chunked, expect_timeout, timeout)
+    except UpstreamTimeout as exc:
+        if capped or limit.at - _monotonic() <= 0.001:
+            raise limit.error() from exc
+        raise
 
 
 def _send(

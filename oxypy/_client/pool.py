@@ -84,12 +84,15 @@ class HostPool:
             return 0
         return sum(1 for conn in list(queue.queue) if conn is not None and conn.sock is not None)
 
-    def checkout(self, pool_timeout: float | None) -> tuple[Any, bool]:
+    def checkout(
+        self, pool_timeout: float | None, connect_timeout: float | None = None
+    ) -> tuple[Any, bool]:
         """A connected connection and whether it was reused from the pool.
 
         A pooled connection that the peer closed, that holds unexpected bytes,
         or that stayed idle longer than the idle bound is closed and replaced
         by a fresh one.  Connect failures raise the mapped :class:`UpstreamError`.
+        ``connect_timeout`` caps this connect below the pool's own (a deadline).
         """
         pool = self._pool
         queue = pool.pool
@@ -112,12 +115,19 @@ class HostPool:
             conn = pool._new_conn()
         if conn.sock is not None:
             return conn, True
+        saved = conn.timeout
+        if connect_timeout is not None and (
+            not isinstance(saved, (int, float)) or connect_timeout < saved
+        ):
+            conn.timeout = connect_timeout
         try:
             with map_exceptions(CONNECT):
                 conn.connect()
         except BaseException:
             self.discard(conn)
             raise
+        finally:
+            conn.timeout = saved
         return conn, False
 
     def _alive(self, conn: Any) -> bool:

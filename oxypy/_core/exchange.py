@@ -16,6 +16,7 @@ away (:class:`~oxypy.ClientDisconnected`) is never one.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from .. import environ as keys
@@ -28,6 +29,7 @@ __all__ = [
     "counts_against_upstream",
     "exchange_log",
     "mark",
+    "settle_unfinished",
     "upstream_verdict",
 ]
 
@@ -91,6 +93,21 @@ def upstream_verdict(exchange: Exchange) -> bool | None:
     if exchange.status:
         return False
     return None
+
+
+def settle_unfinished(records: list[Exchange], error: RequestError | None = None) -> None:
+    """End the exchanges of ``records`` still in progress, before their bodies are closed.
+
+    A block above Forward that abandons a response on purpose (a retried
+    attempt: ``error`` None) or interrupts it (a deadline: ``error`` the
+    timeout) settles it first, so Forward's ``close()`` does not take the
+    unread body for a client that went away.
+    """
+    now = time.monotonic()
+    for record in records:
+        if record.ended is None and record.error is None:
+            record.error = error
+            record.ended = now
 
 
 def exchange_log(environ: WSGIEnvironment) -> list[Exchange]:
