@@ -6,7 +6,8 @@ whatever their own clocks say.  Both use short socket timeouts and no
 retries: when Redis is unreachable a request waits at most ``timeout``, then
 the ``on_error`` policy applies (``"allow"``, the default, fails open;
 ``"deny"`` answers 429) and Redis is not asked again for ``retry_interval``
-seconds.  The failure is logged at most once per ``log_interval``.
+seconds.  The failure is logged at most once per ``log_interval``, and the
+first answer after it once (``Redis at ... available again``).
 
 Either store takes a URL (it then owns its client: short timeouts, no
 retries, closed by ``close()``) or a redis-py client object you built
@@ -163,6 +164,8 @@ class _RedisBase:
         self._down_until = float("-inf")
         self._logged_at = float("-inf")
         self._unlogged = 0
+        #: Failed since the last success: the next success logs "available again".
+        self._down = False
 
     @staticmethod
     def _connect(redis: Any, retry: Any, no_backoff: Any, url: str, timeout: float) -> Any:
@@ -186,6 +189,7 @@ class _RedisBase:
             now = self.clock()
             self.errors += 1
             self._unlogged += 1
+            self._down = True
             self._down_until = now + self.retry_interval
             if now - self._logged_at < self.log_interval:
                 return
@@ -198,6 +202,18 @@ class _RedisBase:
             "allowing" if self.on_error == "allow" else "denying",
             exc,
         )
+
+    def _succeeded(self) -> None:
+        """Redis answered: after an outage, say once that it is back."""
+        if not self._down:
+            return
+        with self._lock:
+            if not self._down:
+                return
+            self._down = False
+            self._unlogged = 0
+            self._logged_at = float("-inf")
+        log.warning("Redis at %s available again", self.url)
 
     def close(self) -> None:
         """Close the connection pool of a client the store made from a URL
@@ -282,6 +298,7 @@ class RedisStore(_RedisBase):
             except self._errors_type as exc:
                 self._failed(exc)
             else:
+                self._succeeded()
                 debts = tuple(int(d) / 1e6 for d in out[2:])
                 return Verdict(bool(int(out[0])), int(out[1]) / 1e6, debts)
         if self.on_error == "allow":
@@ -375,6 +392,7 @@ class RedisConnStore(_RedisBase):
             except self._errors_type as exc:
                 self._failed(exc)
             else:
+                self._succeeded()
                 return _RedisLease(self, key, lease_id) if int(taken) else None
         if self.on_error == "allow":
             return _RedisLease(None, key, "")

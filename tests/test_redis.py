@@ -340,3 +340,24 @@ def test_neither_url_nor_client(bad: Any) -> None:
             "expected a Redis URL (redis://, rediss://, unix://) or a redis-py client "
             f"object, got {type(bad).__name__}"
         )
+
+
+def test_redis_down_and_back_are_one_line_each(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="oxypy.redis")
+    port = dead_port()
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", retry_interval=0)
+    c = Client(LintMiddleware(RateLimit(hello, rates=[Rate(100)], store=store)))
+    assert [c.get("/", environ_base=LOCAL).status_code for _ in range(3)] == [200] * 3
+    server = RedisServer(port)
+    try:
+        assert [c.get("/", environ_base=LOCAL).status_code for _ in range(3)] == [200] * 3
+    finally:
+        server.stop()
+    url = f"redis://127.0.0.1:{port}/0"
+    messages = [r.getMessage() for r in caplog.records if r.name == "oxypy.redis"]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith(f"Redis at {url} unavailable (1 failure(s)), allowing requests")
+    assert messages[1] == f"Redis at {url} available again"
+    store.close()
