@@ -174,6 +174,9 @@ class Server:
         self._server: Listener | None = None
         self._stopped = Event()
         self._scheme = "https" if ssl_context is not None else "http"
+        #: A listening socket to serve instead of binding ``listen`` (the
+        #: gunicorn worker serves the sockets gunicorn's master bound).
+        self._listen_socket: Any = None
 
     @property
     def read_timeout(self) -> float:
@@ -228,9 +231,14 @@ class Server:
             other connection.
         """
         _require_patched()
-        self._server = Listener((self.host, self.port), self._handle, self._table, self.backlog)
+        if self._listen_socket is not None:  # bound and listening already
+            self._server = Listener(self._listen_socket, self._handle, self._table, None)
+        else:
+            self._server = Listener((self.host, self.port), self._handle, self._table, self.backlog)
         self._server.start()
-        self.port = self._server.address[1]
+        bound = self._server.address
+        if isinstance(bound, tuple):  # a Unix socket's address is its path
+            self.port = bound[1]
         self._config = ServerConfig(
             app=self.app,
             host=self.host,

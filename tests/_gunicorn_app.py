@@ -7,6 +7,7 @@ the request body length, to observe what gunicorn's own parser accepts.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from oxypy import Forward, Trace
@@ -31,3 +32,22 @@ def _trace_sink(line: str) -> None:
 
 #: Forward behind Trace, writing its lines to ``$OXYPY_TEST_TRACE``.
 traced = Trace(forward, sink=_trace_sink)
+
+
+def whoami(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """``pid scheme path body-length``; ``/slow?S`` sleeps S seconds first and
+    creates ``$OXYPY_TEST_MARK`` when it starts sleeping."""
+    body = environ["wsgi.input"].read()
+    if environ["PATH_INFO"] == "/slow":
+        mark = os.environ.get("OXYPY_TEST_MARK")
+        if mark:
+            open(mark, "w").close()
+        time.sleep(float(environ["QUERY_STRING"]))  # patched: a gevent sleep
+    out = b"%d %s %s %d" % (
+        os.getpid(),
+        environ["wsgi.url_scheme"].encode(),
+        environ["PATH_INFO"].encode("latin-1"),
+        len(body),
+    )
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(out)))])
+    return [out]

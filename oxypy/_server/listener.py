@@ -133,10 +133,10 @@ class Listener(StreamServer):  # type: ignore[misc]
 
     def __init__(
         self,
-        address: tuple[str, int],
+        address: tuple[str, int] | Any,
         handle: Callable[[Any, Any], None],
         table: ConnectionTable,
-        backlog: int,
+        backlog: int | None,
     ) -> None:
         super().__init__(address, handle, backlog=backlog)
         self.table = table
