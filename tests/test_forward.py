@@ -546,3 +546,67 @@ def test_raw_helper_reads_body() -> None:
     assert read_exact_body(a, b"POST / HTTP/1.1\r\nContent-Length: 6\r\n\r\nab") == b"abrest"
     a.close()
     b.close()
+
+
+class _ReadOnlyInput:
+    """A ``wsgi.input`` with ``read(n)`` only, as gunicorn's and pywsgi's are:
+    each read waits for ``n`` bytes.  Read number ``slow_read`` takes 0.1 s."""
+
+    def __init__(self, data: bytes, slow_read: int = 0) -> None:
+        self.data = data
+        self.pos = 0
+        self.sizes: list[int] = []
+        self.slow_read = slow_read
+
+    def read(self, size: int = -1) -> bytes:
+        self.sizes.append(size)
+        if len(self.sizes) == self.slow_read:
+            time.sleep(0.1)
+        out = self.data[self.pos : self.pos + size]
+        self.pos += len(out)
+        return out
+
+
+def _post_through(url: str, stream: Any, length: int) -> dict[str, Any]:
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/up",
+        "QUERY_STRING": "",
+        "SERVER_NAME": "proxy",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "HTTP_HOST": "proxy",
+        "CONTENT_LENGTH": str(length),
+        "REMOTE_ADDR": "127.0.0.1",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": stream,
+    }
+    got: list[str] = []
+    body = b"".join(Forward(url)(environ, lambda status, headers, exc=None: got.append(status)))
+    assert got == ["200 OK"]
+    doc: dict[str, Any] = json.loads(body)
+    return doc
+
+
+def test_upload_reads_grow_when_the_input_has_no_read1(echo_upstream: str) -> None:
+    """Without read1 each read waits for its size: 64 KiB reads cost gunicorn's
+    Body a copy of its read-ahead buffer each; reads double up to 1 MiB."""
+    data = os.urandom(12 << 20)
+    stream = _ReadOnlyInput(data, slow_read=8)
+    doc = _post_through(echo_upstream, stream, len(data))
+    assert doc["body_len"] == len(data)
+    assert doc["body_sha256"] == hashlib.sha256(data).hexdigest()
+    assert stream.sizes[0] == 65536 and max(stream.sizes) == 1 << 20
+    # A read that waited (a slow client) brings the size back to 64 KiB.
+    assert stream.sizes[8] == 65536
+
+
+def test_upload_reads_stay_small_with_read1(echo_upstream: str) -> None:
+    class WithRead1(_ReadOnlyInput):
+        def read1(self, size: int = -1) -> bytes:
+            return self.read(size)
+
+    data = os.urandom(3 << 20)
+    stream = WithRead1(data)
+    assert _post_through(echo_upstream, stream, len(data))["body_len"] == len(data)
+    assert set(stream.sizes) == {65536}
