@@ -13,6 +13,10 @@ from typing import Any
 from oxypy import Forward, Trace
 
 forward = Forward(os.environ.get("OXYPY_TEST_UPSTREAM") or "http://127.0.0.1:9")
+#: Forward to an HTTPS upstream with a test certificate.
+forward_insecure = Forward(
+    os.environ.get("OXYPY_TEST_UPSTREAM") or "https://127.0.0.1:9", insecure=True
+)
 
 
 def trivial(environ: dict[str, Any], start_response: Any) -> list[bytes]:

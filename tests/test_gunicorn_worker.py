@@ -21,11 +21,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import gevent
+import gevent.event
 import psutil
 import pytest
 import trustme
 import urllib3
 import websocket
+from gevent.pywsgi import WSGIServer
 from test_server import MALFORMED
 
 from _servers import raw_request
@@ -294,3 +297,42 @@ def test_access_log_line_per_request(gunicorn: Callable[..., Gunicorn], tmp_path
     assert f'GET /logged 200 {size} "t/1" text/plain' in lines
     (posted,) = [line for line in lines if line.startswith("POST /posted ")]
     assert posted.startswith("POST /posted 200 ") and posted.endswith('"t/2" text/plain')
+
+
+def test_importing_oxypy_does_not_import_gunicorn() -> None:
+    code = "import sys, oxypy; print(sorted(m for m in sys.modules if 'gunicorn' in m))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_https_upstream_stays_cooperative(gunicorn: Callable[..., Gunicorn]) -> None:
+    """gunicorn's master imports oxypy (and urllib3) before the worker patches:
+    a stalled HTTPS upstream answer must not block the worker's other requests."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    stalled = gevent.event.Event()
+
+    def upstream(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if environ["PATH_INFO"] == "/stall":
+            stalled.set()
+            gevent.sleep(2)
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    tls = WSGIServer(("127.0.0.1", 0), upstream, ssl_context=context, log=None, error_log=None)
+    tls.start()
+    try:
+        env = {"OXYPY_TEST_UPSTREAM": f"https://127.0.0.1:{tls.address[1]}"}
+        server = gunicorn("forward_insecure", env=env)
+        slow = gevent.spawn(server.get, "/stall")
+        assert stalled.wait(timeout=10)
+        started = time.monotonic()
+        resp = server.get("/fast", timeout=5)
+        assert resp.status == 200 and resp.data == b"ok"
+        assert time.monotonic() - started < 1.0
+        assert slow.get(timeout=10).status == 200
+    finally:
+        tls.stop(timeout=1)
