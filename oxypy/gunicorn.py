@@ -136,8 +136,8 @@ class Worker(GeventWorker):  # type: ignore[misc]
 
     def _wrap(self, app: WSGIApplication) -> WSGIApplication:
         """``app`` counting requests for ``--max-requests`` and writing the access log."""
-        counted = self.max_requests < (1 << 62)
-        logged = bool(self.log.access_log_enabled)
+        counted = self.max_requests < sys.maxsize  # gunicorn's "no limit"
+        logged = _access_log_enabled(self.log, self.cfg)
         if not counted and not logged:
             return app
         worker = self
@@ -168,9 +168,27 @@ class Worker(GeventWorker):  # type: ignore[misc]
             except BaseException:
                 record.write()
                 raise
+            if isinstance(body, (list, tuple)):
+                # Kept a list, so the server still sizes a one-piece answer.
+                record.sent = sum(len(piece) for piece in body)
+                return _LoggedList(body, record)
             return _LoggedBody(body, record)
 
         return gunicorn_app
+
+
+def _access_log_enabled(log: Any, cfg: Any) -> bool:
+    """Whether gunicorn writes access lines (its own test; older versions lack it)."""
+    enabled = getattr(log, "access_log_enabled", None)
+    if enabled is not None:
+        return bool(enabled)
+    return bool(
+        cfg.accesslog
+        or cfg.logconfig
+        or getattr(cfg, "logconfig_dict", None)
+        or getattr(cfg, "logconfig_json", None)
+        or (cfg.syslog and not cfg.disable_redirect_access_to_syslog)
+    )
 
 
 def _repoint_ssl() -> None:
@@ -239,6 +257,23 @@ class _AccessRecord:
             if environ.get(key):
                 request_headers.append((key.replace("_", "-"), environ[key]))
         self.log.access(self, request_headers, environ, elapsed)
+
+
+class _LoggedList(list[bytes]):
+    """A list response (sized by the server); closing it writes the access line."""
+
+    def __init__(self, body: Iterable[bytes], record: _AccessRecord) -> None:
+        super().__init__(body)
+        self.body = body
+        self.record = record
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.record.write()
 
 
 class _LoggedBody:

@@ -582,7 +582,12 @@ def _post_through(url: str, stream: Any, length: int) -> dict[str, Any]:
         "wsgi.input": stream,
     }
     got: list[str] = []
-    body = b"".join(Forward(url)(environ, lambda status, headers, exc=None: got.append(status)))
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        got.append(status)
+        return None
+
+    body = b"".join(Forward(url)(environ, start_response))
     assert got == ["200 OK"]
     doc: dict[str, Any] = json.loads(body)
     return doc
