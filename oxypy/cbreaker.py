@@ -49,6 +49,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -276,12 +277,15 @@ class CircuitBreaker:
         self._state = State.TRIPPED
         self._until = now + self.fallback_duration
         self._ratio = None
+        values = _trigger_values(self.expression, self.metrics)
         self.metrics.reset()
         log.warning(
-            "circuit breaker tripped for %gs: %s holds (%s)",
+            "circuit breaker tripped for %gs: %s holds (%s)%s",
             self.fallback_duration,
             self.expression,
             old,
+            f" with {values}" if values else "",
+            extra={"trigger": self.expression, "values": values},
         )
         fired.append(Transition(self, old, State.TRIPPED, now))
 
@@ -376,3 +380,25 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"CircuitBreaker({self.expression!r}, state={self._state.value})"
+
+
+_CALL = re.compile(r"\b([A-Za-z]+)\(([^()]*)\)")
+
+
+def _trigger_values(expression: str, metrics: Any) -> str:
+    """``"NetworkErrorRatio()=0.6, RequestThreshold()=20"``: what each metric
+    function of ``expression`` gave when it tripped (for the log line)."""
+    shown: dict[str, str] = {}
+    for name, raw in _CALL.findall(expression):
+        func = TRIGGER_FUNCTIONS.get(name)
+        call = f"{name}({raw.strip()})"
+        if func is None or call in shown:
+            continue
+        parts = [p.strip() for p in raw.split(",")] if raw.strip() else []
+        try:
+            args = [t(p) for t, p in zip(func.args, parts, strict=True)]
+            value = func.impl(metrics, *args)
+        except (ValueError, TypeError, ArithmeticError):
+            continue
+        shown[call] = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return ", ".join(f"{k}={v}" for k, v in shown.items())

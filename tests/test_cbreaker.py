@@ -799,3 +799,27 @@ def test_response_fallback_503_carries_the_breakers_retry_after(proxy: Any) -> N
 def test_response_fallback_retry_after_is_validated(bad: Any) -> None:
     with pytest.raises(ConfigurationError, match="retry_after must be whole seconds"):
         ResponseFallback(503, retry_after=bad)
+
+
+def test_trip_line_carries_the_expressions_values(
+    proxy: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="oxypy.cbreaker")
+    expression = (
+        "NetworkErrorRatio() > 0.5 && RequestThreshold() >= 10 || "
+        "ResponseCodeRatio(500, 600, 0, 600) > 0.9"
+    )
+    cb = CircuitBreaker(hello, expression, clock=FakeClock())
+    url = proxy(cb)
+    preload(cb.metrics, 0.6)
+    get(url)
+    assert cb.state is State.TRIPPED
+    (line,) = [r.getMessage() for r in caplog.records if "tripped" in r.getMessage()]
+    assert line == (
+        f"circuit breaker tripped for 10s: {expression} holds (standby) with "
+        # 60 of 101 (the preload and this request): 60 network errors, recorded as 502s
+        "NetworkErrorRatio()=0.5941, RequestThreshold()=101, "
+        "ResponseCodeRatio(500, 600, 0, 600)=0.5941"
+    )
