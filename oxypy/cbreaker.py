@@ -59,6 +59,7 @@ from types import MappingProxyType
 from typing import Any
 
 from . import environ as keys
+from ._core.checks import finite_number
 from ._core.observe import Observation, observe
 from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
@@ -218,13 +219,7 @@ class CircuitBreaker:
             ("recovery_duration", recovery_duration),
             ("check_period", check_period),
         ):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not value >= 0
-                or math.isinf(value)
-            ):
-                raise ConfigurationError(f"{name} must be a finite number >= 0, got {value!r}")
+            finite_number(name, value)
         for name, fn in (
             ("fallback", fallback),
             ("on_trip", on_trip),

@@ -10,7 +10,6 @@ slow servers or slow requests cause, at the price of a few extra requests.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -19,6 +18,7 @@ import gevent
 from gevent.event import Event
 
 from . import environ as keys
+from ._core.checks import finite_number
 from ._core.exchange import Exchange, exchange_log
 from ._core.iterables import ClosingIterable
 from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
@@ -194,13 +194,7 @@ class Hedge:
     ) -> None:
         if not callable(next_app):
             raise ConfigurationError("Hedge needs the next WSGI app as first argument")
-        if (
-            isinstance(delay, bool)
-            or not isinstance(delay, (int, float))
-            or not delay > 0
-            or math.isinf(delay)
-        ):
-            raise ConfigurationError(f"delay must be a positive number of seconds, got {delay!r}")
+        finite_number("delay", delay, positive=True)
         if isinstance(max_hedges, bool) or not isinstance(max_hedges, int) or max_hedges < 1:
             raise ConfigurationError(f"max_hedges must be an int >= 1, got {max_hedges!r}")
         if isinstance(methods, str):

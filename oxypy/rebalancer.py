@@ -25,6 +25,7 @@ from typing import Protocol
 
 from ._balance.address import parse_server
 from ._balance.balancer import Balancer
+from ._core.checks import finite_number
 from ._core.exchange import Mark, mark, upstream_verdict
 from ._core.iterables import ClosingIterable
 from ._core.types import Clock, Skip, StartResponse, WSGIEnvironment
@@ -158,13 +159,7 @@ class Rebalancer:
             )
         if not isinstance(round_robin, Balancer):
             raise ConfigurationError("Rebalancer wraps an oxypy balancer (e.g. RoundRobin)")
-        if (
-            isinstance(backoff, bool)
-            or not isinstance(backoff, int | float)
-            or backoff < 0
-            or math.isinf(backoff)
-        ):
-            raise ConfigurationError("backoff must be a finite number of seconds >= 0")
+        finite_number("backoff", backoff)
         self.balancer = round_robin
         self.backoff = float(backoff)
         self.clock = clock

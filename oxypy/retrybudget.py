@@ -10,14 +10,13 @@ One budget may be shared by several blocks, threads and greenlets.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass
 
 from . import environ as keys
+from ._core.checks import finite_number
 from ._core.types import Clock, WSGIEnvironment
-from .exceptions import ConfigurationError
 from .rolling import RollingCounter
 
 __all__ = ["BudgetState", "RetryBudget"]
@@ -85,24 +84,9 @@ class RetryBudget:
         window: float = 10.0,
         clock: Clock = time.monotonic,
     ) -> None:
-        for name, value in (("percent", percent), ("min_per_second", min_per_second)):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not value >= 0
-                or math.isinf(value)
-            ):
-                raise ConfigurationError(f"{name} must be a finite number >= 0, got {value!r}")
-        if (
-            isinstance(window, bool)
-            or not isinstance(window, (int, float))
-            or not window > 0
-            or math.isinf(window)
-        ):
-            raise ConfigurationError(f"window must be a positive number of seconds, got {window!r}")
-        self.percent = float(percent)
-        self.min_per_second = float(min_per_second)
-        self.window = float(window)
+        self.percent = finite_number("percent", percent)
+        self.min_per_second = finite_number("min_per_second", min_per_second)
+        self.window = finite_number("window", window, positive=True)
         self._floor = self.min_per_second * self.window
         resolution = self.window / _BUCKETS
         self._requests = RollingCounter(_BUCKETS, resolution, clock=clock)
