@@ -258,6 +258,15 @@ class _AccessRecord:
                 request_headers.append((key.replace("_", "-"), environ[key]))
         self.log.access(self, request_headers, environ, elapsed)
 
+    def close(self, body: Iterable[bytes]) -> None:
+        """Close the app's response ``body`` (PEP 3333), then write the line."""
+        try:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.write()
+
 
 class _LoggedList(list[bytes]):
     """A list response (sized by the server); closing it writes the access line."""
@@ -268,12 +277,7 @@ class _LoggedList(list[bytes]):
         self.record = record
 
     def close(self) -> None:
-        try:
-            close = getattr(self.body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self.record.write()
+        self.record.close(self.body)
 
 
 class _LoggedBody:
@@ -292,9 +296,4 @@ class _LoggedBody:
             yield piece
 
     def close(self) -> None:
-        try:
-            close = getattr(self.body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self.record.write()
+        self.record.close(self.body)
