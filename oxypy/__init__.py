@@ -16,6 +16,7 @@ from .cbreaker import CircuitBreaker
 from .compress import Compress
 from .config import Gateway, load_app, load_config
 from .connlimit import ConnLimit, ConnStore, Lease
+from .consistenthash import ConsistentHash
 from .cors import CORS
 from .errors import ErrorHandler, default_error_handler
 from .exceptions import (
@@ -89,6 +90,7 @@ __all__ = [
     "CircuitBreaker",
     "Compress",
     "ConnLimit",
+    "ConsistentHash",
     "Forward",
     "ForwardAuth",
     "Headers",

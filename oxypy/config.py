@@ -554,7 +554,7 @@ _ROUTE_KEYS = (
     "chain",
 )
 _SERVICE_KEYS = ("balancer", "servers", "rebalancer", "forward")
-_BALANCERS = ("RoundRobin", "LeastRequest")
+_BALANCERS = ("RoundRobin", "LeastRequest", "ConsistentHash")
 _LISTENER_TLS = ("cert", "key")
 
 
@@ -622,7 +622,14 @@ def reference_markdown() -> str:
             ("servers", "an array of URLs or `{url, weight}` tables", "**required**"),
         ]
         if name == "RoundRobin":
-            extra.insert(0, ("balancer", '`"RoundRobin"` or `"LeastRequest"`', '`"RoundRobin"`'))
+            extra.insert(
+                0,
+                (
+                    "balancer",
+                    '`"RoundRobin"`, `"LeastRequest"` or `"ConsistentHash"`',
+                    '`"RoundRobin"`',
+                ),
+            )
         extra += [
             ("rebalancer", "true or a Rebalancer table", "`false`"),
             ("forward", "a Forward table", "`{}`"),

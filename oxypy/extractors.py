@@ -1,7 +1,9 @@
 """Source extractors: which bucket (RateLimit) or counter (ConnLimit) a request uses.
 
 A source is named by a string (``"client.ip"``, ``"request.host"``,
-``"request.header.<Name>"``) or given as any callable ``(environ) -> str | None``.
+``"request.header.<Name>"``, ``"request.cookie.<Name>"``) or given as any
+callable ``(environ) -> str | None``.  The same sources key RateLimit,
+ConnLimit and ConsistentHash.
 A request that has no value for the source is handled by an explicit policy
 (``missing=``): rejected with 400, counted in one explicitly named shared
 bucket, or let through unlimited, never pooled into a ``""`` bucket by
@@ -29,6 +31,7 @@ MISSING_KEY = "\x00missing"
 Missing = Literal["reject", "shared", "skip"]
 _MISSING_POLICIES = ("reject", "shared", "skip")
 _HEADER_PREFIX = "request.header."
+_COOKIE_PREFIX = "request.cookie."
 
 
 class SourceExtractor(Protocol):
@@ -59,6 +62,25 @@ def _header(name: str) -> SourceExtractor:
         return value.strip() if isinstance(value, str) else None
 
     return header
+
+
+def _cookie(name: str) -> SourceExtractor:
+    def cookie(environ: WSGIEnvironment) -> str | None:
+        raw = environ.get("HTTP_COOKIE")
+        if not isinstance(raw, str):
+            return None
+        # RFC 6265 5.4: "name=value" pairs separated by ";"; the first pair of
+        # that exact name wins; a quoted value loses its quotes.
+        for pair in raw.split(";"):
+            key, eq, value = pair.partition("=")
+            if eq and key.strip() == name:
+                value = value.strip()
+                if len(value) >= 2 and value[0] == value[-1] == '"':
+                    value = value[1:-1]
+                return value
+        return None
+
+    return cookie
 
 
 def _make_extractor(
@@ -94,9 +116,14 @@ def _make_extractor(
         if not name or "_" in name or any(c.isspace() or c == ":" for c in name):
             raise ConfigurationError(f"source {source!r}: invalid header name")
         return _header(name)
+    if source.startswith(_COOKIE_PREFIX):
+        name = source[len(_COOKIE_PREFIX) :].strip()
+        if not name or any(c.isspace() or c in '=;,"' for c in name):
+            raise ConfigurationError(f"source {source!r}: invalid cookie name")
+        return _cookie(name)
     raise ConfigurationError(
         f"unsupported source {source!r}: use 'client.ip', 'request.host', "
-        "'request.header.<Name>' or a callable"
+        "'request.header.<Name>', 'request.cookie.<Name>' or a callable"
     )
 
 
@@ -107,8 +134,9 @@ make_extractor = _make_extractor
 class Source:
     """A source extractor plus its missing-value policy: ``key(environ)``.
 
-    :param source: ``"client.ip"``, ``"request.host"``, ``"request.header.<Name>"``
-        or a callable ``(environ) -> str | None``.
+    :param source: ``"client.ip"``, ``"request.host"``, ``"request.header.<Name>"``,
+        ``"request.cookie.<Name>"`` (the first cookie of that exact name) or a
+        callable ``(environ) -> str | None``.
     :param missing: ``"reject"`` (400 :class:`BadRequest`), ``"shared"`` (all
         such requests share the one bucket :data:`MISSING_KEY`) or ``"skip"``
         (no limit applies to them).

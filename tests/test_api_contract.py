@@ -82,6 +82,7 @@ MIDDLEWARE = [
     oxypy.CircuitBreaker,
     oxypy.Compress,
     oxypy.ConnLimit,
+    oxypy.ConsistentHash,
     oxypy.ForwardAuth,
     oxypy.Headers,
     oxypy.Hedge,
@@ -218,6 +219,9 @@ def test_malformed_predicate_names_the_position() -> None:
         pytest.param(lambda nxt, skip: oxypy.RoundRobin(nxt, ["http://a:1"], skip=skip), id="rr"),
         pytest.param(
             lambda nxt, skip: oxypy.LeastRequest(nxt, ["http://a:1"], skip=skip), id="least"
+        ),
+        pytest.param(
+            lambda nxt, skip: oxypy.ConsistentHash(nxt, ["http://a:1"], skip=skip), id="chash"
         ),
     ],
 )

@@ -342,8 +342,8 @@ ERRORS = [
     pytest.param(
         '[services.api]\nservers = []\nbalancer = "Random"\n' + ROUTE,
         [
-            'services.api.balancer: expected one of "RoundRobin", "LeastRequest", got a string '
-            "('Random')"
+            'services.api.balancer: expected one of "RoundRobin", "LeastRequest", '
+            "\"ConsistentHash\", got a string ('Random')"
         ],
         id="balancer",
     ),
@@ -883,7 +883,8 @@ def test_every_public_middleware_can_be_named_in_a_chain() -> None:
         for name in oxypy.__all__
         if isinstance(getattr(oxypy, name), type)
         and not issubclass(getattr(oxypy, name), BaseException)
-        and name not in ("RoundRobin", "LeastRequest", "Router", "Rebalancer", "Gateway")
+        and name
+        not in ("RoundRobin", "LeastRequest", "ConsistentHash", "Router", "Rebalancer", "Gateway")
         and (params := list(__import__("inspect").signature(getattr(oxypy, name)).parameters))
         and params[0] == "next_app"
     }
@@ -1010,7 +1011,7 @@ def _fuzz_doc(chaos: bool) -> Any:
     service_keys = ["balancer", "rebalancer", "forward", "health_check", "outlier_detection"]
     service_keys += ["sticky", "choice_count", "nope"] if chaos else ["sticky"]
     service_values = {
-        "balancer": st.sampled_from(["RoundRobin", "LeastRequest"]),
+        "balancer": st.sampled_from(["RoundRobin", "LeastRequest", "ConsistentHash"]),
         "rebalancer": st.booleans(),
         "forward": st.just({"read_timeout": "5s"}),
         "health_check": st.just({"interval": "1h"}),

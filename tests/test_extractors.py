@@ -96,6 +96,15 @@ def test_ipv6_clients_get_distinct_keys() -> None:
         pytest.param("request.header.X-Api-Key", env(), None, id="header-missing"),
         pytest.param("request.header.X-Api-Key", env(HTTP_X_API_KEY=""), "", id="header-empty"),
         pytest.param(lambda e: e.get("HTTP_X_T"), env(HTTP_X_T="t"), "t", id="callable"),
+        pytest.param("request.cookie.sid", env(HTTP_COOKIE="a=1; sid=s2; b=3"), "s2", id="cookie"),
+        pytest.param("request.cookie.sid", env(HTTP_COOKIE='sid="q v"'), "q v", id="cookie-quoted"),
+        pytest.param("request.cookie.sid", env(HTTP_COOKIE="sid=1;sid=2"), "1", id="cookie-first"),
+        pytest.param(
+            "request.cookie.sid", env(HTTP_COOKIE="SID=1; xsid=2"), None, id="cookie-case"
+        ),
+        pytest.param("request.cookie.sid", env(HTTP_COOKIE="sid; a=1"), None, id="cookie-no-eq"),
+        pytest.param("request.cookie.sid", env(), None, id="cookie-missing"),
+        pytest.param("request.cookie.sid", env(HTTP_COOKIE="sid="), "", id="cookie-empty"),
     ],
 )
 def test_other_sources(source: Any, environ: dict[str, Any], expected: str | None) -> None:
@@ -113,6 +122,18 @@ def test_other_sources(source: Any, environ: dict[str, Any], expected: str | Non
 )
 def test_missing_policies(missing: Any, environ: dict[str, Any], expected: str | None) -> None:
     assert Source("request.header.X-Key", missing=missing).key(environ) == expected
+
+
+@pytest.mark.parametrize("name", ["", " ", "a b", "a=b", "a;b", 'a"'])
+def test_bad_cookie_source_names(name: str) -> None:
+    with pytest.raises(ConfigurationError, match="invalid cookie name"):
+        _make_extractor("request.cookie." + name)
+
+
+def test_cookie_source_limits_a_ratelimit_per_cookie() -> None:
+    source = Source("request.cookie.sid", missing="shared")
+    assert source.key(env(HTTP_COOKIE="sid=u1")) == "u1"
+    assert source.key(env(HTTP_COOKIE="other=1")) == MISSING_KEY
 
 
 def test_missing_reject_is_400() -> None:

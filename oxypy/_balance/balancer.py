@@ -15,7 +15,7 @@ A server is a *candidate* when it is in rotation (state ``ACTIVE``, see
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -46,6 +46,9 @@ class Balancer:
     """
 
     _tracks_in_flight = False
+    #: ``(environ) -> str | None``: the request's hash key (ConsistentHash).
+    #: When it gives a key, :meth:`_choose_key` picks instead of :meth:`_choose`.
+    _key_of: Callable[[WSGIEnvironment], str | None] | None = None
 
     def __init__(
         self,
@@ -128,6 +131,9 @@ class Balancer:
     def _choose(self, candidates: list[ServerState]) -> ServerState:
         raise NotImplementedError
 
+    def _choose_key(self, candidates: list[ServerState], key: str) -> ServerState:
+        raise NotImplementedError
+
     def _pick(
         self, environ: WSGIEnvironment, tried: set[str] | None
     ) -> tuple[ServerState | None, bool]:
@@ -136,6 +142,7 @@ class Balancer:
         events: list[Event] = []
         cookies = self.cookies
         wanted = cookies.requested(environ) if cookies is not None else None
+        key = self._key_of(environ) if self._key_of is not None else None
         with pool.lock:
             if self.outlier is not None:
                 expire_ejections(pool.order, pool.clock(), events)
@@ -158,7 +165,12 @@ class Balancer:
                         break
             set_cookie = cookies is not None and chosen is None
             if chosen is None and candidates:
-                chosen = candidates[0] if len(candidates) == 1 else self._choose(candidates)
+                if len(candidates) == 1:
+                    chosen = candidates[0]
+                elif key:
+                    chosen = self._choose_key(candidates, key)
+                else:
+                    chosen = self._choose(candidates)
             if chosen is not None and self._tracks_in_flight:
                 chosen.in_flight += 1
         pool.notify(events)
