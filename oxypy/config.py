@@ -177,6 +177,28 @@ def _table_of_str(name: str, allow_false: bool = False) -> _Kind:
     return _Kind(name, convert)
 
 
+def _table_of_values(name: str) -> _Kind:
+    """A table of header name -> a string or an array of strings (Headers' add rules)."""
+
+    def convert(value: object) -> object:
+        if not isinstance(value, dict):
+            raise _Invalid(f"expected {name}, got {_describe(value)}")
+        out: dict[str, str | list[str]] = {}
+        for k, v in value.items():
+            if isinstance(v, str) or (
+                isinstance(v, list) and v and all(isinstance(x, str) for x in v)
+            ):
+                out[k] = v
+            else:
+                raise _Invalid(
+                    f"expected a string or a non-empty array of strings, got {_describe(v)}",
+                    f".{_key(k)}",
+                )
+        return out
+
+    return _Kind(name, convert)
+
+
 def _choice(choices: tuple[str, ...]) -> _Kind:
     name = "one of " + ", ".join(f'"{c}"' for c in choices)
 
@@ -534,6 +556,8 @@ _SPECIAL: dict[tuple[str, str], _Kind] = {
     ("ConnLimit", "store"): _store_kind("RedisConnStore"),
     ("Headers", "request"): _table_of_str("a table of header values (false removes)", True),
     ("Headers", "response"): _table_of_str("a table of header values (false removes)", True),
+    ("Headers", "add_request"): _table_of_values("a table of header values or arrays of them"),
+    ("Headers", "add_response"): _table_of_values("a table of header values or arrays of them"),
     ("Rewrite", "rules"): _table_of_str("a table of path rewrites"),
     ("Rewrite", "regex_rules"): _table_of_str("a table of regex rewrites"),
     ("Trace", "sink"): _sink_kind(),

@@ -96,6 +96,45 @@ def test_response_fields_set_replace_and_remove(proxy: Any, pywsgi: Any) -> None
     assert hashlib.sha256(body).hexdigest() == hashlib.sha256(BODY).hexdigest()
 
 
+def test_request_fields_added_keep_existing_values(proxy: Any, echo_upstream: str) -> None:
+    app = Headers(
+        Forward(echo_upstream),
+        request={"X-Env": "prod"},
+        add_request={"X-Tag": ["proxy-a", "proxy-b"], "Cookie": "edge=1", "X-New": "n"},
+    )
+    url = proxy(app)
+    resp = HTTP.request(
+        "GET", url + "/", headers={"X-Tag": "client", "Cookie": "session=s", "X-Env": "dev"}
+    )
+    assert resp.status == 200
+    seen = json.loads(resp.data)["headers"]
+    assert seen["x-tag"] == "client, proxy-a, proxy-b"
+    assert seen["cookie"] == "session=s; edge=1"
+    assert seen["x-new"] == "n"
+    assert seen["x-env"] == "prod"
+    bare = json.loads(HTTP.request("GET", url + "/").data)["headers"]
+    assert (bare["x-tag"], bare["cookie"]) == ("proxy-a, proxy-b", "edge=1")
+
+
+def test_response_fields_added_after_existing_ones(proxy: Any, pywsgi: Any) -> None:
+    app = Headers(
+        Forward(pywsgi(headed_upstream)),
+        response={"Server": None, "X-Powered-By": None},
+        add_response={"Set-Cookie": ["b=2", "c=3; Path=/"], "X-Frame-Options": "DENY"},
+    )
+    url = proxy(app)
+    raw = raw_request(url, b"GET / HTTP/1.1\r\nHost: example.test\r\n\r\n")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 200 OK"
+    cookies = [line for line in lines if line.lower().startswith(b"set-cookie:")]
+    assert cookies == [b"Set-Cookie: a=1", b"Set-Cookie: b=2", b"Set-Cookie: c=3; Path=/"]
+    frames = [line for line in lines if line.lower().startswith(b"x-frame-options:")]
+    assert frames == [b"X-Frame-Options: ALLOWALL", b"X-Frame-Options: DENY"]
+    assert not any(line.lower().startswith(b"x-powered-by") for line in lines)
+    assert body == BODY
+
+
 def test_skip_leaves_request_and_response_alone(proxy: Any, echo_upstream: str) -> None:
     app = Headers(
         Forward(echo_upstream),
@@ -129,6 +168,16 @@ def test_skip_leaves_request_and_response_alone(proxy: Any, echo_upstream: str) 
         pytest.param({"response": {"X-A": 5}}, "value of 'X-A'", id="not-str"),
         pytest.param({"request": {"X-A": "1", "x-a": "2"}}, "given twice", id="dup"),
         pytest.param({"request": [("X-A", "1")]}, "request must be a mapping", id="not-mapping"),
+        pytest.param({"add_request": {"Host": "h"}}, "'Host' holds one value", id="add-host"),
+        pytest.param({"add_response": {"Content-Length": "1"}}, "'Content-Length'", id="add-cl"),
+        pytest.param({"add_response": {"X-A": []}}, "non-empty list of strings", id="add-empty"),
+        pytest.param({"add_response": {"X-A": None}}, "value of 'X-A'", id="add-none"),
+        pytest.param({"add_response": {"X-A": ["ok", "a\nb"]}}, "CR, LF or NUL", id="add-lf"),
+        pytest.param(
+            {"response": {"X-A": None}, "add_response": {"x-a": "1"}}, "one rule", id="add-overlap"
+        ),
+        pytest.param({"add_request": {"X-A": "1", "x-a": "2"}}, "one rule", id="add-dup"),
+        pytest.param({"add_request": "X-A"}, "add_request must be a mapping", id="add-not-map"),
     ],
 )
 def test_bad_rules_are_refused(kwargs: dict[str, Any], message: str) -> None:
@@ -142,3 +191,26 @@ def test_host_can_be_set_for_pass_host_header(proxy: Any, echo_upstream: str) ->
     url = proxy(app)
     seen = json.loads(HTTP.request("GET", url + "/").data)
     assert seen["headers"]["host"] == "internal.test"
+
+
+def test_add_rules_from_a_config_file(proxy: Any, echo_upstream: str) -> None:
+    from oxypy import load_config
+
+    gateway = load_config(
+        f"""
+[services.echo]
+servers = ["{echo_upstream}"]
+[[routes]]
+prefix = "/"
+service = "echo"
+chain = [
+  {{ block = "Headers", add_request = {{ X-Tag = ["p1", "p2"] }}, add_response = {{ X-S = "y" }} }},
+]
+"""
+    )
+    try:
+        resp = HTTP.request("GET", proxy(gateway) + "/", headers={"X-Tag": "c"})
+        assert json.loads(resp.data)["headers"]["x-tag"] == "c, p1, p2"
+        assert resp.headers.getlist("X-S") == ["y"]
+    finally:
+        gateway.close()
