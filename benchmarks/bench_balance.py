@@ -16,13 +16,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from oxypy import LeastRequest, OutlierDetection, RoundRobin, StickySession
+from oxypy import ConsistentHash, LeastRequest, OutlierDetection, RoundRobin, StickySession
 from oxypy import environ as keys
 from oxypy.forward import Exchange
 
 N = 50_000
 REPEAT = 9
 SERVERS = [f"http://10.0.0.{i}:80" for i in range(1, 5)]
+SIXTEEN = [f"http://10.0.0.{i}:80" for i in range(1, 17)]
 
 
 def answered(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -42,7 +43,7 @@ def per_request_us(app: Any) -> float:
     for _ in range(REPEAT):
         started = time.perf_counter()
         for _ in range(N):
-            result = app({"REQUEST_METHOD": "GET"}, start_response)
+            result = app({"REQUEST_METHOD": "GET", "REMOTE_ADDR": "192.0.2.7"}, start_response)
             close = getattr(result, "close", None)
             if close is not None:
                 close()
@@ -60,6 +61,11 @@ def main() -> None:
             answered, SERVERS, sticky=StickySession("s", secret="k")
         ),
         "LeastRequest": LeastRequest(answered, SERVERS, rng=random.Random(1)),
+        "ConsistentHash (client.ip)": ConsistentHash(answered, SERVERS),
+        "ConsistentHash, weights 3:1:1:1": ConsistentHash(
+            answered, [(SERVERS[0], 3), *SERVERS[1:]]
+        ),
+        "ConsistentHash, 16 servers": ConsistentHash(answered, SIXTEEN),
     }
     for name, app in cases.items():
         print(f"{name:32s} {per_request_us(app):6.2f} µs/request")

@@ -62,6 +62,7 @@ CHAINS = (
     Chain("rr1", "`RoundRobin(Forward(), [up1])`: the balancer alone, same single upstream"),
     Chain("rr2", "`RoundRobin(Forward(), [up1, up2])`", upstreams=2, upload=True),
     Chain("least2", "`LeastRequest(Forward(), [up1, up2])`", upstreams=2),
+    Chain("consistenthash2", "`ConsistentHash(Forward(), [up1, up2])`", upstreams=2),
     Chain(
         "buffer_rr2",
         '`Buffer(RoundRobin(Forward(), [up1, up2]), retry="IsNetworkError() && Attempts() < 2")`',

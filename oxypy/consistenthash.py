@@ -27,7 +27,7 @@ from ._balance.state import ServerState, State
 from ._core.net import TrustedProxies
 from ._core.types import Clock, Skip, WSGIApplication
 from .errors import ErrorHandler, default_error_handler
-from .extractors import SourceExtractor, _make_extractor
+from .extractors import Source, SourceExtractor
 from .health import HealthCheck, OutlierDetection
 from .roundrobin import RoundRobin
 from .sticky import StickySession
@@ -103,7 +103,7 @@ class ConsistentHash(Balancer):
         skip: Skip | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
-        self._key_of = _make_extractor(key, trusted_proxies=trusted_proxies)
+        self._key_of = Source(key, trusted_proxies=trusted_proxies).extract
         self.key = key
         super().__init__(
             next_app,
@@ -122,15 +122,27 @@ class ConsistentHash(Balancer):
         return RoundRobin._choose(self, candidates)  # type: ignore[arg-type]
 
     def _choose_key(self, candidates: list[ServerState], key: str) -> ServerState:
-        prefix = blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8)
-        prefix.update(b"\x00")
+        prefix = key.encode("utf-8", "surrogatepass") + b"\x00"
+        weight = candidates[0].weight
         best = candidates[0]
-        best_score = -1.0
+        if all(server.weight == weight for server in candidates):
+            # Equal weights: -w / ln(u) grows with u, so the largest digest
+            # (big-endian bytes compare as integers) wins; no float maths.
+            best_digest = b""
+            for server in candidates:
+                digest = blake2b(
+                    prefix + server.identity.encode("utf-8", "surrogatepass"), digest_size=8
+                ).digest()
+                if digest > best_digest:
+                    best, best_digest = server, digest
+            return best
+        best, best_score = candidates[0], -1.0
         log = math.log
         for server in candidates:
-            digest = prefix.copy()
-            digest.update(server.identity.encode("utf-8", "surrogatepass"))
-            score = -server.weight / log(_unit(digest.digest()))
+            digest = blake2b(
+                prefix + server.identity.encode("utf-8", "surrogatepass"), digest_size=8
+            ).digest()
+            score = -server.weight / log(_unit(digest))
             if score > best_score:
                 best, best_score = server, score
         return best

@@ -6,6 +6,7 @@ Chains (every rate and limit is huge, so nothing is ever rejected):
 - ``forward``: ``Forward(up1)``
 - ``rr1``: ``RoundRobin(Forward(), [up1])`` (the balancer over the same single upstream)
 - ``rr2``: ``RoundRobin(Forward(), [up1, up2])``
+- ``consistenthash2``: ``ConsistentHash(Forward(), [up1, up2])`` (key: client.ip)
 - ``least2``: ``LeastRequest(Forward(), [up1, up2])``
 - ``buffer_rr2``: ``Buffer(RoundRobin(Forward(), [up1, up2]), retry=...)``
 - ``ratelimit_mem``: ``RateLimit(Forward(up1), rates=[huge])`` (in-process store)
@@ -44,6 +45,7 @@ from oxypy import (  # noqa: E402
     CircuitBreaker,
     Compress,
     ConnLimit,
+    ConsistentHash,
     Forward,
     ForwardAuth,
     Headers,
@@ -89,6 +91,7 @@ def build(chain: str, ups: list[str], redis_url: str | None) -> Any:
         "rr1": lambda: RoundRobin(Forward(), [ups[0]]),
         "rr2": lambda: RoundRobin(Forward(), _two(ups)),
         "least2": lambda: LeastRequest(Forward(), _two(ups)),
+        "consistenthash2": lambda: ConsistentHash(Forward(), _two(ups)),
         "buffer_rr2": lambda: Buffer(RoundRobin(Forward(), _two(ups)), retry=RETRY),
         "ratelimit_mem": lambda: RateLimit(Forward(ups[0]), rates=HUGE),
         "ratelimit_redis": lambda: RateLimit(
@@ -133,6 +136,7 @@ CHAINS = (
     "rr1",
     "rr2",
     "least2",
+    "consistenthash2",
     "buffer_rr2",
     "ratelimit_mem",
     "ratelimit_redis",
