@@ -15,7 +15,7 @@ from ._core.net import IPNetwork, TrustedProxies, parse_ip
 from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import ConfigurationError, RequestError
-from .extractors import make_extractor
+from .extractors import Source
 
 __all__ = ["AddressForbidden", "IPAllowList"]
 
@@ -105,7 +105,7 @@ class IPAllowList:
         self.networks = parse_cidrs(cidrs)
         self.trusted = TrustedProxies(trusted_proxies)
         #: The ``client.ip`` source extractor under the same trust rule.
-        self.client_ip = make_extractor("client.ip", trusted_proxies=self.trusted)
+        self.client_ip = Source("client.ip", trusted_proxies=self.trusted).extract
         self.error_handler = error_handler
         self.skip = skip
         # Address text -> verdict.  A bounded cache shared by requests: plain dict
