@@ -13,6 +13,7 @@ import hashlib
 import json
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -253,3 +254,21 @@ def wait_for(
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         gevent.sleep(interval)
+
+
+#: Sockets holding the ports of recent dead_url() calls.  A bound socket that
+#: never listens refuses connections and keeps its port from being handed to
+#: a server the same test starts next (closing it first let the kernel give
+#: that port to the test's own live upstream: dead == live, once in ~600).
+_RESERVED: deque[socket.socket] = deque()
+
+
+def dead_url() -> str:
+    """A 127.0.0.1 URL where nothing listens (connection refused), reserved
+    until 64 later calls have been made."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _RESERVED.append(sock)
+    while len(_RESERVED) > 64:
+        _RESERVED.popleft().close()
+    return f"http://127.0.0.1:{sock.getsockname()[1]}"

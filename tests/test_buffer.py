@@ -25,18 +25,10 @@ from oxypy import environ as keys
 from oxypy.buffer import RETRY_FUNCS, Attempt, Buffer, should_retry
 from oxypy.predicate import compile_predicate
 
-from _servers import RawUpstream, raw_request, read_exact_body, wait_for
+from _servers import RawUpstream, dead_url, raw_request, read_exact_body, wait_for
 
 HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=20))
 App = Callable[..., Any]
-
-
-def dead_url() -> str:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return f"http://127.0.0.1:{port}"
 
 
 def text_app(

@@ -28,17 +28,11 @@ from oxypy import __version__
 from oxypy._cli.chain import parse_rate
 from oxypy.cli import main
 
+from _servers import dead_url
+
 REPO = Path(__file__).resolve().parent.parent
 BANNER = re.compile(r" on (https?://[\w.\[\]:]+)")
 HTTP = urllib3.PoolManager(retries=False, timeout=10.0)
-
-
-def dead_url() -> str:
-    """A 127.0.0.1 URL where nothing listens (connection refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 class Running:

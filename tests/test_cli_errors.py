@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ import urllib3
 
 from oxypy.cli import main
 
+from _servers import dead_url
+
 REPO = Path(__file__).resolve().parent.parent
 UP = "http://127.0.0.1:9"
 HTTP = urllib3.PoolManager(retries=False, timeout=10.0)
@@ -34,14 +35,6 @@ PARENS = "(" * 200 + "NetworkErrorRatio() > 0.5" + ")" * 200
 NOTS = "!" * 500 + "IsNetworkError()"
 BIG_INT = "Attempts() < " + "9" * 4301
 ANDS = " && ".join(["IsNetworkError()"] * 995)
-
-
-def dead_url() -> str:
-    """A 127.0.0.1 URL where nothing listens (connection refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:

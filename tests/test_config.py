@@ -29,6 +29,7 @@ import oxypy
 from oxypy import ConfigFileError, Gateway, Server, load_config
 from oxypy.config import chain_blocks, reference_markdown
 
+import _servers
 from _servers import start_pywsgi, url_of
 from _ws import WSEchoUpstream
 
@@ -65,9 +66,7 @@ def upstreams() -> Iterator[dict[str, str]]:
 
 @pytest.fixture
 def dead_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return _servers.dead_url()
 
 
 def example_text(urls: dict[str, str]) -> str:
