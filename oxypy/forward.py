@@ -30,6 +30,7 @@ from ._client.response_head import (
     rewrite_cookies,
     trailer_fields,
 )
+from ._core.checks import UNPATCHED, unpatched_greenlet
 from ._core.exchange import Exchange, exchange_log
 from ._core.headers import HOP_BY_HOP, connection_tokens, is_field_name
 from ._core.net import TrustedProxies
@@ -71,6 +72,24 @@ class ResponseHead:
         self.status = status
         self.reason = reason
         self.headers = headers
+
+
+#: Forward's answer in a gevent greenlet of an unpatched process (one line: what to do).
+_REFUSED = (
+    b"oxypy: gevent runs unpatched: put "
+    b"`from gevent import monkey; monkey.patch_all()` first in your program\n"
+)
+
+
+def _refuse_unpatched(start_response: StartResponse) -> list[bytes]:
+    start_response(
+        "500 Internal Server Error",
+        [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(_REFUSED))),
+        ],
+    )
+    return [_REFUSED]
 
 
 class _Target:
@@ -297,6 +316,8 @@ class Forward:
         self._pools = Pools(pool, pool_idle_timeout)
         self._targets: dict[str, _Target] = {}
         self._fixed = self._target(target) if target is not None else None
+        #: Whether the process may run Forward (checked at the first request).
+        self._process_ok: bool | None = None
 
     def _target(self, url: str) -> _Target:
         found = self._targets.get(url)
@@ -323,6 +344,11 @@ class Forward:
 
     # -- the WSGI application -------------------------------------------------
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if not self._process_ok:
+            if self._process_ok is None:
+                self._check_process()
+            if not self._process_ok:
+                return _refuse_unpatched(start_response)
         method = environ["REQUEST_METHOD"]
         url = environ.get(keys.TARGET)
         record = Exchange(url or "", method, time.monotonic())
@@ -415,6 +441,19 @@ class Forward:
                 error_handler=self.error_handler,
             )
         return self._relay(environ, start_response, resp, record, target, host)
+
+    def _check_process(self) -> None:
+        """Once, at the first request: refuse a gevent greenlet in an unpatched process.
+
+        There the upstream exchange's blocking sockets would stop the hub, so
+        concurrent requests would wait for each other and time out.  Real
+        threads (werkzeug's threaded server, gunicorn's sync and gthread
+        workers) and patched processes pass.
+        """
+        ok = not unpatched_greenlet()
+        if not ok:
+            log.error("Forward refuses every request: %s", UNPATCHED)
+        self._process_ok = ok
 
     def _with_deadline(
         self, headers: list[tuple[str, str]], deadline: float | None

@@ -35,6 +35,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
+from ._core.checks import UNPATCHED
 from ._core.net import parse_listen
 from ._core.types import WSGIApplication
 from ._server.config import ServerConfig
@@ -292,21 +293,11 @@ class Server:
         self._stopped.wait()
 
 
-#: What to do when the process is not patched (the message of the error).
-UNPATCHED = (
-    "oxypy's server needs a process monkey-patched by gevent, else one request "
-    "waiting on an upstream blocks every other one: put "
-    "`from gevent import monkey; monkey.patch_all()` on the first lines of your "
-    "program, before any other import (the `oxypy` command and "
-    "`gunicorn -k oxypy.gunicorn.Worker` do it for you)"
-)
-
-
 def _require_patched() -> None:
     from gevent import monkey
 
     if not monkey.is_module_patched("socket"):
-        raise ConfigurationError(UNPATCHED)
+        raise ConfigurationError(f"oxypy's server refuses to start: {UNPATCHED}")
 
 
 def _close(sock: Any) -> None:

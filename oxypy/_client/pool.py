@@ -146,7 +146,7 @@ class HostPool:
         """Give back a connection whose response was read to the end with keep-alive."""
         setattr(conn, _IDLE_SINCE, self._clock())
         self._pool._put_conn(conn)
-        if self._idle_timeout is not None and self._owner._sweeper is None:
+        if self._idle_timeout is not None and self._owner._sweeper is None and _cooperative():
             self._owner._start_sweeper()
 
     def discard(self, conn: Any) -> None:
@@ -210,8 +210,9 @@ class Pools:
     too.  It is a loop timer, not a greenlet: the sweep never blocks (it only
     closes sockets), the timer does not keep the hub alive (``ref=False``),
     it holds the pools weakly and stops with :meth:`close` or once Forward is
-    collected.  Under a server without a gevent hub only the checkout check
-    runs.
+    collected.  In a process gevent did not patch (Forward under a threaded
+    server, whose threads run no hub) there is no sweeper: only the checkout
+    check runs.
     """
 
     def __init__(
@@ -270,6 +271,13 @@ class Pools:
         if timer is not None:
             timer.close()
         self.manager.clear()
+
+
+def _cooperative() -> bool:
+    """Whether gevent patched the process (its hub then runs the sweeper)."""
+    from gevent import monkey
+
+    return bool(monkey.is_module_patched("socket"))
 
 
 #: Pools with a sweeper: a forked child starts its own on its first checkin.

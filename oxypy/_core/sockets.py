@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 from typing import Any
 
@@ -29,8 +30,19 @@ def peer_closed(sock: Any, *, data_is_fine: bool = False) -> bool:
     switch.  For an idle pooled upstream connection unexpected bytes are as bad
     as a close; for a client connection (``data_is_fine``) they are a
     pipelined request.
+
+    A stdlib socket (a process gevent did not patch: Forward under a threaded
+    server) with a timeout waits up to that timeout for data before any
+    ``recv``, ``MSG_DONTWAIT`` or not: it is polled with a zero timeout first,
+    so a quiet, live connection answers at once instead of after the read
+    timeout.
     """
-    raw = getattr(sock, "_sock", sock)
+    raw = getattr(sock, "_sock", None)
+    if raw is None:
+        raw = sock
+        timeout = sock.gettimeout()
+        if timeout and not _readable_now(sock):
+            return False  # alive and quiet
     try:
         data = raw.recv(1, _PEEK)
     except BlockingIOError:
@@ -38,3 +50,13 @@ def peer_closed(sock: Any, *, data_is_fine: bool = False) -> bool:
     except (OSError, ValueError):
         return True
     return not (data and data_is_fine)
+
+
+def _readable_now(sock: Any) -> bool:
+    """Whether ``sock`` has data or an end to read, without waiting."""
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True  # closed under us: let the peek say so
