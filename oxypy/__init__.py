@@ -8,6 +8,9 @@ Every block is a WSGI application wrapping the next one, like Go handlers::
 
 from __future__ import annotations
 
+# First: under ``python -m oxypy`` it patches the process before ssl is imported.
+from ._cli import boot as _boot  # noqa: F401  # isort: skip
+
 import logging
 
 from ._core.types import Clock

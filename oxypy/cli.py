@@ -14,10 +14,9 @@ handler at WARNING.  The library itself configures no logging.
 
 The process cooperates with gevent.  The console script's entry point
 (``_oxypy_cli.main``, a module outside the package) patches it before
-``oxypy`` is imported, so nothing re-executes.  ``python -m oxypy`` imports
-the package (and ``ssl``) first, so it re-executes itself once, keeping its
-PID, with the patch applied first (the current directory is on ``sys.path``
-there in both runs, as ``-m`` puts it).
+``oxypy`` is imported; under ``python -m oxypy`` the package's first import
+(``oxypy._cli.boot``) does, before anything imports ``ssl``.  Nothing
+re-executes the process.
 """
 
 from __future__ import annotations
@@ -46,15 +45,8 @@ from .exceptions import ConfigurationError
 __all__ = ["main", "make_parser"]
 
 PROG = "oxypy"
-_REEXEC_ENV = "OXYPY_CLI_PATCHED"
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-_BOOT = (
-    "from gevent import monkey; monkey.patch_all()\n"
-    "import sys\n"
-    "from oxypy.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
 
 _EPILOG = """\
 examples:
@@ -497,17 +489,11 @@ def _positive_int(text: str) -> int:
 
 
 def _patch() -> None:
-    """Monkey-patch with gevent, re-executing first if ssl was imported unpatched."""
+    """Monkey-patch with gevent unless the entry point did (it always does first)."""
     from gevent import monkey
 
-    if monkey.is_module_patched("socket"):
-        return
-    if "ssl" in sys.modules and os.environ.get(_REEXEC_ENV) != "1":
-        sys.stdout.flush()
-        sys.stderr.flush()
-        env = dict(os.environ, **{_REEXEC_ENV: "1"})
-        os.execve(sys.executable, [sys.executable, "-c", _BOOT, *sys.argv[1:]], env)
-    monkey.patch_all()
+    if not monkey.is_module_patched("socket"):
+        monkey.patch_all()
 
 
 def load_app(target: str) -> Any:
@@ -590,14 +576,9 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``oxypy`` command; returns the exit status (2 for usage errors)."""
+    _patch()
     if argv is None:
-        _patch()
         argv = sys.argv[1:]
-    else:
-        from gevent import monkey
-
-        if not monkey.is_module_patched("socket"):
-            monkey.patch_all()
     parser, subparsers = _make_parsers()
     args = parser.parse_args(_join_negative_values(list(argv)))
     try:

@@ -292,3 +292,79 @@ def test_peer_closed_never_waits_on_a_stdlib_socket(timeout: float | None) -> No
     finally:
         ours.close()
         theirs.close()
+
+
+PROBE_APP = """
+import sys, warnings
+import gevent.ssl, ssl, urllib3.util.ssl_
+print(sys.orig_argv[1:3], sys.modules["__main__"].__spec__.name)
+print("ssl", ssl.SSLContext is gevent.ssl.SSLContext)
+print("urllib3", urllib3.util.ssl_.SSLContext is gevent.ssl.SSLContext)
+sys.exit(0)
+"""
+
+
+def test_python_m_oxypy_patches_first_without_re_executing(tmp_path: Path) -> None:
+    """``python -m oxypy`` from the parent of a clone (an ``oxypy/`` folder
+    that is not the package): the command runs in the same process, patched
+    before urllib3 took its names from ssl."""
+    (tmp_path / "oxypy").mkdir()  # the clone: no __init__.py at its top
+    (tmp_path / "oxypy" / "README.md").write_text("a clone\\n")
+    (tmp_path / "probe_app.py").write_text(PROBE_APP)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    done = subprocess.run(
+        [sys.executable, "-m", "oxypy", "serve", "probe_app:app"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "['-m', 'oxypy'] oxypy.__main__",
+        "ssl True",
+        "urllib3 True",
+    ], done.stderr
+    assert done.stderr == ""  # no MonkeyPatchWarning: nothing imported ssl first
+    for args in (["--help"], ["proxy", "--help"], ["--version"]):
+        shown = subprocess.run(
+            [sys.executable, "-m", "oxypy", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env=env,
+        )
+        assert shown.returncode == 0 and shown.stderr == "", (args, shown.stderr)
+        assert shown.stdout.startswith(("usage: oxypy", "oxypy "))
+
+
+def test_importing_oxypy_patches_nothing(tmp_path: Path) -> None:
+    done = _python(
+        "import oxypy, sys\nfrom gevent import monkey\n"
+        "print(monkey.is_module_patched('socket'), 'ssl' in sys.modules)\n",
+        tmp_path,
+    )
+    assert done.stdout == "False True\n", done.stderr
+
+
+@pytest.mark.parametrize(
+    ("orig_argv", "expected"),
+    [
+        (["python", "-m", "oxypy", "proxy"], True),
+        (["python", "-moxypy"], True),
+        (["python", "-X", "dev", "-W", "error", "-m", "oxypy"], True),
+        (["python", "-Xdev", "-Im", "oxypy.__main__"], True),
+        (["python", "-m", "mygateway"], False),
+        (["python", "-m", "oxypy.cli"], False),
+        (["python", "-c", "-m oxypy"], False),
+        (["python", "-W", "-m", "-m", "other"], False),
+        (["python", "script.py", "-m", "oxypy"], False),
+    ],
+)
+def test_run_as_module_reads_the_interpreter_options(orig_argv: list[str], expected: bool) -> None:
+    from oxypy._cli.boot import run_as_module
+
+    assert run_as_module(["-m"], orig_argv) is expected
+    assert run_as_module(["/usr/bin/oxypy"], orig_argv) is False  # not while locating -m
