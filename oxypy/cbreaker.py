@@ -259,13 +259,25 @@ class CircuitBreaker:
             self._state = State.RECOVERING
             self._until = start + self.recovery_duration
             self._ratio = _RatioController(start, self.recovery_duration)
-            log.info("circuit breaker recovering for %gs (%s)", self.recovery_duration, self)
+            self._log_edge(logging.INFO, f"recovering for {self.recovery_duration:g}s")
             fired.append(Transition(self, State.TRIPPED, State.RECOVERING, start))
         if self._state is State.RECOVERING and now >= self._until:
             self._state = State.STANDBY
             self._ratio = None
-            log.info("circuit breaker back to standby (%s)", self)
+            self._log_edge(logging.INFO, "back to standby")
             fired.append(Transition(self, State.RECOVERING, State.STANDBY, self._until))
+
+    def _log_edge(self, level: int, what: str) -> None:
+        """One line for a state change, with what the trigger's functions give now."""
+        values = _trigger_values(self.expression, self.metrics)
+        log.log(
+            level,
+            "circuit breaker %s: %s%s",
+            what,
+            self.expression,
+            f" with {values}" if values else "",
+            extra={"trigger": self.expression, "values": values},
+        )
 
     def _trip(self, now: float, fired: list[Transition]) -> None:
         old = self._state

@@ -164,6 +164,7 @@ def _config_parsers(sub: Any) -> tuple[argparse.ArgumentParser, argparse.Argumen
     r.add_argument(
         "--no-watch", action="store_true", help="do not watch the file (SIGHUP still reloads)"
     )
+    _log_flags(r)
     r.add_argument(
         "--graceful-timeout",
         type=float,
@@ -188,7 +189,7 @@ def _config_command(args: argparse.Namespace) -> int:
         gateway.close()
         print(f"{args.config}: OK: {gateway.summary}", flush=True)
         return 0
-    _show_warnings()
+    _show_warnings(args)
     logging.getLogger("oxypy.config").setLevel(logging.INFO)
     try:
         _run_gateway(gateway, args)
@@ -238,19 +239,7 @@ def _common(p: argparse.ArgumentParser, listen: Any) -> None:
         help="with --tls-cert: close a client that has not finished its TLS handshake "
         "N s after connecting (10)",
     )
-    p.add_argument(
-        "--log-level",
-        choices=_LOG_LEVELS,
-        default="warning",
-        help="log lines at this level and above on stderr (warning); info adds the "
-        "listening line and every state change (server ejected/returned, breaker, Redis)",
-    )
-    p.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default="text",
-        help="text lines, or one JSON object per line (time, level, logger, message, extras)",
-    )
+    _log_flags(p)
     p.add_argument(
         "--listen",
         default="127.0.0.1:8080",
@@ -293,6 +282,22 @@ def _common(p: argparse.ArgumentParser, listen: Any) -> None:
         metavar="N",
         help="open client connections at most; at the cap an idle or slow one makes "
         "room (default: from ulimit -n, at most 10000)",
+    )
+
+
+def _log_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-level",
+        choices=_LOG_LEVELS,
+        default="warning",
+        help="log lines at this level and above on stderr (warning); info adds the "
+        "listening line and every state change (server ejected/returned, breaker, Redis)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines, or one JSON object per line (time, level, logger, message, extras)",
     )
 
 

@@ -823,3 +823,38 @@ def test_trip_line_carries_the_expressions_values(
         "NetworkErrorRatio()=0.5941, RequestThreshold()=101, "
         "ResponseCodeRatio(500, 600, 0, 600)=0.5941"
     )
+
+
+def test_recovering_and_standby_lines_carry_the_expressions_values(
+    proxy: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="oxypy.cbreaker")
+    clock = FakeClock()
+    expression = "NetworkErrorRatio() > 0.5 && RequestThreshold() >= 10"
+    cb = CircuitBreaker(hello, expression, clock=clock)
+    url = proxy(cb)
+    preload(cb.metrics, 0.6)
+    get(url)
+    assert cb.state is State.TRIPPED
+    clock.advance(10)
+    preload(cb.metrics, 0.2, n=50)  # what the metrics hold when the period ends
+    get(url)
+    assert state_of(cb) is State.RECOVERING
+    clock.advance(10)
+    preload(cb.metrics, 0.1, n=20)  # the recovery window's traffic
+    get(url)
+    assert state_of(cb) is State.STANDBY
+    lines = [r.getMessage() for r in caplog.records if r.name == "oxypy.cbreaker"]
+    assert lines[1:] == [
+        f"circuit breaker recovering for 10s: {expression} with "
+        "NetworkErrorRatio()=0.2, RequestThreshold()=50",
+        f"circuit breaker back to standby: {expression} with "
+        "NetworkErrorRatio()=0.1, RequestThreshold()=20",
+    ]
+    records = [r for r in caplog.records if r.name == "oxypy.cbreaker"]
+    assert [getattr(r, "values", None) for r in records[1:]] == [
+        "NetworkErrorRatio()=0.2, RequestThreshold()=50",
+        "NetworkErrorRatio()=0.1, RequestThreshold()=20",
+    ]

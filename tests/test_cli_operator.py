@@ -40,7 +40,7 @@ class Command:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "oxypy", *args], stdout=out, stderr=err, env=env
+                [sys.executable, "-m", "oxypy", *args], stdout=out, stderr=err, env=env, cwd=tmp
             )
         self.url = self.wait_for(lambda: re.search(r" on (https?://[\d.:]+)", self.stdout()))[1]
 
@@ -219,10 +219,84 @@ def test_server_state_changes_are_logged(tmp_path: Path, commands: list[Command]
 
 def _check_ejection_line(c: Command, dead: str) -> None:
     line = c.wait_for(
-        lambda: re.search(rf"WARNING oxypy\.cli: upstream {dead} ejected: .*$", c.stderr(), re.M)
+        lambda: re.search(
+            rf"WARNING oxypy\.balancer: upstream {dead} ejected: .*$", c.stderr(), re.M
+        )
     )
-    assert "consecutive network errors" in line[0]
+    assert line[0].endswith(
+        f"upstream {dead} ejected: 1 network errors or timeouts in a row; out for 30 s"
+    )
     assert f"INFO oxypy.server: listening on {c.url}" in c.stderr()
+
+
+GATEWAY_APP = """
+from oxypy import Forward, HealthCheck, OutlierDetection, RoundRobin
+
+app = RoundRobin(
+    Forward(),
+    [{dead!r}, {live!r}],
+    health_check=HealthCheck("/healthz", interval=0.2, unhealthy_threshold=2),
+    outlier_detection=OutlierDetection(consecutive_errors=1),
+)
+"""
+
+GATEWAY_TOML = """
+[[listeners]]
+address = "127.0.0.1:0"
+
+[services.api]
+servers = [{dead!r}, {live!r}]
+health_check = {{ path = "/healthz", interval = "0.2s", unhealthy_threshold = 2 }}
+outlier_detection = {{ consecutive_errors = 1 }}
+
+[[routes]]
+prefix = "/"
+service = "api"
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["serve", "run"])
+def test_server_state_changes_are_logged_by_serve_and_run(
+    command: str, tmp_path: Path, commands: list[Command]
+) -> None:
+    """The balancer's lines come from the library: a gateway built in Python
+    (``oxypy serve``) or from a file (``oxypy run``) logs them too."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    live = WSGIServer(("127.0.0.1", 0), echo_app, log=None, error_log=None)
+    live.start()
+    try:
+        urls = {"dead": dead, "live": f"http://127.0.0.1:{live.address[1]}"}
+        if command == "serve":
+            (tmp_path / "gateway_app.py").write_text(GATEWAY_APP.format(**urls))
+            argv = ["serve", "gateway_app:app", "--listen", "127.0.0.1:0"]
+        else:
+            (tmp_path / "gateway.toml").write_text(GATEWAY_TOML.format(**urls))
+            argv = ["run", str(tmp_path / "gateway.toml"), "--no-watch"]
+        c = Command([*argv, "--log-level", "info", "--log-format", "json"], tmp_path)
+        commands.append(c)
+        statuses = {HTTP.request("GET", c.url + "/").status for _ in range(4)}
+        assert 200 in statuses
+        c.wait_for(lambda: '"event": "unhealthy"' in c.stderr())
+        lines = [r for r in json_lines(c.stderr()) if r["logger"] == "oxypy.balancer"]
+        (unhealthy,) = [r for r in lines if r["event"] == "unhealthy"]
+        assert unhealthy["level"] == "warning" and unhealthy["upstream"] == dead
+        assert unhealthy["message"].startswith(
+            f"upstream {dead} unhealthy: 2 health checks failed in a row, "
+            "the last: GET /healthz failed: "
+        )
+        assert "Connection refused" in unhealthy["reason"]
+        if 502 in statuses:  # round robin sent a request to the dead server first
+            (ejected,) = [r for r in lines if r["event"] == "ejected"]
+            assert ejected["message"] == (
+                f"upstream {dead} ejected: 1 network errors or timeouts in a row; out for 30 s"
+            )
+        assert not [r for r in lines if r["upstream"] == urls["live"] and r["level"] != "info"]
+        c.stop()
+    finally:
+        live.stop(timeout=1)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -20,6 +21,7 @@ from werkzeug.test import EnvironBuilder
 from oxypy import environ as keys
 from oxypy._balance.health import count_probe
 from oxypy._balance.outlier import count_result, expire_ejections
+from oxypy._balance.pool import Pool
 from oxypy._balance.state import Input, ServerState, State, transition
 from oxypy._core.iterables import ClosingIterable
 from oxypy.exceptions import ClientDisconnected, ConfigurationError, UpstreamConnectError
@@ -613,3 +615,60 @@ def test_client_aborts_never_count_against_a_server(pywsgi: Any, proxy: Any, htt
         b"b",
     ]
     assert statuses == {a: [200], b: [200]}
+
+
+def test_every_state_change_is_one_log_line_with_its_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The pool logs each event (logger ``oxypy.balancer``) whoever built the
+    balancer: WARNING when a server leaves rotation, INFO otherwise."""
+    caplog.set_level(logging.INFO, logger="oxypy.balancer")
+    pool = Pool(clock=lambda: 0.0, on_change=None)
+    pool.upsert("http://s0", 1)
+    pool.upsert("http://s1", 1)
+    s0 = pool.find("http://s0")
+    assert s0 is not None
+    hc = HealthCheck(healthy_threshold=2, unhealthy_threshold=2)
+    od = OutlierDetection(consecutive_errors=3, base_ejection_time=30)
+    for passed, failure in [(False, "GET / answered 503"), (False, "GET / answered 500")]:
+        events: list[tuple[str, str]] = []
+        count_probe(hc, s0, passed, events, failure)
+        pool.notify(events)
+    for passed in [True, True]:
+        events = []
+        count_probe(hc, s0, passed, events)
+        pool.notify(events)
+    for _ in range(3):
+        events = []
+        count_result(od, s0, True, 10.0, pool.snapshot(), events)
+        pool.notify(events)
+    events = []
+    expire_ejections(pool.snapshot(), 40.0, events)
+    pool.notify(events)
+    pool.remove("http://s0")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("INFO", "upstream http://s0 added"),
+        ("INFO", "upstream http://s1 added"),
+        (
+            "WARNING",
+            "upstream http://s0 unhealthy: 2 health checks failed in a row, "
+            "the last: GET / answered 500",
+        ),
+        ("INFO", "upstream http://s0 healthy: 2 health checks passed in a row"),
+        (
+            "WARNING",
+            "upstream http://s0 ejected: 3 network errors or timeouts in a row; out for 30 s",
+        ),
+        ("INFO", "upstream http://s0 returned: its ejection time is over"),
+        ("INFO", "upstream http://s0 removed"),
+    ]
+    assert {r.name for r in caplog.records} == {"oxypy.balancer"}
+    assert [getattr(r, "event", None) for r in caplog.records] == [
+        "added",
+        "added",
+        "unhealthy",
+        "healthy",
+        "ejected",
+        "returned",
+        "removed",
+    ]

@@ -23,18 +23,41 @@ log = logging.getLogger(__name__)
 
 
 def count_probe(
-    config: HealthCheck, server: ServerState, passed: bool, events: list[Event]
+    config: HealthCheck,
+    server: ServerState,
+    passed: bool,
+    events: list[Event],
+    failure: str = "",
 ) -> None:
-    """Count one probe result for ``server`` (pool lock held)."""
+    """Count one probe result for ``server`` (pool lock held); ``failure``
+    says what went wrong with a failed probe (for the log line)."""
     streak = server.check_streak
     if passed:
         server.check_streak = streak = streak + 1 if streak > 0 else 1
         if streak >= config.healthy_threshold:
-            transition(server, Input.PROBES_PASSED, events)
+            transition(
+                server, Input.PROBES_PASSED, events, reason=f"{_checks(streak)} passed in a row"
+            )
     else:
         server.check_streak = streak = streak - 1 if streak < 0 else -1
         if -streak >= config.unhealthy_threshold:
-            transition(server, Input.PROBES_FAILED, events)
+            reason = f"{_checks(-streak)} failed in a row, the last: {failure or 'failed'}"
+            transition(server, Input.PROBES_FAILED, events, reason=reason)
+
+
+def _checks(count: int) -> str:
+    return "1 health check" if count == 1 else f"{count} health checks"
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost reason of a urllib3 error (``Connection refused``, ``timed out``)."""
+    cause: BaseException = exc
+    reason = getattr(cause, "reason", None)
+    while isinstance(reason, BaseException):
+        cause = reason
+        reason = getattr(cause, "reason", None)
+    # urllib3's messages start with the connection object: keep what follows it.
+    return str(cause).split(">: ", 1)[-1] or type(cause).__name__
 
 
 class HealthChecker:
@@ -75,7 +98,8 @@ class HealthChecker:
             gevent.killall([p for p in probes if not p.dead], block=True, timeout=1)
         self.http.clear()
 
-    def probe(self, url: str) -> bool:
+    def probe(self, url: str) -> str | None:
+        """None when ``url`` passes the check, else what went wrong."""
         config = self.config
         headers = {"Host": config.host} if config.host else {}
         headers["User-Agent"] = "oxypy-health-check"
@@ -85,17 +109,19 @@ class HealthChecker:
             )
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             log.debug("health check of %s failed: %s", url, exc)
-            return False
-        return config.accepts(resp.status)
+            return f"GET {config.path} failed: {_cause(exc)}"
+        if config.accepts(resp.status):
+            return None
+        return f"GET {config.path} answered {resp.status}"
 
     def check(self, server: ServerState) -> None:
         """Probe one server and count the result as soon as it is known."""
-        passed = self.probe(server.url)
+        failure = self.probe(server.url)
         if self.stopped:
             return  # the balancer closed meanwhile: its pool takes no more results
         events: list[Event] = []
         with self.pool.lock:
-            count_probe(self.config, server, passed, events)
+            count_probe(self.config, server, failure is None, events, failure or "")
         self.pool.notify(events)
 
     def round(self) -> None:

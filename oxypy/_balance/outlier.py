@@ -12,7 +12,6 @@ the ejection and hands ``EJECT`` to the state machine
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from collections.abc import Iterable, Sequence
 
@@ -21,8 +20,6 @@ from ..health import OutlierDetection
 from .state import Event, Input, ServerState, State, transition
 
 __all__ = ["count_result", "expire_ejections", "outcome"]
-
-log = logging.getLogger(__name__)
 
 
 def outcome(exchanges: Iterable[Exchange], target: str) -> bool | None:
@@ -83,10 +80,18 @@ def count_result(
     last = min(config.base_ejection_time * server.ejections, config.max_ejection_time)
     if server.returned_at is not None and now - server.returned_at >= last:
         server.ejections = 0
+    if (
+        config.consecutive_errors is not None
+        and server.consecutive_errors >= config.consecutive_errors
+    ):
+        why = f"{server.consecutive_errors} network errors or timeouts in a row"
+    else:
+        why = f"{sum(recent)} network errors or timeouts in the last {len(recent)} requests"
     server.ejections += 1
     duration = min(config.base_ejection_time * server.ejections, config.max_ejection_time)
-    transition(server, Input.EJECT, events, until=now + duration)
-    log.warning("ejected %s for %.1f s", server.url, duration)
+    transition(
+        server, Input.EJECT, events, until=now + duration, reason=f"{why}; out for {duration:g} s"
+    )
 
 
 def expire_ejections(servers: Sequence[ServerState], now: float, events: list[Event]) -> None:
@@ -94,4 +99,5 @@ def expire_ejections(servers: Sequence[ServerState], now: float, events: list[Ev
     for server in servers:
         until = server.ejected_until
         if until is not None and now >= until:
-            transition(server, Input.EJECTION_OVER, events, now=now)
+            reason = "its ejection time is over"
+            transition(server, Input.EJECTION_OVER, events, now=now, reason=reason)

@@ -24,6 +24,11 @@ from .state import Event, Input, ServerState, transition
 __all__ = ["Member", "OnChange", "Pool"]
 
 log = logging.getLogger(__name__)
+#: One line per server state change, under the name operators see.
+_events_log = logging.getLogger("oxypy.balancer")
+
+#: The level of each event's line: WARNING when a server leaves rotation.
+_LEVELS = {"unhealthy": logging.WARNING, "ejected": logging.WARNING}
 
 #: ``on_change(server_url, event)``; events: ``added``, ``removed``,
 #: ``unhealthy``, ``healthy``, ``ejected``, ``returned``.
@@ -137,7 +142,20 @@ class Pool:
 
     # -- events ----------------------------------------------------------------------
     def notify(self, events: list[Event]) -> None:
-        """Report ``events`` to ``on_change``; call without the lock held."""
+        """Log ``events`` (logger ``oxypy.balancer``: one line each, WARNING
+        when a server leaves rotation, INFO otherwise) and report them to
+        ``on_change``; call without the lock held."""
+        for found in events:
+            url, event = found
+            reason = getattr(found, "reason", "")
+            _events_log.log(
+                _LEVELS.get(event, logging.INFO),
+                "upstream %s %s%s",
+                url,
+                event,
+                f": {reason}" if reason else "",
+                extra={"upstream": url, "event": event, "reason": reason},
+            )
         if not events or self.on_change is None:
             return
         for url, event in events:

@@ -48,10 +48,24 @@ from __future__ import annotations
 import enum
 from collections import deque
 
-__all__ = ["TRANSITIONS", "Event", "Input", "ServerState", "State", "transition"]
+__all__ = ["TRANSITIONS", "Change", "Event", "Input", "ServerState", "State", "transition"]
+
 
 #: ``(server_url, on_change event)``, collected under the lock, reported after.
 Event = tuple[str, str]
+
+
+class Change(tuple[str, str]):
+    """The :data:`Event` :func:`transition` appends, with ``reason``: why, in
+    words, for the pool's log line (``"3 network errors or timeouts in a
+    row"``); the reason is not part of the tuple."""
+
+    reason: str
+
+    def __new__(cls, url: str, name: str, reason: str = "") -> Change:
+        self = super().__new__(cls, (url, name))
+        self.reason = reason
+        return self
 
 
 class State(enum.Enum):
@@ -172,11 +186,13 @@ def transition(
     *,
     now: float = 0.0,
     until: float | None = None,
+    reason: str = "",
 ) -> bool:
     """Apply ``event`` to ``server`` (pool lock held); return whether its state changed.
 
     ``until`` is the end of the ejection for ``EJECT``; ``now`` the time of
-    ``EJECTION_OVER``.  The ``on_change`` event, if any, is appended to ``events``.
+    ``EJECTION_OVER``.  The ``on_change`` event, if any, is appended to
+    ``events`` with ``reason`` (why, for the log line).
     """
     try:
         after, name = TRANSITIONS[server.state, event]
@@ -200,5 +216,5 @@ def transition(
         server.consecutive_errors = 0
         server.recent.clear()
     if name is not None:
-        events.append((server.url, name))
+        events.append(Change(server.url, name, reason))
     return True

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from .._core.net import parse_listen
 from .._core.urls import parse_target_url
-from .logs import server_events
 
 if TYPE_CHECKING:
     from .._core.types import WSGIApplication
@@ -297,7 +296,6 @@ def build_proxy(
             sticky=sticky,
             health_check=health,
             outlier_detection=outlier,
-            on_change=server_events,
         ),
     )
     proxy.balancer = balancer

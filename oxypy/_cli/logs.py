@@ -17,7 +17,7 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-__all__ = ["JSONFormatter", "TEXT_FORMAT", "configure", "server_events"]
+__all__ = ["JSONFormatter", "TEXT_FORMAT", "configure"]
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -25,8 +25,6 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _STANDARD = frozenset(
     vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)).keys()
 ) | {"message", "asctime", "taskName"}
-
-log = logging.getLogger("oxypy.cli")
 
 
 class JSONFormatter(logging.Formatter):
@@ -62,33 +60,3 @@ def configure(level: str = "warning", fmt: str = "text") -> None:
     package.addHandler(handler)
     if package.level == logging.NOTSET or level != "warning":
         package.setLevel(level.upper())
-
-
-#: Balancer events and the level of their line.
-_EVENT_LEVELS = {
-    "added": logging.INFO,
-    "removed": logging.INFO,
-    "unhealthy": logging.WARNING,
-    "healthy": logging.INFO,
-    "ejected": logging.WARNING,
-    "returned": logging.INFO,
-}
-_EVENT_REASONS = {
-    "added": "added",
-    "removed": "removed",
-    "unhealthy": "removed from rotation: health check failed",
-    "healthy": "back in rotation: health check passed",
-    "ejected": "ejected: consecutive network errors or timeouts",
-    "returned": "back in rotation: ejection over",
-}
-
-
-def server_events(url: str, event: str) -> None:
-    """A balancer's ``on_change``: one line per server state change."""
-    log.log(
-        _EVENT_LEVELS.get(event, logging.INFO),
-        "upstream %s %s",
-        url,
-        _EVENT_REASONS.get(event, event),
-        extra={"upstream": url, "event": event},
-    )
