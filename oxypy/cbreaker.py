@@ -61,6 +61,7 @@ from typing import Any
 from . import environ as keys
 from ._core.checks import finite_number
 from ._core.observe import Observation, observe
+from ._core.snapshot import BreakerSnapshot, TermSnapshot
 from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import CircuitOpen, ConfigurationError
@@ -385,11 +386,81 @@ class CircuitBreaker:
         # error; a client that went away (499) or an app bug (500) never is.
         self._settle(outcome.status, ended - started, outcome.upstream_failed)
 
+    def snapshot(self) -> BreakerSnapshot:
+        """The state now, the seconds it has left, and each comparison of the
+        expression with its function's current value (for the status page).
+
+        .. versionadded:: 0.3
+        """
+        state = self.state  # applies the time-driven edges first
+        with self._lock:
+            left = self._until - self.clock() if state is not State.STANDBY else None
+        return {
+            "kind": "CircuitBreaker",
+            "state": state.value,
+            "expression": self.expression,
+            "state_for": None if left is None else round(max(0.0, left), 1),
+            "terms": _terms(self.expression, self.metrics),
+        }
+
     def __repr__(self) -> str:
         return f"CircuitBreaker({self.expression!r}, state={self._state.value})"
 
 
 _CALL = re.compile(r"\b([A-Za-z]+)\(([^()]*)\)")
+_NUM = r"(-?[0-9][0-9.eE+-]*)"
+_OP = r"(==|!=|<=|>=|<|>)"
+_CALL_OP_NUM = re.compile(r"\b([A-Za-z]+)\(([^()]*)\)\s*" + _OP + r"\s*" + _NUM)
+_NUM_OP_CALL = re.compile(_NUM + r"\s*" + _OP + r"\s*([A-Za-z]+)\(([^()]*)\)")
+_FLIP = {"==": "==", "!=": "!=", "<": ">", ">": "<", "<=": ">=", ">=": "<="}
+_CMP: dict[str, Callable[[float, float], bool]] = {
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+    "<": lambda a, b: a < b,
+    ">": lambda a, b: a > b,
+    "<=": lambda a, b: a <= b,
+    ">=": lambda a, b: a >= b,
+}
+
+
+def _call_value(name: str, raw: str, metrics: Any) -> float | None:
+    """The value of the trigger function call ``name(raw)`` on ``metrics`` (None if not one)."""
+    func = TRIGGER_FUNCTIONS.get(name)
+    if func is None:
+        return None
+    parts = [p.strip() for p in raw.split(",")] if raw.strip() else []
+    try:
+        args = [t(p) for t, p in zip(func.args, parts, strict=True)]
+        value = func.impl(metrics, *args)
+    except (ValueError, TypeError, ArithmeticError):
+        return None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _terms(expression: str, metrics: Any) -> list[TermSnapshot]:
+    """Each ``Call() op number`` comparison of ``expression``, with the call's value now."""
+    found: list[tuple[int, str, str, str, str]] = []
+    for m in _CALL_OP_NUM.finditer(expression):
+        found.append((m.start(), m.group(1), m.group(2), m.group(3), m.group(4)))
+    for m in _NUM_OP_CALL.finditer(expression):
+        found.append((m.start(), m.group(3), m.group(4), _FLIP[m.group(2)], m.group(1)))
+    out: list[TermSnapshot] = []
+    for _, name, raw, op, number in sorted(found):
+        try:
+            threshold = float(number)
+        except ValueError:
+            continue
+        value = _call_value(name, raw, metrics)
+        out.append(
+            {
+                "call": f"{name}({raw.strip()})",
+                "op": op,
+                "threshold": threshold,
+                "value": value,
+                "holds": None if value is None else _CMP[op](value, threshold),
+            }
+        )
+    return out
 
 
 def _trigger_values(expression: str, metrics: Any) -> str:
@@ -397,15 +468,12 @@ def _trigger_values(expression: str, metrics: Any) -> str:
     function of ``expression`` gave when it tripped (for the log line)."""
     shown: dict[str, str] = {}
     for name, raw in _CALL.findall(expression):
-        func = TRIGGER_FUNCTIONS.get(name)
         call = f"{name}({raw.strip()})"
-        if func is None or call in shown:
+        if call in shown:
             continue
-        parts = [p.strip() for p in raw.split(",")] if raw.strip() else []
-        try:
-            args = [t(p) for t, p in zip(func.args, parts, strict=True)]
-            value = func.impl(metrics, *args)
-        except (ValueError, TypeError, ArithmeticError):
+        value = _call_value(name, raw, metrics)
+        if value is None:
             continue
-        shown[call] = f"{value:.4g}" if isinstance(value, float) else str(value)
+        float_ = TRIGGER_FUNCTIONS[name].returns is float
+        shown[call] = f"{value:.4g}" if float_ else str(int(value))
     return ", ".join(f"{k}={v}" for k, v in shown.items())

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from ._core.net import TrustedProxies
 from ._core.observe import observe
+from ._core.snapshot import BlockSnapshot, describe_store
 from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import ConfigurationError, ConnLimitReached
@@ -77,6 +78,12 @@ class MemoryConnStore:
 
     def __len__(self) -> int:
         return len(self._counts)
+
+    def usage(self) -> tuple[int, int]:
+        """``(requests in flight, the most any one source has)``."""
+        with self._lock:
+            counts = list(self._counts.values())
+        return sum(counts), max(counts, default=0)
 
     def acquire(self, key: str, limit: int) -> Lease | None:
         with self._lock:
@@ -171,6 +178,30 @@ class ConnLimit:
         self.clock = clock
         self.error_handler = error_handler
         self.skip = skip
+        #: requests refused with 429 since creation (the status page)
+        self.rejected = 0
+
+    def snapshot(self) -> BlockSnapshot:
+        """``{"kind", "max_conns", "store", "in_flight", "sources", "busiest", "rejected"}``
+        for the status page; the use fields are None for a store other than the
+        in-memory one.
+
+        .. versionadded:: 0.3
+        """
+        store = self.store
+        in_flight = sources = busiest = None
+        if isinstance(store, MemoryConnStore):
+            sources = len(store)
+            in_flight, busiest = store.usage()
+        return {
+            "kind": "ConnLimit",
+            "max_conns": self.max_conns,
+            "store": describe_store(store),
+            "in_flight": in_flight,
+            "sources": sources,
+            "busiest": busiest,
+            "rejected": self.rejected,
+        }
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         key = self.source.gate(self, environ, start_response)
@@ -178,6 +209,7 @@ class ConnLimit:
             return key  # skipped, unkeyed or refused: already answered
         lease = self.store.acquire(key, self.max_conns)
         if lease is None:
+            self.rejected += 1
             reached = ConnLimitReached(f"connection limit reached: {self.max_conns} in flight")
             return respond_error(self.error_handler, environ, start_response, reached)
         refresh = _Refresher(lease, self.clock) if lease.refresh_every > 0 else None

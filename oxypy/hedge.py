@@ -21,6 +21,7 @@ from . import environ as keys
 from ._core.checks import finite_number
 from ._core.exchange import Exchange, exchange_log
 from ._core.iterables import ClosingIterable
+from ._core.snapshot import BlockSnapshot
 from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .exceptions import ConfigurationError, NoResponse
 from .retrybudget import RetryBudget
@@ -268,6 +269,23 @@ class Hedge:
         outer_log.extend(winner.log)
         start_response(winner.status or "502 Bad Gateway", winner.headers)
         return ClosingIterable(_chain(winner.first, winner.iterator or iter(())), winner.close)
+
+    def snapshot(self) -> BlockSnapshot:
+        """``{"kind", "delay", "max_hedges", "hedges", "hedge_wins", "refused"}``
+        (counts since creation) for the status page.
+
+        .. versionadded:: 0.3
+        """
+        with self._lock:
+            counts = (self.hedges, self.hedge_wins, self.refused)
+        return {
+            "kind": "Hedge",
+            "delay": self.delay,
+            "max_hedges": self.max_hedges,
+            "hedges": counts[0],
+            "hedge_wins": counts[1],
+            "refused": counts[2],
+        }
 
     @staticmethod
     def _cancel(attempts: list[_Attempt], winner: _Attempt | None) -> None:

@@ -32,6 +32,7 @@ from typing import Any, NamedTuple, Protocol
 
 from ._core.deprecation import keyword_only_since, renamed_since
 from ._core.net import TrustedProxies
+from ._core.snapshot import BlockSnapshot, describe_store
 from ._core.types import Clock, Headers, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .errors import ErrorHandler, default_error_handler, respond_error
 from .exceptions import ConfigurationError, RateLimited, RequestError
@@ -349,6 +350,8 @@ class RateLimit:
         self.error_handler = error_handler
         self.skip = skip
         self._policies: dict[tuple[Rate, ...], str] = {self.rates: policy_header(self.rates)}
+        #: requests refused with 429 since creation (the status page)
+        self.limited = 0
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         key = self.source.gate(self, environ, start_response)
@@ -377,6 +380,7 @@ class RateLimit:
                 ("X-Retry-In", shown),
             ]
             headers.extend(self._rate_headers(rates, verdict.debts))
+            self.limited += 1
             limited = RateLimited(f"rate limit reached, retry in {shown}", headers=headers)
             return respond_error(self.error_handler, environ, start_response, limited)
         if not self.ratelimit_headers or not verdict.debts:
@@ -390,6 +394,22 @@ class RateLimit:
 
         return self.next_app(environ, start_with_headers)
 
+    def snapshot(self) -> BlockSnapshot:
+        """``{"kind", "rates", "store", "sources", "limited"}`` for the status page:
+        the rates, the store (URL password redacted), the sources the in-memory
+        store tracks now (None for another store) and the requests refused.
+
+        .. versionadded:: 0.3
+        """
+        store = self.store
+        return {
+            "kind": "RateLimit",
+            "rates": [_describe_rate(r) for r in self.rates],
+            "store": describe_store(store),
+            "sources": len(store) if isinstance(store, MemoryStore) else None,
+            "limited": self.limited,
+        }
+
     def _rate_headers(self, rates: tuple[Rate, ...], debts: Sequence[float]) -> Headers:
         if len(debts) != len(rates):
             return []
@@ -399,6 +419,10 @@ class RateLimit:
             if len(self._policies) < 256:
                 self._policies[rates] = policy
         return [("RateLimit-Policy", policy), ("RateLimit", state_header(rates, debts))]
+
+
+def _describe_rate(rate: Rate) -> str:
+    return f"{rate.average:g} per {_go_duration(rate.period)}, burst {rate.size}"
 
 
 def _check_rates(rates: Iterable[Rate], what: str) -> tuple[Rate, ...]:

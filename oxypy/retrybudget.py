@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from . import environ as keys
 from ._core.checks import finite_number
+from ._core.snapshot import BlockSnapshot
 from ._core.types import Clock, WSGIEnvironment
 from .rolling import RollingCounter
 
@@ -132,6 +133,22 @@ class RetryBudget:
                 retries_total=self._retries_total,
                 refused_total=self._refused_total,
             )
+
+    def snapshot(self) -> BlockSnapshot:
+        """:meth:`state` as a status-page record (``kind`` ``"RetryBudget"``).
+
+        .. versionadded:: 0.3
+        """
+        state = self.state()
+        return {
+            "kind": "RetryBudget",
+            "percent": self.percent,
+            "window": self.window,
+            "requests": state.requests,
+            "retries": state.retries,
+            "limit": round(state.limit, 2),
+            "refused": state.refused_total,
+        }
 
     def __repr__(self) -> str:
         return (

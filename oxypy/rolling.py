@@ -451,6 +451,19 @@ class RoundTripMetrics:
         """Latency in whole milliseconds at percentile ``q`` (0 to 100); 0 when empty."""
         return self.latency_histogram().value_at_quantile(q) // 1000
 
+    def latency_series(self, q: float) -> list[int]:
+        """Per slot of the latency window, oldest first: the latency (µs) at
+        percentile ``q``; 0 for a slot without requests (a sparkline's points).
+
+        .. versionadded:: 0.3
+        """
+        with self._lock:
+            ring = self._latency
+            ring.index(self._clock())
+            last = ring.last if ring.last is not None else 0
+            slots = [dict(ring.slots[(last - k) % ring.n]) for k in range(ring.n - 1, -1, -1)]
+        return [_value_at_quantile(slot, sum(slot.values()), q) for slot in slots]
+
     def reset(self) -> None:
         with self._lock:
             self._codes.reset()

@@ -321,6 +321,21 @@ def test_counter_window_is_ten_seconds_and_latency_window_a_minute() -> None:
     assert m.latency_at_quantile_ms(50.0) == 0
 
 
+def test_latency_series_gives_each_slot_oldest_first() -> None:
+    clock = FakeClock(1000.0)  # slot 1000 of 1 s
+    m = RoundTripMetrics(histogram_buckets=4, histogram_resolution=1.0, clock=clock)
+    assert m.latency_series(50) == [0, 0, 0, 0]
+    m.record(200, 0.010)
+    m.record(200, 0.030)
+    m.record(200, 0.050)
+    clock.advance(2)  # an empty slot between
+    m.record(200, 0.002)
+    assert m.latency_series(50) == [0, 30_079, 0, 2_007]
+    assert m.latency_series(100) == [0, 50_175, 0, 2_007]
+    clock.advance(3)  # the first slot with data left the window
+    assert m.latency_series(50) == [2_007, 0, 0, 0]
+
+
 def test_concurrent_records_from_threads_and_greenlets() -> None:
     m = RoundTripMetrics()
     errors: list[BaseException] = []
