@@ -16,7 +16,14 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from oxypy import ConsistentHash, LeastRequest, OutlierDetection, RoundRobin, StickySession
+from oxypy import (
+    ConsistentHash,
+    LeastRequest,
+    OutlierDetection,
+    RoundRobin,
+    StatusPage,
+    StickySession,
+)
 from oxypy import environ as keys
 from oxypy.forward import Exchange
 
@@ -51,6 +58,11 @@ def per_request_us(app: Any) -> float:
     return best
 
 
+def _watched(balancer: Any) -> Any:
+    StatusPage(balancer)  # turns on the per-server stats (keep_stats)
+    return balancer
+
+
 def main() -> None:
     cases = {
         "RoundRobin": RoundRobin(answered, SERVERS),
@@ -60,6 +72,7 @@ def main() -> None:
         "RoundRobin + StickySession": RoundRobin(
             answered, SERVERS, sticky=StickySession("s", secret="k")
         ),
+        "RoundRobin watched by StatusPage": _watched(RoundRobin(answered, SERVERS)),
         "LeastRequest": LeastRequest(answered, SERVERS, rng=random.Random(1)),
         "ConsistentHash (client.ip)": ConsistentHash(answered, SERVERS),
         "ConsistentHash, weights 3:1:1:1": ConsistentHash(

@@ -75,7 +75,7 @@ class RoundRobin(Balancer):
 
         Raises :class:`~oxypy.NoServers` when there is none.
         """
-        server, _ = self._pick({}, None)
+        server, _ = self._pick({}, None, False)
         if server is None:
             raise self._no_server()
         return server.url

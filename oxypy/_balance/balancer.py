@@ -22,6 +22,7 @@ from typing import Any
 from .. import environ as keys
 from .._core.exchange import Mark, mark
 from .._core.iterables import ClosingIterable
+from .._core.snapshot import BalancerSnapshot
 from .._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from ..errors import ErrorHandler, default_error_handler, respond_error
 from ..exceptions import ConfigurationError, NoServers
@@ -31,7 +32,9 @@ from .address import ServerSpec
 from .health import HealthChecker
 from .outlier import count_result, expire_ejections, outcome
 from .pool import OnChange, Pool
+from .snapshot import balancer_snapshot
 from .state import Event, ServerState, State
+from .stats import ServerStats, record_exchange
 from .sticky import StickyCookies
 
 __all__ = ["Balancer"]
@@ -92,6 +95,9 @@ class Balancer:
             else:
                 self.pool.upsert(spec, 1)
         self._needs_close = self._tracks_in_flight or outlier_detection is not None
+        # keep_stats() turns these on for the status page.
+        self._count_in_flight = self._tracks_in_flight
+        self._marks = outlier_detection is not None
         # Without health checks or ejection no server ever leaves rotation, so
         # the candidate list only changes with the pool's version.
         self._static = health_check is None and outlier_detection is None
@@ -122,6 +128,35 @@ class Balancer:
         """The weight of ``url``, or ``None`` when it is not in the pool (oxy: -1)."""
         return self.pool.weight(url)
 
+    def keep_stats(self) -> None:
+        """Keep per-server rolling stats from now on (idempotent).
+
+        :class:`~oxypy.StatusPage` calls it on every balancer it shows: each
+        server then counts its requests, 5xx and network errors, latencies,
+        retries and hedges over the last minute, and its requests in flight
+        (:meth:`snapshot`).  This costs a little on every request, so it is
+        off until asked for (benchmarks/blocks.py measures it).
+        """
+        pool = self.pool
+        with pool.lock:
+            if pool.keep_stats:
+                return
+            pool.keep_stats = True
+            for server in pool.order:
+                server.stats = ServerStats(pool.clock)
+        self._marks = self._needs_close = self._count_in_flight = True
+
+    def snapshot(self) -> BalancerSnapshot:
+        """The servers now: state, weight, in flight and (when kept) their stats."""
+        return balancer_snapshot(
+            type(self).__name__,
+            self.pool,
+            health_check=self._checker.config if self._checker is not None else None,
+            outlier_detection=self.outlier is not None,
+            sticky=self.cookies is not None,
+            in_flight_counted=self._count_in_flight,
+        )
+
     def close(self) -> None:
         """Stop the health-check greenlet (if any).  Idempotent."""
         if self._checker is not None:
@@ -135,7 +170,7 @@ class Balancer:
         raise NotImplementedError
 
     def _pick(
-        self, environ: WSGIEnvironment, tried: set[str] | None
+        self, environ: WSGIEnvironment, tried: set[str] | None, counted: bool
     ) -> tuple[ServerState | None, bool]:
         """(server or None, whether a new sticky cookie must be set)."""
         pool = self.pool
@@ -171,7 +206,7 @@ class Balancer:
                     chosen = self._choose_key(candidates, key)
                 else:
                     chosen = self._choose(candidates)
-            if chosen is not None and self._tracks_in_flight:
+            if chosen is not None and counted:
                 chosen.in_flight += 1
         pool.notify(events)
         return chosen, set_cookie
@@ -189,12 +224,15 @@ class Balancer:
         if self.skip is not None and self.skip(environ):
             return self.next_app(environ, start_response)
         tried: set[str] | None = environ.get(keys.TRIED_TARGETS)
-        server, set_cookie = self._pick(environ, tried)
+        counted = self._count_in_flight
+        server, set_cookie = self._pick(environ, tried, counted)
         if server is None:
             return respond_error(self.error_handler, environ, start_response, self._no_server())
         if tried is not None:
+            if tried and server.stats is not None:  # a retry or a hedge
+                server.stats.resent(environ.get(keys.ATTEMPT, 1) > 1)
             tried.add(server.url)
-        since = mark(environ) if self.outlier is not None else None
+        since = mark(environ) if self._marks else None
         env = dict(environ)
         env[keys.TARGET] = server.url
         cookies = self.cookies
@@ -208,7 +246,8 @@ class Balancer:
 
         if not self._needs_close:
             return self.next_app(env, start_response)
-        done = partial(self._done, server, since)
+        started = self.pool.clock() if server.stats is not None else 0.0
+        done = partial(self._done, server, since, counted, started)
         try:
             result = self.next_app(env, start_response)
         except BaseException:
@@ -216,16 +255,20 @@ class Balancer:
             raise
         return ClosingIterable(result, done)
 
-    def _done(self, server: ServerState, since: Mark | None) -> None:
-        """Settle one request: release the in-flight slot, feed outlier detection."""
+    def _done(self, server: ServerState, since: Mark | None, counted: bool, started: float) -> None:
+        """Settle one request: release the in-flight slot, feed outlier detection and stats."""
         config = self.outlier
         failed = None
-        if config is not None and since is not None:
-            failed = outcome(since.since(), server.url)
+        if since is not None:
+            if config is not None:
+                failed = outcome(since.since(), server.url)
+            stats = server.stats
+            if stats is not None:
+                record_exchange(stats, since.since(), server.url, self.pool.clock() - started)
         pool = self.pool
         events: list[Event] = []
         with pool.lock:
-            if self._tracks_in_flight:
+            if counted:
                 server.in_flight -= 1
             if failed is not None and config is not None:
                 count_result(config, server, failed, pool.clock(), pool.order, events)

@@ -20,6 +20,7 @@ from .._core.types import Clock
 from ..exceptions import ConfigurationError
 from .address import check_weight, parse_server
 from .state import Event, Input, ServerState, transition
+from .stats import ServerStats
 
 __all__ = ["Member", "OnChange", "Pool"]
 
@@ -60,6 +61,8 @@ class Pool:
         self.order: list[ServerState] = []  # replaced, never mutated: snapshots stay valid
         #: bumped on every upsert/remove
         self.version = 0
+        #: give every server a ServerStats (Balancer.keep_stats)
+        self.keep_stats = False
 
     # -- membership ------------------------------------------------------------
     def upsert(self, url: object, weight: object) -> None:
@@ -73,6 +76,8 @@ class Pool:
                 found = ServerState(target, identity, weight)
                 if self.sticky_value is not None:
                     found.sticky_value = self.sticky_value(identity)
+                if self.keep_stats:
+                    found.stats = ServerStats(self.clock)
                 transition(found, Input.ADD, events)
                 self.by_identity[identity] = found
                 self.order = [*self.order, found]

@@ -47,6 +47,10 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .stats import ServerStats
 
 __all__ = ["TRANSITIONS", "Change", "Event", "Input", "ServerState", "State", "transition"]
 
@@ -126,6 +130,8 @@ TRANSITIONS: dict[tuple[State, Input], tuple[State, str | None]] = {
 del S, I
 
 EJECTED_STATES = frozenset({State.EJECTED, State.UNHEALTHY_EJECTED})
+#: The inputs that take a server out of rotation (their reason is kept on it).
+_LEAVING = frozenset({Input.PROBES_FAILED, Input.EJECT})
 
 
 class ServerState:
@@ -149,6 +155,8 @@ class ServerState:
         "consecutive_errors",
         "recent",
         "sticky_value",
+        "reason",
+        "stats",
     )
 
     def __init__(self, url: str, identity: str, weight: int) -> None:
@@ -165,6 +173,8 @@ class ServerState:
         self.consecutive_errors = 0  # outlier
         self.recent: deque[bool] = deque()  # outlier: the failure-ratio window
         self.sticky_value = ""  # sticky: the cookie value naming this server
+        self.reason = ""  # health/outlier: why it last left rotation (the status page)
+        self.stats: ServerStats | None = None  # the status page's rolling stats, when kept
 
     @property
     def available(self) -> bool:
@@ -204,6 +214,8 @@ def transition(
     if after is before:
         return False
     server.state = after
+    if event in _LEAVING:
+        server.reason = reason  # shown while it is out (the status page)
     if event is Input.EJECT:
         if until is None:
             raise RuntimeError("EJECT needs the end of the ejection")
