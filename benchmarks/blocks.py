@@ -61,6 +61,11 @@ CHAINS = (
     Chain("forward", "`Forward(up1)`: the baseline", upload=True),
     Chain("rr1", "`RoundRobin(Forward(), [up1])`: the balancer alone, same single upstream"),
     Chain("rr2", "`RoundRobin(Forward(), [up1, up2])`", upstreams=2, upload=True),
+    Chain(
+        "rr2_status",
+        "the same watched by a `StatusPage` (per-server stats: cost vs rr2)",
+        upstreams=2,
+    ),
     Chain("least2", "`LeastRequest(Forward(), [up1, up2])`", upstreams=2),
     Chain("consistenthash2", "`ConsistentHash(Forward(), [up1, up2])`", upstreams=2),
     Chain(

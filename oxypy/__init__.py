@@ -72,6 +72,7 @@ from .rewrite import Rewrite
 from .roundrobin import RoundRobin
 from .router import Router
 from .server import Server, serve
+from .status import StatusPage
 from .sticky import StickySession
 from .timeout import Timeout
 from .trace import Trace
@@ -109,6 +110,7 @@ __all__ = [
     "Rewrite",
     "RoundRobin",
     "Router",
+    "StatusPage",
     "Timeout",
     "Trace",
     "metrics_app",

@@ -429,6 +429,13 @@ def _chain_flags(p: argparse.ArgumentParser) -> None:
         "(needs prometheus_client)",
     )
     p.add_argument(
+        "--status-page",
+        metavar="PATH",
+        help="serve a live status page (balancers, breakers, limits) at this path on the same "
+        "listener, e.g. /status; off by default; behind --ip-allow like everything else: "
+        "give --ip-allow when the listener is reachable by others",
+    )
+    p.add_argument(
         "--ip-allow",
         action="append",
         metavar="CIDR",

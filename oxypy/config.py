@@ -575,6 +575,7 @@ _ROUTE_KEYS = (
     "strip",
     "service",
     "metrics",
+    "status",
     "chain",
 )
 _SERVICE_KEYS = ("balancer", "servers", "rebalancer", "forward")
@@ -677,8 +678,9 @@ def reference_markdown() -> str:
                 "| `methods` | an array of strings | (unset: any method) |",
                 "| `headers` | a table of strings (exact values, all must match) | (unset) |",
                 "| `strip` | a boolean: remove the prefix before the chain | `false` |",
-                "| `service` | a `[services.NAME]` name | **required** (or `metrics`) |",
+                "| `service` | a `[services.NAME]` name | **required** (or `metrics`/`status`) |",
                 "| `metrics` | a boolean: serve the Prometheus metrics | `false` |",
+                "| `status` | a boolean: serve the live status page (`StatusPage`) | `false` |",
                 "| `chain` | an array of block tables (first = outermost) | `[]` |",
             ]
         ),
@@ -1032,6 +1034,8 @@ class _Build:
         if not isinstance(declared, dict):
             declared = {}
         routes: list[tuple[Any, ...]] = []
+        shown: dict[str, Any] = {f"service {name}": app for name, app in services.items()}
+        pages: list[Any] = []
         self.gen.metrics = False
         for i, table in enumerate(value):
             path = f"routes[{i}]"
@@ -1062,7 +1066,17 @@ class _Build:
                         self.error(f"{path}.{key}{exc.key}", exc.message)
             target: Any = None
             service, metrics = table.get("service"), table.get("metrics", False)
-            if metrics is True:
+            status = table.get("status", False)
+            if status is True:
+                if service is not None or metrics is not False:
+                    self.error(
+                        f"{path}.status", "a route has a service, metrics = true or status = true"
+                    )
+                target = _public()["StatusPage"](title="oxypy gateway status")
+                pages.append(target)
+            elif status is not False:
+                self.error(f"{path}.status", f"expected a boolean, got {_describe(status)}")
+            elif metrics is True:
                 if service is not None:
                     self.error(
                         f"{path}.service", "a route has a service or metrics = true, not both"
@@ -1077,7 +1091,8 @@ class _Build:
             elif service is None:
                 self.error(
                     f"{path}.service",
-                    "missing (required: the name of a [services] table, or metrics = true)",
+                    "missing (required: the name of a [services] table, "
+                    "or metrics = true, or status = true)",
                 )
             elif not isinstance(service, str):
                 self.error(f"{path}.service", f"expected a string, got {_describe(service)}")
@@ -1106,8 +1121,13 @@ class _Build:
             app = self._chain(f"{path}.chain", table.get("chain", []), target, route_key)
             if app is not None:
                 routes.append((host, prefix, app, match))
+                if status is not True and metrics is not True:
+                    label = table.get("name") or f"{host or ''}{prefix}"
+                    shown[f"route {label}"] = app
         if self.errors:
             return
+        for page in pages:
+            page.watch(shown)
         self.gen.app = Router(routes)
         self.gen.summary = (
             f"{len(self.gen.listeners)} listener(s), {len(routes)} route(s), "

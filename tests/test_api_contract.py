@@ -100,7 +100,13 @@ MIDDLEWARE = [
     oxypy.Trace,
 ]
 #: WSGI apps that end a chain: they have no next app, hence no ``skip``.
-TERMINAL = [oxypy.Forward, oxypy.Gateway, oxypy.RedirectFallback, oxypy.ResponseFallback]
+TERMINAL = [
+    oxypy.Forward,
+    oxypy.Gateway,
+    oxypy.RedirectFallback,
+    oxypy.ResponseFallback,
+    oxypy.StatusPage,
+]
 
 
 @pytest.mark.parametrize("block", MIDDLEWARE, ids=lambda b: b.__name__)

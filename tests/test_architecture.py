@@ -14,7 +14,7 @@ import pathlib
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "oxypy"
-SUBPACKAGES = ("_core", "_server", "_client", "_tunnel", "_balance", "_buffer", "_cli")
+SUBPACKAGES = ("_core", "_server", "_client", "_tunnel", "_balance", "_buffer", "_cli", "_status")
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -6,6 +6,7 @@ Chains (every rate and limit is huge, so nothing is ever rejected):
 - ``forward``: ``Forward(up1)``
 - ``rr1``: ``RoundRobin(Forward(), [up1])`` (the balancer over the same single upstream)
 - ``rr2``: ``RoundRobin(Forward(), [up1, up2])``
+- ``rr2_status``: the same, watched by a ``StatusPage`` (per-server stats kept)
 - ``consistenthash2``: ``ConsistentHash(Forward(), [up1, up2])`` (key: client.ip)
 - ``least2``: ``LeastRequest(Forward(), [up1, up2])``
 - ``buffer_rr2``: ``Buffer(RoundRobin(Forward(), [up1, up2]), retry=...)``
@@ -55,6 +56,7 @@ from oxypy import (  # noqa: E402
     RateLimit,
     RedisStore,
     RoundRobin,
+    StatusPage,
     Timeout,
     Trace,
 )
@@ -85,11 +87,19 @@ def _allow(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[
     return []
 
 
+def _watched(balancer: Any) -> Any:
+    """``balancer``, with the per-server stats a StatusPage turns on (the page itself
+    is not served: only the request path's cost is measured)."""
+    StatusPage(balancer)
+    return balancer
+
+
 def build(chain: str, ups: list[str], redis_url: str | None) -> Any:
     builders: dict[str, Callable[[], Any]] = {
         "forward": lambda: Forward(ups[0]),
         "rr1": lambda: RoundRobin(Forward(), [ups[0]]),
         "rr2": lambda: RoundRobin(Forward(), _two(ups)),
+        "rr2_status": lambda: _watched(RoundRobin(Forward(), _two(ups))),
         "least2": lambda: LeastRequest(Forward(), _two(ups)),
         "consistenthash2": lambda: ConsistentHash(Forward(), _two(ups)),
         "buffer_rr2": lambda: Buffer(RoundRobin(Forward(), _two(ups)), retry=RETRY),
@@ -135,6 +145,7 @@ CHAINS = (
     "forward",
     "rr1",
     "rr2",
+    "rr2_status",
     "least2",
     "consistenthash2",
     "buffer_rr2",

@@ -178,6 +178,29 @@ def _with_metrics(app: WSGIApplication, path: str) -> WSGIApplication:
     return route
 
 
+def _with_status(app: WSGIApplication, path: str, allow: list[str] | None, trusted: Any) -> Any:
+    """``app``, with ``path`` (and below it) answered by a StatusPage of ``app``
+    (behind the same ``--ip-allow`` as the rest)."""
+    from .. import IPAllowList, StatusPage
+
+    if not path.startswith("/") or path == "/":
+        raise FlagError("--status-page", f"expected a path below /, such as /status, got {path!r}")
+    mount = path.rstrip("/")
+    page: WSGIApplication = StatusPage(app, title="oxypy proxy status")
+    if allow:
+        page = IPAllowList(page, allow, trusted_proxies=trusted)
+
+    def route(environ: dict[str, Any], start_response: Any) -> Any:
+        here = environ.get("PATH_INFO", "")
+        if here == mount or here.startswith(mount + "/"):
+            environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + mount
+            environ["PATH_INFO"] = here[len(mount) :]
+            return page(environ, start_response)
+        return app(environ, start_response)
+
+    return route
+
+
 def _block(flag: str, make: Callable[[], Any]) -> Any:
     from ..exceptions import ConfigurationError
 
@@ -357,6 +380,10 @@ def build_proxy(
         if deadline is not None:
             inner = app
             app = _block("--deadline", lambda: Timeout(inner, deadline))
+        status_path = getattr(args, "status_page", None)
+        if status_path is not None:
+            ip_allow = getattr(args, "ip_allow", None)
+            app = _with_status(app, status_path, ip_allow, trusted)
         metrics_path = getattr(args, "metrics", None)
         if metrics_path is not None:
             app = _with_metrics(app, metrics_path)

@@ -1,0 +1,1 @@
+"""Private: the status page's collector and HTML (see docs/architecture.md)."""
