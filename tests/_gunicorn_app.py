@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any
 
-from oxypy import Forward, Trace
+from oxypy import Forward, RoundRobin, StatusPage, Trace
 
 forward = Forward(os.environ.get("OXYPY_TEST_UPSTREAM") or "http://127.0.0.1:9")
 #: Forward to an HTTPS upstream with a test certificate.
@@ -55,3 +55,7 @@ def whoami(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     )
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(out)))])
     return [out]
+
+
+#: A status page of a balancer (no upstream is ever called): ``status.json`` names the worker.
+status_page = StatusPage(RoundRobin(Forward(), ["http://127.0.0.1:9"]))

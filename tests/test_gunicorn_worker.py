@@ -336,3 +336,17 @@ def test_https_upstream_stays_cooperative(gunicorn: Callable[..., Gunicorn]) -> 
         assert slow.get(timeout=10).status == 200
     finally:
         tls.stop(timeout=1)
+
+
+def test_status_page_names_the_worker_it_describes(gunicorn: Callable[..., Gunicorn]) -> None:
+    server = gunicorn("status_page", workers=2)
+    resp = server.get("/status.json")
+    assert resp.status == 200
+    process = json.loads(resp.data)["process"]
+    assert process["gunicorn_master"] == server.proc.pid
+    assert process["pid"] in server.worker_pids()
+    page = server.get("/").data.decode()
+    assert (
+        f'gunicorn worker of <span data-f="process.gunicorn_master" data-t="v">{server.proc.pid}<'
+        in page
+    )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import time
 import zlib
 from collections.abc import Iterable, Mapping
@@ -111,9 +112,15 @@ def layout(groups: list[Group]) -> str:
 
 
 def process_info(environ: Mapping[str, Any], started: float) -> dict[str, Any]:
-    """Which process the page describes: host, pid, and the gunicorn master when under one."""
+    """Which process the page describes: host, pid, and the gunicorn master when under one.
+
+    A gunicorn worker is a child of the arbiter, which imported
+    ``gunicorn.arbiter`` before forking (true of every worker class,
+    ``oxypy.gunicorn.Worker`` included); gunicorn's own workers also name
+    themselves in ``SERVER_SOFTWARE``.
+    """
     software = str(environ.get("SERVER_SOFTWARE", ""))
-    gunicorn = "gunicorn" in software.lower()
+    gunicorn = "gunicorn" in software.lower() or "gunicorn.arbiter" in sys.modules
     return {
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
