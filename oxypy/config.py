@@ -1072,7 +1072,9 @@ class _Build:
                     self.error(
                         f"{path}.status", "a route has a service, metrics = true or status = true"
                     )
-                target = _public()["StatusPage"](title="oxypy gateway status")
+                # Short streams: after a reload the browser reconnects within
+                # 30 s to the new configuration's page (and re-renders it).
+                target = _public()["StatusPage"](title="oxypy gateway status", stream_seconds=30)
                 pages.append(target)
             elif status is not False:
                 self.error(f"{path}.status", f"expected a boolean, got {_describe(status)}")
