@@ -343,7 +343,7 @@ def test_ejection_reason_and_time_left(pywsgi: Any) -> None:
         server.stop(timeout=1)
     row = lb.snapshot()["servers"][0]
     assert row["state"] == "ejected"
-    assert row["reason"] == "outlier: 1 consecutive errors"
+    assert row["reason"] == "1 network errors or timeouts in a row; out for 30 s"
     assert row["ejected_for"] is not None and 25 < row["ejected_for"] <= 30
 
 
