@@ -220,7 +220,10 @@ def test_page_is_server_rendered_escaped_and_locked_down(upstream: str, proxy: A
     assert "<title>&lt;edge&gt; &amp; co</title>" in html
     assert "LatencyAtQuantileMS(50.0) &gt; 100 &amp;&amp; RequestThreshold() &gt; 2" in html
     assert f'<tr data-url="{upstream}">' in html
-    assert '<td class="state st-healthy" data-s="groups.0.blocks.1.servers.0">healthy</td>' in html
+    assert (
+        '<td class="state st-healthy" data-s="groups.0.blocks.1.servers.0">'
+        "<span>healthy</span> <small></small></td>"
+    ) in html
     assert 'data-b="groups.0.blocks.0">standby</b>' in html
     assert "<script>" in html and "src=" not in html and "http://" + "cdn" not in html
     head = HTTP.request("HEAD", url + "/ops/status")

@@ -42,13 +42,12 @@ def fmt(kind: str, value: Any) -> str:
     return str(value)
 
 
-def server_state(server: dict[str, Any]) -> str:
-    text = str(server.get("state", ""))
-    if server.get("reason"):
-        text += " — " + str(server["reason"])
+def server_detail(server: dict[str, Any]) -> str:
+    """What follows a server's state: why it is out, and for how long still."""
+    parts = [str(server["reason"])] if server.get("reason") else []
     if server.get("ejected_for") is not None:
-        text += f", {server['ejected_for']:.1f} s left"
-    return text
+        parts.append(f"{server['ejected_for']:.1f} s left")
+    return ", ".join(parts)
 
 
 def breaker_state(breaker: dict[str, Any]) -> str:
@@ -113,7 +112,8 @@ def _balancer(path: str, block: dict[str, Any]) -> list[str]:
             f'<tr data-url="{escape(str(server.get("url")))}">'
             f"<td>{escape(str(server.get('url')))}</td>"
             f'<td class="state {_state_class(state)}" data-s="{escape(sp)}">'
-            f"{escape(server_state(server))}</td>{cells}"
+            f"<span>{escape(str(state))}</span> <small>{escape(server_detail(server))}</small>"
+            f"</td>{cells}"
             f'<td><svg class=spark data-spark="{escape(sp)}" width=120 height=24>'
             f'<title>max {top:.1f} ms</title><polyline points="{spark}"/></svg></td></tr>'
         )
@@ -217,7 +217,9 @@ margin-bottom:10px}table{border-collapse:collapse;width:100%}
 th,td{text-align:left;padding:3px 8px;border-bottom:1px solid #eef0f3;white-space:nowrap}
 th{font-weight:600;color:#5b6474;font-size:12px}td.num{text-align:right;
 font-variant-numeric:tabular-nums}table.kv{width:auto}
-.state{font-weight:600}td.state{white-space:normal;min-width:90px;max-width:260px}.st-healthy,.st-standby{color:#17803d}.st-draining,
+.state{font-weight:600}td.state{white-space:normal;min-width:90px;max-width:300px}
+td.state small{display:block;font-weight:normal;font-size:12px;line-height:1.3}
+.st-healthy,.st-standby{color:#17803d}.st-draining,
 .st-recovering{color:#a15c00}.st-unhealthy,.st-ejected,.st-tripped{color:#c4141b}
 svg.spark polyline{fill:none;stroke:#3867d6;stroke-width:1.5}
 .off{color:#c4141b}code{background:#eef0f3;padding:0 4px;border-radius:3px}
@@ -266,11 +268,12 @@ _SCRIPT = r"""
       el.textContent = fmt(el.getAttribute("data-t"), get(doc, el.getAttribute("data-f")));
     });
     document.querySelectorAll("[data-s]").forEach(function (el) {
-      var s = get(doc, el.getAttribute("data-s")) || {}, text = String(s.state);
-      if (s.reason) text += " \u2014 " + s.reason;
+      var s = get(doc, el.getAttribute("data-s")) || {}, detail = s.reason ? [s.reason] : [];
       if (s.ejected_for !== null && s.ejected_for !== undefined)
-        text += ", " + s.ejected_for.toFixed(1) + " s left";
-      setState(el, s.state, text);
+        detail.push(s.ejected_for.toFixed(1) + " s left");
+      el.querySelector("span").textContent = String(s.state);
+      el.querySelector("small").textContent = detail.join(", ");
+      el.className = "state " + stateClass(s.state);
     });
     document.querySelectorAll("[data-b]").forEach(function (el) {
       var b = get(doc, el.getAttribute("data-b")) || {}, text = String(b.state);
