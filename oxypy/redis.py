@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from ._core.redisclient import client_for, describe_client, redis_errors
 from ._core.types import Clock
 from .exceptions import ConfigurationError
 from .ratelimit import Rate, Verdict
@@ -120,14 +121,6 @@ class _RedisBase:
         log_interval: float,
         clock: Clock,
     ) -> None:
-        try:
-            import redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ConfigurationError(
-                "the Redis backends need redis-py: pip install 'oxypy-gateway[redis]'"
-            ) from exc
         if on_error not in ("allow", "deny"):
             raise ConfigurationError(f"on_error must be 'allow' or 'deny', got {on_error!r}")
         for name, value in (
@@ -141,13 +134,8 @@ class _RedisBase:
             raise ConfigurationError("timeout must be > 0")
         if not isinstance(prefix, str):
             raise ConfigurationError("prefix must be a string")
-        self._owns_client = isinstance(url, str)
-        if not self._owns_client and not callable(getattr(url, "register_script", None)):
-            raise ConfigurationError(
-                "expected a Redis URL (redis://, rediss://, unix://) or a redis-py client "
-                f"object, got {type(url).__name__}"
-            )
-        self.url = url if isinstance(url, str) else _describe_client(url)
+        self.client, self._owns_client = client_for(url, timeout)
+        self.url = url if isinstance(url, str) else describe_client(url)
         self.prefix = prefix
         self.timeout = timeout
         self.on_error: OnError = on_error
@@ -155,31 +143,13 @@ class _RedisBase:
         self.log_interval = log_interval
         self.clock = clock
         self.errors = 0
-        if not isinstance(url, str):
-            self.client: Any = url
-        else:
-            self.client = self._connect(redis, Retry, NoBackoff, url, timeout)
-        self._errors_type: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._errors_type = redis_errors()
         self._lock = threading.Lock()
         self._down_until = float("-inf")
         self._logged_at = float("-inf")
         self._unlogged = 0
         #: Failed since the last success: the next success logs "available again".
         self._down = False
-
-    @staticmethod
-    def _connect(redis: Any, retry: Any, no_backoff: Any, url: str, timeout: float) -> Any:
-        try:
-            return redis.Redis.from_url(
-                url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=retry(no_backoff(), 0),
-                retry_on_timeout=False,
-                health_check_interval=0,
-            )
-        except ValueError as exc:
-            raise ConfigurationError(f"invalid Redis URL {url!r}: {exc}") from exc
 
     def _available(self) -> bool:
         return self.clock() >= self._down_until
@@ -220,14 +190,6 @@ class _RedisBase:
         (a client object passed in stays open: it is yours)."""
         if self._owns_client:
             self.client.close()
-
-
-def _describe_client(client: Any) -> str:
-    """A short name of a client object for the log lines (never its password)."""
-    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None) or {}
-    host, port = kwargs.get("host"), kwargs.get("port")
-    where = f" {host}:{port}" if host else ""
-    return f"<{type(client).__name__}{where}>"
 
 
 class RedisStore(_RedisBase):
