@@ -76,6 +76,12 @@ CHAINS = (
     ),
     Chain("ratelimit_mem", "`RateLimit(Forward(up1), rates=[Rate(1e9, burst=10**9)])`, memory"),
     Chain("ratelimit_redis", "the same with `RedisStore(redis://…)`", redis=True),
+    Chain(
+        "rr2_registry",
+        "`RoundRobin(Forward(), [up1, up2], registry=RedisRegistry(redis://…, name))`",
+        upstreams=2,
+        redis=True,
+    ),
     Chain("cbreaker", '`CircuitBreaker(Forward(up1), "NetworkErrorRatio() > 0.5")`'),
     Chain("trace", '`Trace(Forward(up1), sink=open("/dev/null", "w"))`'),
     Chain(
@@ -224,6 +230,23 @@ class Bench:
             argv += ["--redis", f"redis://127.0.0.1:{self.redis.port}/0"]
         return h.Proc(chain.name, h.pinned(h.PROXY_CORE, argv), self.workdir)
 
+    def redis_commands(self) -> int | None:
+        """Commands redis-server processed so far (``INFO stats``), when one runs."""
+        if self.redis is None:
+            return None
+        with socket.create_connection(("127.0.0.1", self.redis.redis_port), 5) as sock:
+            sock.sendall(b"INFO stats\r\n")
+            data = b""
+            while b"total_commands_processed:" not in data or not data.endswith(b"\r\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        for line in data.decode().splitlines():
+            if line.startswith("total_commands_processed:"):
+                return int(line.split(":", 1)[1])
+        return None
+
     def check_small(self, url: str) -> str | None:
         got = h.run_curl([url + "/small"], limit_s=20)
         if got.status != 200 or got.body != SMALL_BODY:
@@ -251,9 +274,11 @@ class Bench:
     def m_small(self, chain: Chain, rnd: int, proxy: h.Proc) -> None:
         url = proxy.url + "/small"
         h.run_wrk(url, CONNS, self.s.warmup)
+        cmds0 = self.redis_commands() if chain.redis else None
         cpu0 = h.cpu_seconds(proxy.pid)
         got = h.run_wrk(url, CONNS, self.s.duration)
         cpu1 = h.cpu_seconds(proxy.pid)
+        cmds1 = self.redis_commands() if chain.redis else None
         problems = []
         if got.non2xx:
             problems.append(f"{got.non2xx} non-2xx responses")
@@ -269,6 +294,11 @@ class Bench:
             self.res.fail(chain.name, "rps", rnd, "; ".join(problems) or "no requests")
             return
         cpu = (cpu1 - cpu0) * 1e6 / got.requests
+        if cmds0 is not None and cmds1 is not None:
+            # Redis round trips the chain made per request (minus the first INFO).
+            per_request = (cmds1 - cmds0 - 1) / got.requests
+            self.res.put(chain.name, "redis", rnd, per_request)
+            print(f"  {chain.name:16s} Redis commands per request: {per_request:.4f}", flush=True)
         for metric, value in (
             ("rps", got.rps),
             ("p50", got.p50_ms),
@@ -385,6 +415,15 @@ def tables(s: Settings, r: Results) -> list[str]:
                 f"{r.cell(n, 'cpu', f_1)} | {cost} |"
             )
         out.append("")
+        counted = [n for n in names if "redis" in r.values.get(n, {})]
+        if counted:
+            out += [
+                "Redis commands per request during the measured run (redis-server's "
+                "`total_commands_processed` before and after, median over rounds): "
+                + "; ".join(f"{n} {r.cell(n, 'redis', lambda x: f'{x:.4f}')}" for n in counted)
+                + ".",
+                "",
+            ]
     ups = [c.name for c in s.chains if c.upload]
     if "upload" in s.only and ups:
         out += [

@@ -66,6 +66,7 @@ from .rebalancer import Rebalancer
 # oxypy.redis imports the redis package only when a store is created, so these
 # names cost nothing (and need nothing) until used.
 from .redis import RedisConnStore, RedisStore
+from .registry import RedisRegistry
 from .requestid import RequestID
 from .retrybudget import RetryBudget
 from .rewrite import Rewrite
@@ -121,6 +122,7 @@ __all__ = [
     "Rate",
     "RedirectFallback",
     "RedisConnStore",
+    "RedisRegistry",
     "RedisStore",
     "ResponseFallback",
     "RetryBudget",

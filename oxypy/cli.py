@@ -1,6 +1,7 @@
 """The ``oxypy`` console script: a ready-made gateway, any WSGI app, a demo.
 
-``oxypy proxy`` builds Trace → ConnLimit → RateLimit → CircuitBreaker →
+``oxypy servers`` lists or changes the server set of a Redis registry
+(docs/fleet.md).  ``oxypy proxy`` builds Trace → ConnLimit → RateLimit → CircuitBreaker →
 Buffer → balancer → Forward from flags and serves it; ``oxypy serve
 module:app`` serves any WSGI application on the embedded server; ``oxypy
 demo`` runs two local upstreams (one flaky) behind the full chain.  Bad
@@ -57,6 +58,7 @@ examples:
   oxypy demo
   oxypy check gateway.toml
   oxypy run gateway.toml
+  oxypy servers list --redis redis://127.0.0.1:6379/0 --name api
 """
 
 _PROXY_EPILOG = """\
@@ -142,7 +144,10 @@ def _make_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
         "--interval", type=_positive, default=3.0, metavar="SECONDS", help="summary every N s (3)"
     )
     c, r = _config_parsers(sub)
-    return parser, {"proxy": p, "serve": s, "demo": d, "check": c, "run": r}
+    from ._cli.servers import add_servers_parser
+
+    v = add_servers_parser(sub)
+    return parser, {"proxy": p, "serve": s, "demo": d, "check": c, "run": r, "servers": v}
 
 
 def _config_parsers(sub: Any) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -614,6 +619,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     close()  # flush a Trace queue, stop health checks
         elif args.command in ("check", "run"):
             return _config_command(args)
+        elif args.command == "servers":
+            from ._cli.servers import run_servers
+
+            _show_warnings(None)
+            return run_servers(args)
         else:
             from ._cli.demo import run_demo
 

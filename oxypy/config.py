@@ -41,6 +41,7 @@ import gevent
 from gevent.lock import Semaphore
 
 from . import fallback as _fallback
+from ._balance.address import check_weight, parse_server
 from ._core.iterables import ClosingIterable
 from ._core.types import StartResponse, WSGIApplication, WSGIEnvironment
 from .exceptions import ConfigFileError, ConfigurationError, PredicateError
@@ -362,12 +363,18 @@ def _params(cls: Any, skip_first: bool) -> dict[str, _Param]:
 
 
 def _construct(
-    cls: Any, table: Mapping[str, Any], *, first: Any = None, opened: list[Any] | None = None
+    cls: Any,
+    table: Mapping[str, Any],
+    *,
+    first: Any = None,
+    opened: list[Any] | None = None,
+    before: tuple[Any, ...] = (),
 ) -> Any:
     """``cls([first,] *positional, **keywords)`` from ``table``; errors as _Invalid/_Many.
 
     Files the conversion opened (a Trace sink) go to ``opened`` when the object
-    is built, and are closed when it is not.
+    is built, and are closed when it is not.  ``before``: positional arguments
+    the file does not name as keys, passed after ``first`` (a balancer's servers).
     """
     params = _params(cls, skip_first=first is not None)
     errors: list[tuple[str, str]] = []
@@ -401,7 +408,7 @@ def _construct(
             f.close()
         raise _Many(errors)
     try:
-        built = cls(*(() if first is None else (first,)), *args, **kwargs)
+        built = cls(*(() if first is None else (first,)), *before, *args, **kwargs)
     except BaseException as exc:
         for f in files:
             f.close()
@@ -502,6 +509,26 @@ def _store_kind(class_name: str) -> _Kind:
     return _Kind(f"a {class_name} table ({{redis = URL, prefix, timeout, ...}})", convert)
 
 
+def _registry_kind() -> _Kind:
+    def convert(value: object) -> object:
+        if not isinstance(value, dict):
+            raise _Invalid(
+                f"expected a registry table ({{redis = URL, name = NAME}}), got {_describe(value)}"
+            )
+        table = dict(value)
+        if "redis" not in table:
+            raise _Invalid("missing (required)", ".redis")
+        table["url_or_client"] = table.pop("redis")
+        try:
+            return _construct(_public()["RedisRegistry"], table)
+        except _Many as many:
+            raise _Many(
+                [(k.replace(".url_or_client", ".redis", 1), m) for k, m in many.errors]
+            ) from None
+
+    return _Kind("a RedisRegistry table ({redis = URL, name = NAME, ...})", convert)
+
+
 def _rates_kind() -> _Kind:
     def convert(value: object) -> object:
         if isinstance(value, dict):
@@ -554,6 +581,9 @@ _SPECIAL: dict[tuple[str, str], _Kind] = {
     ("RateLimit", "rates"): _rates_kind(),
     ("RateLimit", "store"): _store_kind("RedisStore"),
     ("ConnLimit", "store"): _store_kind("RedisConnStore"),
+    ("RoundRobin", "registry"): _registry_kind(),
+    ("LeastRequest", "registry"): _registry_kind(),
+    ("ConsistentHash", "registry"): _registry_kind(),
     ("Headers", "request"): _table_of_str("a table of header values (false removes)", True),
     ("Headers", "response"): _table_of_str("a table of header values (false removes)", True),
     ("Headers", "add_request"): _table_of_values("a table of header values or arrays of them"),
@@ -644,7 +674,11 @@ def reference_markdown() -> str:
         params = _params(public[name], skip_first=True)
         params.pop("servers", None)
         extra = [
-            ("servers", "an array of URLs or `{url, weight}` tables", "**required**"),
+            (
+                "servers",
+                "an array of URLs or `{url, weight}` tables (with `registry`: the seed)",
+                "**required** (optional with `registry`)",
+            ),
         ]
         if name == "RoundRobin":
             extra.insert(
@@ -689,14 +723,14 @@ def reference_markdown() -> str:
         params = _params(cls, skip_first=True)
         alias = " (alias of `PrometheusMetrics`)" if name == "Metrics" else ""
         out += ["", f'### `block = "{name}"`{alias}', "", _table_md(params)]
-    options = [*_OPTION_CLASSES, "RedisStore", "RedisConnStore"]
+    options = [*_OPTION_CLASSES, "RedisStore", "RedisConnStore", "RedisRegistry"]
     for name in options:
         if name not in public:
             continue
         params = _params(public[name], False)
         renamed = _RENAMED_URL.get(name)
         if renamed is not None:  # the file names the URL after what it is
-            params = {renamed if k == "url" else k: v for k, v in params.items()}
+            params = {renamed if k in ("url", "url_or_client") else k: v for k, v in params.items()}
         out += ["", f"### {name} tables", "", _table_md(params)]
     return "\n".join(out) + "\n"
 
@@ -705,6 +739,7 @@ def reference_markdown() -> str:
 _RENAMED_URL = {
     "RedisStore": "redis",
     "RedisConnStore": "redis",
+    "RedisRegistry": "redis",
     "Webhook": "webhook",
     "RedirectFallback": "redirect",
 }
@@ -928,6 +963,9 @@ class _Build:
         # servers, checked one by one
         servers: list[tuple[int, str, int]] = []
         raw = table.get("servers")
+        shared = "registry" in table  # the registry's set wins; servers only seed it
+        if raw is None and shared:
+            raw = []
         if raw is None:
             self.error(f"{path}.servers", "missing (required)")
         elif not isinstance(raw, list):
@@ -984,15 +1022,25 @@ class _Build:
             )
         # balancer options
         btable = {k: v for k, v in table.items() if k in bparams}
+        seeds: list[tuple[str, int]] = []
+        if shared:  # checked here, so each bad server is named by its index
+            for i, url, weight in servers:
+                try:
+                    seeds.append((parse_server(url)[0], check_weight(weight)))
+                except (ConfigurationError, ValueError) as exc:
+                    key = "url" if isinstance(raw, list) and isinstance(raw[i], dict) else ""
+                    self.error(f"{path}.servers[{i}]" + (f".{key}" if key else ""), str(exc))
+            if len(self.errors) > errors_before:
+                return None
         forward = public["Forward"](**forward_kwargs)
         try:
-            balancer = _construct(cls, btable, first=forward)
+            balancer = _construct(cls, btable, first=forward, before=(seeds,) if shared else ())
         except (_Invalid, _Many) as exc:
             _close(forward)
             self._many(path, exc)
             return None
         ok = len(self.errors) == errors_before
-        for i, url, weight in servers:
+        for i, url, weight in [] if shared else servers:
             try:
                 balancer.upsert_server(url, weight)
             except (ConfigurationError, ValueError) as exc:

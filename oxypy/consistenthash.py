@@ -29,6 +29,7 @@ from ._core.types import Clock, Skip, WSGIApplication
 from .errors import ErrorHandler, default_error_handler
 from .extractors import Source, SourceExtractor
 from .health import HealthCheck, OutlierDetection
+from .registry import RedisRegistry
 from .roundrobin import RoundRobin
 from .sticky import StickySession
 
@@ -73,7 +74,7 @@ class ConsistentHash(Balancer):
     :param trusted_proxies: CIDRs whose ``X-Forwarded-For`` ``"client.ip"``
         believes (the rule of ``Forward``); none by default (the peer address).
     :param sticky: see :class:`~oxypy.RoundRobin`.  So are ``health_check``,
-        ``outlier_detection``, ``on_change``, ``error_handler``, ``skip``, ``clock``.
+        ``outlier_detection``, ``on_change``, ``registry``, ``error_handler``, ``skip``, ``clock``.
 
     Example::
 
@@ -99,6 +100,7 @@ class ConsistentHash(Balancer):
         health_check: HealthCheck | None = None,
         outlier_detection: OutlierDetection | None = None,
         on_change: OnChange | None = None,
+        registry: RedisRegistry | None = None,
         error_handler: ErrorHandler = default_error_handler,
         skip: Skip | None = None,
         clock: Clock = time.monotonic,
@@ -112,6 +114,7 @@ class ConsistentHash(Balancer):
             health_check=health_check,
             outlier_detection=outlier_detection,
             on_change=on_change,
+            registry=registry,
             error_handler=error_handler,
             skip=skip,
             clock=clock,

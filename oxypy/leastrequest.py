@@ -21,6 +21,7 @@ from ._core.types import Clock, Skip, WSGIApplication
 from .errors import ErrorHandler, default_error_handler
 from .exceptions import ConfigurationError
 from .health import HealthCheck, OutlierDetection
+from .registry import RedisRegistry
 from .sticky import StickySession
 
 __all__ = ["LeastRequest"]
@@ -40,7 +41,7 @@ class LeastRequest(Balancer):
     :param choice_count: servers drawn per pick (default 2; >= 1).
     :param rng: a ``random.Random`` to draw with (tests seed it).
     :param sticky: see :class:`~oxypy.RoundRobin`.  So are ``health_check``,
-        ``outlier_detection``, ``on_change``, ``error_handler``, ``skip``, ``clock``.
+        ``outlier_detection``, ``on_change``, ``registry``, ``error_handler``, ``skip``, ``clock``.
 
     Example::
 
@@ -64,6 +65,7 @@ class LeastRequest(Balancer):
         health_check: HealthCheck | None = None,
         outlier_detection: OutlierDetection | None = None,
         on_change: OnChange | None = None,
+        registry: RedisRegistry | None = None,
         error_handler: ErrorHandler = default_error_handler,
         skip: Skip | None = None,
         clock: Clock = time.monotonic,
@@ -79,6 +81,7 @@ class LeastRequest(Balancer):
             health_check=health_check,
             outlier_detection=outlier_detection,
             on_change=on_change,
+            registry=registry,
             error_handler=error_handler,
             skip=skip,
             clock=clock,

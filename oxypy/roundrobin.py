@@ -26,7 +26,7 @@ class RoundRobin(Balancer):
     another one may take the request, so a retry goes elsewhere.
 
     Runtime changes are safe under concurrent requests:
-    :meth:`upsert_server`, :meth:`remove_server`, :meth:`servers`,
+    :meth:`upsert_server`, :meth:`remove_server`, :meth:`drain_server`, :meth:`servers`,
     :meth:`server_weight`.  A server's identity is its scheme, host, port and
     path (normalised), so upserting a known server changes its weight and
     never duplicates it; either change restarts the smooth sequence.
@@ -43,7 +43,11 @@ class RoundRobin(Balancer):
         now and stops in :meth:`close`.
     :param outlier_detection: an :class:`~oxypy.OutlierDetection` (passive ejection).
     :param on_change: ``fn(server_url, event)`` for ``added``, ``removed``,
-        ``unhealthy``, ``healthy``, ``ejected``, ``returned``.
+        ``unhealthy``, ``healthy``, ``ejected``, ``returned``, ``draining``,
+        ``undrained``.
+    :param registry: a :class:`~oxypy.RedisRegistry`: the server set is then
+        shared by every process naming it (``servers`` only seeds a registry
+        that does not exist yet); runtime changes write through to Redis.
     :param error_handler: answers the 503.
     :param skip: ``fn(environ) -> bool``; True passes the request straight on.
     :param clock: monotonic seconds, for ejection times.

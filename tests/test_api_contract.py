@@ -328,8 +328,9 @@ def _public_classes() -> list[type]:
 #: Records the library builds, each field a positional argument by nature.
 RECORDS = {oxypy.Exchange, oxypy.OutgoingRequest, oxypy.ResponseHead, oxypy.Predicate}
 RECORDS.add(oxypy.Verdict)
-#: ``Rate(average, period)`` reads as one pair.
-PAIRS = {oxypy.Rate}
+#: ``Rate(average, period)`` reads as one pair; ``RedisRegistry(url, name, /)``
+#: is API.md's binding shape (where, and which registry there).
+PAIRS = {oxypy.Rate, oxypy.RedisRegistry}
 
 
 @pytest.mark.parametrize(

@@ -12,11 +12,12 @@ from oxypy._balance.state import TRANSITIONS, Input, ServerState, State, transit
 
 PACKAGE = Path(oxypy.__file__).parent
 
-A, U, E, UE, R = (
+A, U, E, UE, D, R = (
     State.ACTIVE,
     State.UNHEALTHY,
     State.EJECTED,
     State.UNHEALTHY_EJECTED,
+    State.DRAINING,
     State.REMOVED,
 )
 
@@ -44,6 +45,23 @@ CASES = [
     (UE, Input.EJECT, UE, None),
     (UE, Input.EJECTION_OVER, U, "returned"),  # back from ejection, still unhealthy
     (UE, Input.REMOVE, R, "removed"),
+    (A, Input.DRAIN, D, "draining"),
+    (A, Input.UNDRAIN, A, None),
+    (U, Input.DRAIN, D, "draining"),
+    (U, Input.UNDRAIN, U, None),
+    (E, Input.DRAIN, D, "draining"),  # draining forgets the ejection
+    (E, Input.UNDRAIN, E, None),
+    (UE, Input.DRAIN, D, "draining"),
+    (UE, Input.UNDRAIN, UE, None),
+    (D, Input.PROBES_FAILED, D, None),  # drained: health and traffic no longer count
+    (D, Input.PROBES_PASSED, D, None),
+    (D, Input.EJECT, D, None),  # a request in flight when the drain began
+    (D, Input.EJECTION_OVER, D, None),
+    (D, Input.REMOVE, R, "removed"),
+    (D, Input.DRAIN, D, None),
+    (D, Input.UNDRAIN, A, "undrained"),
+    (R, Input.DRAIN, R, None),
+    (R, Input.UNDRAIN, R, None),
     (R, Input.PROBES_FAILED, R, None),  # a late probe of a removed server
     (R, Input.PROBES_PASSED, R, None),
     (R, Input.EJECT, R, None),  # a request that drained after the removal
@@ -79,7 +97,9 @@ def test_transition(before: State, event: Input, after: State, reported: str | N
         assert server.ejected_until == 70.0
     if changed and event is Input.EJECTION_OVER:
         assert (server.ejected_until, server.returned_at) == (None, 40.0)
-    if changed and event in (Input.EJECT, Input.EJECTION_OVER):
+    if changed and event in (Input.DRAIN, Input.UNDRAIN):
+        assert (server.ejected_until, server.check_streak) == (None, 0)
+    if changed and event in (Input.EJECT, Input.EJECTION_OVER, Input.DRAIN, Input.UNDRAIN):
         # Ejected or returned, a server starts again with a clean slate.
         assert (server.consecutive_errors, list(server.recent)) == (0, [])
     else:
@@ -88,7 +108,7 @@ def test_transition(before: State, event: Input, after: State, reported: str | N
 
 def test_the_table_is_the_cases_and_total() -> None:
     assert {(b, i): (a, r) for b, i, a, r in CASES} == TRANSITIONS
-    live = [A, U, E, UE, R]
+    live = [A, U, E, UE, D, R]
     inputs = [i for i in Input if i is not Input.ADD]
     assert {(s, i) for s in live for i in inputs} | {(State.NEW, Input.ADD)} == set(TRANSITIONS)
 

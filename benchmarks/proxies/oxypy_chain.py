@@ -12,6 +12,7 @@ Chains (every rate and limit is huge, so nothing is ever rejected):
 - ``buffer_rr2``: ``Buffer(RoundRobin(Forward(), [up1, up2]), retry=...)``
 - ``ratelimit_mem``: ``RateLimit(Forward(up1), rates=[huge])`` (in-process store)
 - ``ratelimit_redis``: the same with ``RedisStore(--redis)``
+- ``rr2_registry``: ``RoundRobin(Forward(), [up1, up2], registry=RedisRegistry(--redis, name))``
 - ``cbreaker``: ``CircuitBreaker(Forward(up1), "NetworkErrorRatio() > 0.5")``
 - ``trace``: ``Trace(Forward(up1), sink=open("/dev/null", "w"))``
 - ``headers``: ``Headers(Forward(up1), request={...}, response={...})``
@@ -54,6 +55,7 @@ from oxypy import (  # noqa: E402
     LeastRequest,
     Rate,
     RateLimit,
+    RedisRegistry,
     RedisStore,
     RoundRobin,
     StatusPage,
@@ -82,6 +84,12 @@ def _redis_store(url: str | None) -> Any:
     return RedisStore(url, timeout=5.0, on_error="deny")
 
 
+def _registry(url: str | None) -> Any:
+    if not url:
+        raise SystemExit("rr2_registry needs --redis URL")
+    return RedisRegistry(url, f"bench-{os.getpid()}")
+
+
 def _allow(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
     start_response("204 No Content", [("X-User", "bench")])
     return []
@@ -107,6 +115,7 @@ def build(chain: str, ups: list[str], redis_url: str | None) -> Any:
         "ratelimit_redis": lambda: RateLimit(
             Forward(ups[0]), rates=HUGE, store=_redis_store(redis_url)
         ),
+        "rr2_registry": lambda: RoundRobin(Forward(), _two(ups), registry=_registry(redis_url)),
         "cbreaker": lambda: CircuitBreaker(Forward(ups[0]), TRIGGER),
         "trace": lambda: Trace(Forward(ups[0]), sink=open(os.devnull, "w")),  # noqa: SIM115
         "headers": lambda: Headers(
@@ -151,6 +160,7 @@ CHAINS = (
     "buffer_rr2",
     "ratelimit_mem",
     "ratelimit_redis",
+    "rr2_registry",
     "cbreaker",
     "trace",
     "headers",

@@ -27,8 +27,9 @@ from .._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvir
 from ..errors import ErrorHandler, default_error_handler, respond_error
 from ..exceptions import ConfigurationError, NoServers
 from ..health import HealthCheck, OutlierDetection
+from ..registry import RedisRegistry
 from ..sticky import StickySession
-from .address import ServerSpec
+from .address import ServerSpec, check_weight, parse_server
 from .health import HealthChecker
 from .outlier import count_result, expire_ejections, outcome
 from .pool import OnChange, Pool
@@ -63,6 +64,7 @@ class Balancer:
         health_check: HealthCheck | None = None,
         outlier_detection: OutlierDetection | None = None,
         on_change: OnChange | None = None,
+        registry: RedisRegistry | None = None,
         error_handler: ErrorHandler = default_error_handler,
         skip: Skip | None = None,
         clock: Clock = time.monotonic,
@@ -77,6 +79,8 @@ class Balancer:
             raise ConfigurationError("outlier_detection must be an OutlierDetection")
         if isinstance(servers, str | bytes):
             raise ConfigurationError("servers must be a list of URLs or (url, weight) pairs")
+        if registry is not None and not isinstance(registry, RedisRegistry):
+            raise ConfigurationError("registry must be a RedisRegistry")
         self.next_app = next_app
         self.error_handler = error_handler
         self.skip = skip
@@ -87,38 +91,84 @@ class Balancer:
             on_change=on_change,
             sticky_value=self.cookies.value_for if self.cookies is not None else None,
         )
+        seeds: list[tuple[str, int]] = []
         for spec in servers:
             if isinstance(spec, tuple):
                 if len(spec) != 2:
                     raise ConfigurationError(f"server must be url or (url, weight): {spec!r}")
-                self.pool.upsert(spec[0], spec[1])
+                url, weight = spec
             else:
-                self.pool.upsert(spec, 1)
+                url, weight = spec, 1
+            target, _ = parse_server(url)
+            seeds.append((target, check_weight(weight)))
+        self.registry = registry
+        if registry is None:
+            for url, weight in seeds:
+                self.pool.upsert(url, weight)
         self._needs_close = self._tracks_in_flight or outlier_detection is not None
         # keep_stats() turns these on for the status page.
         self._count_in_flight = self._tracks_in_flight
         self._marks = outlier_detection is not None
-        # Without health checks or ejection no server ever leaves rotation, so
+        # Without health checks or ejection a server leaves rotation only when
+        # drained, which bumps the pool's version like membership changes, so
         # the candidate list only changes with the pool's version.
         self._static = health_check is None and outlier_detection is None
         self._cached: list[ServerState] = []
         self._cached_version = -1
         self._checker: HealthChecker | None = None
-        if health_check is not None:
+        if registry is not None:
+            follower = registry.attach(self.pool, seeds, health_check)
+            if health_check is not None:  # one prober per registry, not one per process
+                self._checker = HealthChecker(
+                    health_check,
+                    self.pool,
+                    leader=follower.is_prober,
+                    after_round=follower.publish_health,
+                )
+        elif health_check is not None:
             self._checker = HealthChecker(health_check, self.pool)
+        if self._checker is not None:
             self._checker.start()
 
     # -- runtime changes -------------------------------------------------------
     def upsert_server(self, url: str, weight: int = 1) -> None:
-        """Add ``url`` or change its weight; the same server is never duplicated."""
-        self.pool.upsert(url, weight)
+        """Add ``url`` or change its weight; the same server is never duplicated.
+
+        With a registry the change is written to Redis (every process follows)
+        and applied here at once; :class:`~oxypy.OxypyError` when Redis fails.
+        """
+        if self.registry is not None:
+            self.registry.upsert(url, check_weight(weight))
+            self.registry.apply_now()
+        else:
+            self.pool.upsert(url, weight)
 
     def remove_server(self, url: str) -> None:
         """Remove ``url``; :class:`ConfigurationError` if it is not in the pool.
 
-        Requests already sent to it finish normally.
+        Requests already sent to it finish normally.  With a registry, as
+        :meth:`upsert_server`.
         """
-        self.pool.remove(url)
+        if self.registry is not None:
+            self.registry.remove(url)
+            self.registry.apply_now()
+        else:
+            self.pool.remove(url)
+
+    def drain_server(self, url: str, draining: bool = True) -> None:
+        """Stop sending new requests to ``url`` (requests in flight finish), or,
+        with ``draining=False``, put it back in rotation.
+
+        :class:`ConfigurationError` if it is not in the pool.  With a registry,
+        as :meth:`upsert_server`: every process drains it.
+
+        .. versionadded:: 0.2
+        """
+        if self.registry is not None:
+            self.registry.drain(url, draining)
+            self.registry.apply_now()
+        elif not self.pool.drain(url, draining):
+            raise ConfigurationError(f"server not found: {url!r}")
 
     def servers(self) -> list[str]:
         """The servers' target URLs, in the order they were added."""
@@ -158,9 +208,11 @@ class Balancer:
         )
 
     def close(self) -> None:
-        """Stop the health-check greenlet (if any).  Idempotent."""
+        """Stop the health-check greenlet (if any) and close the registry.  Idempotent."""
         if self._checker is not None:
             self._checker.stop()
+        if self.registry is not None:
+            self.registry.close()
 
     # -- the pick ----------------------------------------------------------------
     def _choose(self, candidates: list[ServerState]) -> ServerState:
@@ -183,7 +235,9 @@ class Balancer:
                 expire_ejections(pool.order, pool.clock(), events)
             if self._static:
                 if self._cached_version != pool.version:
-                    self._cached = [s for s in pool.order if s.weight > 0]
+                    self._cached = [
+                        s for s in pool.order if s.weight > 0 and s.state is State.ACTIVE
+                    ]
                     self._cached_version = pool.version
                 candidates = self._cached  # never mutated below: filters make new lists
             else:

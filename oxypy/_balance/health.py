@@ -1,5 +1,9 @@
 """The active health checker: one greenlet per balancer probing its pool.
 
+With a shared registry the greenlet runs in every process but probes only
+while its process holds the registry's prober lease (``leader``), and hands
+the verdicts to the registry after each round (``after_round``).
+
 Each round probes every server at once (so one hanging server delays no
 other), counts each result into the server's streak (:func:`count_probe`)
 and, when a streak reaches its threshold, hands ``PROBES_FAILED`` or
@@ -9,6 +13,7 @@ and, when a streak reaches its threshold, hands ``PROBES_FAILED`` or
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import gevent
 import urllib3
@@ -63,9 +68,20 @@ def _cause(exc: BaseException) -> str:
 class HealthChecker:
     """The greenlet probing a balancer's pool: one round every ``interval``."""
 
-    def __init__(self, config: HealthCheck, pool: Pool) -> None:
+    def __init__(
+        self,
+        config: HealthCheck,
+        pool: Pool,
+        *,
+        leader: Callable[[], bool] | None = None,
+        after_round: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config
         self.pool = pool
+        #: With a shared registry: probe only while this returns True (the
+        #: prober's lease), then hand the verdicts on with ``after_round``.
+        self.leader = leader
+        self.after_round = after_round
         self.http = urllib3.PoolManager(
             num_pools=64,
             maxsize=1,
@@ -135,7 +151,10 @@ class HealthChecker:
     def _run(self) -> None:
         while True:
             try:
-                self.round()
+                if self.leader is None or self.leader():
+                    self.round()
+                    if self.after_round is not None and not self.stopped:
+                        self.after_round()
             except Exception:  # keep checking: a bug here must not stop health checks
                 log.exception("health check round failed")
             gevent.sleep(self.config.interval)

@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 _events_log = logging.getLogger("oxypy.balancer")
 
 #: The level of each event's line: WARNING when a server leaves rotation.
-_LEVELS = {"unhealthy": logging.WARNING, "ejected": logging.WARNING}
+_LEVELS = {"unhealthy": logging.WARNING, "ejected": logging.WARNING, "draining": logging.WARNING}
 
 #: ``on_change(server_url, event)``; events: ``added``, ``removed``,
-#: ``unhealthy``, ``healthy``, ``ejected``, ``returned``.
+#: ``unhealthy``, ``healthy``, ``ejected``, ``returned``, ``draining``, ``undrained``.
 OnChange = Callable[[str, str], Any]
 
 #: ``(identity, url, weight)`` of one server, as :meth:`Pool.members` lists them.
@@ -116,6 +116,25 @@ class Pool:
                 server.current = 0
             self.version += 1
         self.notify(events)
+
+    def drain(self, url: object, draining: bool = True) -> bool:
+        """Take ``url`` out of rotation (event ``draining``) or put it back
+        (``undrained``); False when it is not a member."""
+        _, identity = parse_server(url)
+        events: list[Event] = []
+        with self.lock:
+            found = self.by_identity.get(identity)
+            if found is None:
+                return False
+            if transition(
+                found,
+                Input.DRAIN if draining else Input.UNDRAIN,
+                events,
+                reason="drained by an operator" if draining else "the drain ended",
+            ):
+                self.version += 1  # the balancer's candidate cache follows the version
+        self.notify(events)
+        return True
 
     # -- reading -------------------------------------------------------------------
     def urls(self) -> list[str]:

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 
 A server record is created in state ``NEW`` and enters the pool with the
-``ADD`` input.  From then on it is in exactly one of five states:
+``ADD`` input.  From then on it is in exactly one of six states:
 
 ``ACTIVE``
     In rotation: the balancer may pick it (when its weight is above 0).
@@ -17,6 +17,12 @@ A server record is created in state ``NEW`` and enters the pool with the
     ejection time is up (``ejected_until``, checked lazily at each pick).
 ``UNHEALTHY_EJECTED``
     Both at once: the active checks and the ejection each have to let it go.
+``DRAINING``
+    Out of rotation because an operator drains it (``drain_server``, or
+    ``oxypy servers drain`` through a :class:`~oxypy.RedisRegistry`):
+    requests already sent to it finish, no new one is picked.  Draining wins
+    over health and ejection (it forgets both); ``UNDRAIN`` puts the server
+    back in rotation, where the next health verdict applies again.
 ``REMOVED``
     Out of the pool (``remove_server``).  Terminal: requests already sent to
     it drain normally, but nothing they report (nor a late probe) changes
@@ -27,7 +33,8 @@ The inputs are decisions already taken elsewhere: ``PROBES_FAILED`` and
 (:mod:`oxypy._balance.health` counts the streaks), ``EJECT`` when outlier
 detection trips (:mod:`oxypy._balance.outlier` counts the failures and
 chooses the duration), ``EJECTION_OVER`` when a pick finds the ejection
-time passed, ``ADD`` and ``REMOVE`` from the pool's membership changes.
+time passed, ``ADD`` and ``REMOVE`` from the pool's membership changes,
+``DRAIN`` and ``UNDRAIN`` from an operator (directly or through a registry).
 :data:`TRANSITIONS` says, for each live state and each input, the next state
 and the ``on_change`` event it reports (``None``: none).  An input that
 changes nothing is listed too, with the reason, so the table is total: a
@@ -52,7 +59,17 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .stats import ServerStats
 
-__all__ = ["TRANSITIONS", "Change", "Event", "Input", "ServerState", "State", "transition"]
+__all__ = [
+    "EJECTED_STATES",
+    "TRANSITIONS",
+    "UNHEALTHY_STATES",
+    "Change",
+    "Event",
+    "Input",
+    "ServerState",
+    "State",
+    "transition",
+]
 
 
 #: ``(server_url, on_change event)``, collected under the lock, reported after.
@@ -78,6 +95,7 @@ class State(enum.Enum):
     UNHEALTHY = "unhealthy"
     EJECTED = "ejected"
     UNHEALTHY_EJECTED = "unhealthy+ejected"
+    DRAINING = "draining"
     REMOVED = "removed"
 
 
@@ -88,6 +106,8 @@ class Input(enum.Enum):
     PROBES_PASSED = "probes passed"
     EJECT = "eject"
     EJECTION_OVER = "ejection over"
+    DRAIN = "drain"
+    UNDRAIN = "undrain"
 
 
 S, I = State, Input  # noqa: E741 - the table reads better with one-letter names
@@ -101,37 +121,57 @@ TRANSITIONS: dict[tuple[State, Input], tuple[State, str | None]] = {
     (S.ACTIVE, I.EJECT): (S.EJECTED, "ejected"),
     (S.ACTIVE, I.EJECTION_OVER): (S.ACTIVE, None),  # not ejected
     (S.ACTIVE, I.REMOVE): (S.REMOVED, "removed"),
+    (S.ACTIVE, I.DRAIN): (S.DRAINING, "draining"),
+    (S.ACTIVE, I.UNDRAIN): (S.ACTIVE, None),  # not draining
     # -- out: failed the active checks
     (S.UNHEALTHY, I.PROBES_FAILED): (S.UNHEALTHY, None),
     (S.UNHEALTHY, I.PROBES_PASSED): (S.ACTIVE, "healthy"),
     (S.UNHEALTHY, I.EJECT): (S.UNHEALTHY, None),  # straggler: already out
     (S.UNHEALTHY, I.EJECTION_OVER): (S.UNHEALTHY, None),  # not ejected
     (S.UNHEALTHY, I.REMOVE): (S.REMOVED, "removed"),
+    (S.UNHEALTHY, I.DRAIN): (S.DRAINING, "draining"),
+    (S.UNHEALTHY, I.UNDRAIN): (S.UNHEALTHY, None),
     # -- out: ejected by outlier detection
     (S.EJECTED, I.PROBES_FAILED): (S.UNHEALTHY_EJECTED, "unhealthy"),
     (S.EJECTED, I.PROBES_PASSED): (S.EJECTED, None),  # still ejected
     (S.EJECTED, I.EJECT): (S.EJECTED, None),  # straggler: already out
     (S.EJECTED, I.EJECTION_OVER): (S.ACTIVE, "returned"),
     (S.EJECTED, I.REMOVE): (S.REMOVED, "removed"),
+    (S.EJECTED, I.DRAIN): (S.DRAINING, "draining"),  # the ejection is forgotten
+    (S.EJECTED, I.UNDRAIN): (S.EJECTED, None),
     # -- out for both reasons
     (S.UNHEALTHY_EJECTED, I.PROBES_FAILED): (S.UNHEALTHY_EJECTED, None),
     (S.UNHEALTHY_EJECTED, I.PROBES_PASSED): (S.EJECTED, "healthy"),
     (S.UNHEALTHY_EJECTED, I.EJECT): (S.UNHEALTHY_EJECTED, None),
     (S.UNHEALTHY_EJECTED, I.EJECTION_OVER): (S.UNHEALTHY, "returned"),
     (S.UNHEALTHY_EJECTED, I.REMOVE): (S.REMOVED, "removed"),
+    (S.UNHEALTHY_EJECTED, I.DRAIN): (S.DRAINING, "draining"),
+    (S.UNHEALTHY_EJECTED, I.UNDRAIN): (S.UNHEALTHY_EJECTED, None),
+    # -- out: drained by an operator; in-flight requests finish, nothing else counts
+    (S.DRAINING, I.PROBES_FAILED): (S.DRAINING, None),
+    (S.DRAINING, I.PROBES_PASSED): (S.DRAINING, None),
+    (S.DRAINING, I.EJECT): (S.DRAINING, None),  # straggler: already out
+    (S.DRAINING, I.EJECTION_OVER): (S.DRAINING, None),
+    (S.DRAINING, I.REMOVE): (S.REMOVED, "removed"),
+    (S.DRAINING, I.DRAIN): (S.DRAINING, None),
+    (S.DRAINING, I.UNDRAIN): (S.ACTIVE, "undrained"),
     # -- gone: requests in flight drain; nothing they report counts
     (S.REMOVED, I.PROBES_FAILED): (S.REMOVED, None),
     (S.REMOVED, I.PROBES_PASSED): (S.REMOVED, None),
     (S.REMOVED, I.EJECT): (S.REMOVED, None),
     (S.REMOVED, I.EJECTION_OVER): (S.REMOVED, None),
     (S.REMOVED, I.REMOVE): (S.REMOVED, None),
+    (S.REMOVED, I.DRAIN): (S.REMOVED, None),
+    (S.REMOVED, I.UNDRAIN): (S.REMOVED, None),
 }
 
 del S, I
 
 EJECTED_STATES = frozenset({State.EJECTED, State.UNHEALTHY_EJECTED})
 #: The inputs that take a server out of rotation (their reason is kept on it).
-_LEAVING = frozenset({Input.PROBES_FAILED, Input.EJECT})
+_LEAVING = frozenset({Input.PROBES_FAILED, Input.EJECT, Input.DRAIN})
+#: Out of rotation for failing the active checks.
+UNHEALTHY_STATES = frozenset({State.UNHEALTHY, State.UNHEALTHY_EJECTED})
 
 
 class ServerState:
@@ -220,6 +260,13 @@ def transition(
         if until is None:
             raise RuntimeError("EJECT needs the end of the ejection")
         server.ejected_until = until
+        server.consecutive_errors = 0
+        server.recent.clear()
+    elif event is Input.DRAIN or event is Input.UNDRAIN:
+        # Both start from a clean slate: no ejection, no streaks.
+        server.ejected_until = None
+        server.ejections = 0
+        server.check_streak = 0
         server.consecutive_errors = 0
         server.recent.clear()
     elif event is Input.EJECTION_OVER:
