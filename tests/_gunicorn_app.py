@@ -59,3 +59,38 @@ def whoami(environ: dict[str, Any], start_response: Any) -> list[bytes]:
 
 #: A status page of a balancer (no upstream is ever called): ``status.json`` names the worker.
 status_page = StatusPage(RoundRobin(Forward(), ["http://127.0.0.1:9"]))
+
+
+def fleet() -> Any:
+    """A factory (``_gunicorn_app:fleet()``): RoundRobin following the registry
+    ``$OXYPY_TEST_REGISTRY`` at ``$OXYPY_TEST_REDIS``, seeded with
+    ``$OXYPY_TEST_UPSTREAM``; every answer carries ``X-Worker-Pid``.  With
+    ``$OXYPY_TEST_HEALTH`` set, health checks every 0.1 s (one prober per
+    registry).  Built in each worker, as docs/fleet.md says (no ``--preload``)."""
+    from oxypy import HealthCheck, RedisRegistry, RoundRobin
+
+    check = None
+    if os.environ.get("OXYPY_TEST_HEALTH"):
+        check = HealthCheck(interval=0.1, timeout=1, unhealthy_threshold=1, healthy_threshold=1)
+    lb = RoundRobin(
+        Forward(),
+        [os.environ["OXYPY_TEST_UPSTREAM"]],
+        health_check=check,
+        registry=RedisRegistry(
+            os.environ["OXYPY_TEST_REDIS"],
+            os.environ["OXYPY_TEST_REGISTRY"],
+            poll_interval=0.25,
+            lease_ttl=1.0,
+            timeout=0.5,
+        ),
+    )
+    pid = ("X-Worker-Pid", str(os.getpid()))
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        def with_pid(status: str, headers: list[tuple[str, str]], *exc_info: Any) -> Any:
+            headers.append(pid)
+            return start_response(status, headers, *exc_info)
+
+        return lb(environ, with_pid)
+
+    return app

@@ -49,16 +49,28 @@ def stop_pid(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
 
 
 class RedisServer:
-    """``redis-server`` on 127.0.0.1:<free port> with no persistence."""
+    """``redis-server`` on 127.0.0.1:<free port> with no persistence.
 
-    def __init__(self, port: int | None = None) -> None:
+    ``extra`` arguments go after the defaults (``--cluster-enabled yes``);
+    ``config`` is the text of a config file to start from (a Sentinel's, run
+    with ``--sentinel``)."""
+
+    def __init__(
+        self, port: int | None = None, extra: tuple[str, ...] = (), config: str | None = None
+    ) -> None:
         if REDIS_SERVER is None:
             raise RuntimeError("redis-server is not on PATH")
         self.dir = tempfile.mkdtemp(prefix="oxypy-redis-")
         self.port = port or free_port()
+        head = [REDIS_SERVER]
+        if config is not None:
+            path = os.path.join(self.dir, "redis.conf")
+            with open(path, "w") as out:
+                out.write(config)
+            head = [REDIS_SERVER, path, "--sentinel"]
         self.proc: subprocess.Popen[bytes] = subprocess.Popen(
             [
-                REDIS_SERVER,
+                *head,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -71,6 +83,7 @@ class RedisServer:
                 self.dir,
                 "--daemonize",
                 "no",
+                *extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
