@@ -49,8 +49,8 @@ def sentinel_master() -> Iterator[Any]:
     sentinel_server = None
     try:
         sentinel_server = RedisServer(port, config=config)
-        sentinel = Sentinel([("127.0.0.1", port)], socket_timeout=2)
-        client = sentinel.master_for("mymaster", socket_timeout=2)
+        sentinel = Sentinel([("127.0.0.1", port)], socket_timeout=2)  # type: ignore[no-untyped-call]
+        client = sentinel.master_for("mymaster", socket_timeout=2)  # type: ignore[no-untyped-call]
         wait_for(lambda: client.ping(), timeout=10)
         yield client
         client.close()
@@ -82,8 +82,10 @@ def cluster() -> Iterator[Any]:
     )
     try:
         raw = redis.Redis(host="127.0.0.1", port=node.port)
-        raw.execute_command("CLUSTER", "ADDSLOTSRANGE", "0", "16383")
-        wait_for(lambda: b"cluster_state:ok" in raw.execute_command("CLUSTER", "INFO"))
+        raw.execute_command("CLUSTER", "ADDSLOTSRANGE", "0", "16383")  # type: ignore[no-untyped-call]
+        wait_for(
+            lambda: b"cluster_state:ok" in raw.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+        )
         raw.close()
         client = RedisCluster(host="127.0.0.1", port=node.port, socket_timeout=2)
         yield client
