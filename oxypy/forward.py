@@ -50,6 +50,8 @@ __all__ = ["Exchange", "Forward", "OutgoingRequest", "ResponseHead"]
 
 log = logging.getLogger(__name__)
 
+_INF = float("inf")
+
 
 class OutgoingRequest:
     """The request about to be sent, handed to ``modify_request`` (Go's Director)."""
@@ -557,7 +559,15 @@ class _ResponseBody:
     client connection.
     """
 
-    __slots__ = ("resp", "record", "environ", "handler", "start_response", "_closed")
+    __slots__ = (
+        "resp",
+        "record",
+        "environ",
+        "handler",
+        "start_response",
+        "_closed",
+        "bounded_until",
+    )
 
     def __init__(
         self,
@@ -573,11 +583,20 @@ class _ResponseBody:
         self.handler = handler
         self.start_response = start_response
         self._closed = False
+        limit = resp.body_limit
+        #: The request deadline (``time.monotonic()``) this body honours on its
+        #: own (every read capped at it, no chunk handed out after it), or
+        #: infinity: a :class:`~oxypy.Timeout` above with a deadline no earlier
+        #: relays it as it is instead of watching each chunk.
+        self.bounded_until = _INF if limit is None else limit.at
 
     def __iter__(self) -> Iterator[bytes]:
         record = self.record
+        limit = self.resp.body_limit
         try:
             for chunk in self.resp:
+                if limit is not None and limit.at <= time.monotonic():
+                    raise limit.error()  # the deadline passed while the client took the last chunk
                 record.bytes_received += len(chunk)
                 yield chunk
             if self.resp.trailers:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 GRACE = 0.01
 
 _monotonic = time.monotonic
+_INF = float("inf")
 
 
 class Timeout:
@@ -43,6 +44,10 @@ class Timeout:
     is kept when it is earlier (nested Timeouts: the earlier deadline wins).
     ``Forward`` caps connect, send, the head wait and every body read at what
     remains; ``Buffer`` neither backs off nor retries once it has passed.
+
+    A body that bounds itself by this deadline (``Forward``'s, when
+    ``Forward`` is what returned it) is relayed as it is: it answers 504
+    before its first byte and aborts after, as below.
 
     An app below that ignores the deadline is interrupted (a
     ``gevent.Timeout`` raised in it, shortly after the deadline) while it
@@ -110,8 +115,12 @@ class Timeout:
         if deadline <= now:
             return self._expired(environ, start_response, "before the request was passed on")
         dog = watchdog()
-        body = _Bounded(deadline + GRACE, getcurrent(), dog, self, environ, start_response)
-        dog.register(body)
+        at = deadline + GRACE
+        body = _Bounded(at, getcurrent(), dog)
+        watches = dog.watches
+        watches.add(body)  # dog.register(body), inlined: this runs per request
+        if at < dog.due:
+            dog.arm(at)
         try:
             result = self.next_app(environ, start_response)
         except Interrupt as exc:
@@ -121,10 +130,14 @@ class Timeout:
         except BaseException:
             dog.remove(body)
             raise
-        if type(result) is list:
-            dog.remove(body)
-            return result  # already complete: nothing left to wait for
-        return body.relay(result)
+        if type(result) is list or getattr(result, "bounded_until", _INF) <= deadline:
+            # Complete already, or a body that honours this deadline itself
+            # (Forward's: every read capped at it, no chunk handed out after
+            # it, 504 before the first byte and an abort after, as here).
+            body.armed = False  # dog.remove(body), inlined
+            watches.discard(body)
+            return result
+        return body.relay(result, self, environ, start_response)
 
     def _expired(
         self, environ: WSGIEnvironment, start_response: StartResponse, when: str
@@ -171,28 +184,26 @@ class _Bounded(Watch):
         "_closed",
     )
 
-    def __init__(
-        self,
-        at: float,
-        glet: Any,
-        dog: Watchdog,
-        block: Timeout,
-        environ: WSGIEnvironment,
-        start_response: StartResponse,
-    ) -> None:
+    def __init__(self, at: float, glet: Any, dog: Watchdog) -> None:
         # Watch's fields, set here (one call less per request).
         self.at = at
         self.glet = glet
         self.exc = None
         self.armed = True
         self.dog = dog
+
+    def relay(
+        self,
+        result: Iterable[bytes],
+        block: Timeout,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+    ) -> _Bounded:
+        """Become the body of ``result`` (the app returned its head)."""
+        self.armed = False
         self.block = block
         self.environ = environ
         self.start_response = start_response
-
-    def relay(self, result: Iterable[bytes]) -> _Bounded:
-        """Become the body of ``result`` (the app returned its head)."""
-        self.armed = False
         self.result = result
         self.iterator = iter(result)
         self.started = False

@@ -497,3 +497,59 @@ def test_a_streamed_body_failing_mid_way_aborts_the_client_connection(
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
     assert body == b"12345"  # never padded, never retried after the head went out
     assert len(up.requests) == 1
+
+
+def two_chunks_at_once() -> RawUpstream:
+    """Sends the head with the first chunk (``one``), the second 50 ms later."""
+
+    def handler(sock: socket.socket, data: bytes) -> None:
+        sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\none\r\n")
+        gevent.sleep(0.05)
+        sock.sendall(b"3\r\ntwo\r\n0\r\n\r\n")
+        sock.settimeout(5)
+        while sock.recv(65536):
+            pass
+
+    return RawUpstream(handler)
+
+
+@pytest.mark.parametrize("first_taken", [False, True], ids=["before-first-byte", "mid-body"])
+def test_chunks_in_hand_are_not_handed_out_after_the_deadline(first_taken: bool) -> None:
+    # The server is this test: it takes the head, then dawdles (a slow client)
+    # until the deadline has passed although every byte arrived long before.
+    up = two_chunks_at_once()
+    statuses: list[str] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        statuses.append(status)
+        return lambda data: None
+
+    try:
+        env = {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": "/",
+            "QUERY_STRING": "",
+            "SERVER_NAME": "127.0.0.1",
+            "SERVER_PORT": "80",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": "127.0.0.1",
+            "wsgi.url_scheme": "http",
+            "wsgi.input": None,
+            "HTTP_HOST": "example.test",
+        }
+        body = Timeout(Forward(up.url), 0.3)(env, start_response)
+        chunks = iter(body)
+        if first_taken:
+            assert next(chunks) == b"one"
+        gevent.sleep(0.4)
+        if first_taken:
+            with pytest.raises(DeadlineExceeded):
+                next(chunks)  # cut: the server aborts the client connection
+        else:
+            rest = b"".join(chunks)  # nothing went out yet: a 504 instead
+            assert statuses == ["200 OK", "504 Gateway Timeout"]
+            assert rest.startswith(b"request deadline ")
+        assert isinstance(env[keys.ERROR], DeadlineExceeded)
+        getattr(body, "close", lambda: None)()
+    finally:
+        up.stop()

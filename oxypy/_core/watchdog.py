@@ -60,20 +60,22 @@ class Watchdog:
         found = Watch(at, getcurrent())
         self.watches.add(found)
         if at < self.due:
-            self._arm(at)
+            self.arm(at)
         return found
 
     def register(self, found: Watch) -> None:
         """Start watching ``found`` (a :class:`Watch` built by the caller)."""
         self.watches.add(found)
         if found.at < self.due:
-            self._arm(found.at)
+            self.arm(found.at)
 
     def remove(self, found: Watch) -> None:
         found.armed = False
         self.watches.discard(found)
 
-    def _arm(self, at: float) -> None:
+    def arm(self, at: float) -> None:
+        """Set the timer for ``at`` (earlier than :attr:`due`): after :meth:`register`'s
+        ``watches.add``, for callers that inline it."""
         if self.timer is not None:
             self.timer.close()
         self.due = at
@@ -101,7 +103,7 @@ class Watchdog:
             elif found.at < upcoming:
                 upcoming = found.at
         if upcoming < _INF and upcoming < self.due:
-            self._arm(upcoming)
+            self.arm(upcoming)
 
 
 def _throw(found: Watch) -> None:
