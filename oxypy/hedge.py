@@ -10,7 +10,9 @@ slow servers or slow requests cause, at the price of a few extra requests.
 from __future__ import annotations
 
 import logging
+import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -22,13 +24,94 @@ from ._core.checks import finite_number
 from ._core.exchange import Exchange, exchange_log
 from ._core.iterables import ClosingIterable
 from ._core.snapshot import BlockSnapshot
-from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .exceptions import ConfigurationError, NoResponse
 from .retrybudget import RetryBudget
+from .rolling import RollingHistogram
 
 __all__ = ["Hedge"]
 
 log = logging.getLogger(__name__)
+
+_QUANTILE = re.compile(r"p(\d{1,2}(?:\.\d+)?)")
+#: The derived delay's window is this many slots of a rolling histogram.
+_SLOTS = 12
+#: Seconds between two computations of a derived delay (at most).
+_REFRESH = 1.0
+
+
+class _DerivedDelay:
+    """A hedge delay that follows a quantile of the observed head latency.
+
+    Records each first attempt's time to its response head (a rolling
+    histogram, one lock and one dict update per request) and computes the
+    quantile from the window at most once per :data:`_REFRESH` seconds, so
+    the request path never merges the window.
+    """
+
+    __slots__ = ("quantile", "low", "high", "fallback", "min_samples", "hist")
+
+    def __init__(
+        self,
+        quantile: float,
+        window: float,
+        low: float,
+        high: float,
+        fallback: float,
+        min_samples: int,
+        clock: Clock,
+    ) -> None:
+        self.quantile = quantile
+        self.low = low
+        self.high = high
+        self.fallback = fallback
+        self.min_samples = min_samples
+        self.hist = RollingHistogram(_SLOTS, window / _SLOTS, clock=clock)
+
+    def compute(self) -> tuple[float, int]:
+        """The delay the window gives now and the number of samples in it."""
+        merged = self.hist.merged()
+        if merged.total < self.min_samples:
+            return self.fallback, merged.total
+        seconds = merged.value_at_quantile(self.quantile) / 1e6
+        return min(max(seconds, self.low), self.high), merged.total
+
+
+def _derived(
+    spec: str,
+    window: float | None,
+    low: float | None,
+    high: float | None,
+    fallback: float | None,
+    min_samples: int | None,
+    clock: Clock,
+) -> _DerivedDelay:
+    """The derived delay of a quantile ``delay``, its options checked (defaults filled in)."""
+    window = 60.0 if window is None else finite_number("delay_window", window, positive=True)
+    low = 0.005 if low is None else finite_number("min_delay", low, positive=True)
+    high = 1.0 if high is None else finite_number("max_delay", high, positive=True)
+    if low > high:
+        raise ConfigurationError(f"min_delay ({low:g}) must not be above max_delay ({high:g})")
+    fallback = (
+        high if fallback is None else finite_number("fallback_delay", fallback, positive=True)
+    )
+    if min_samples is None:
+        min_samples = 100
+    elif isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
+        raise ConfigurationError(f"min_samples must be an int >= 1, got {min_samples!r}")
+    if not callable(clock):
+        raise ConfigurationError("clock must be a callable returning seconds")
+    return _DerivedDelay(_quantile(spec), window, low, high, fallback, min_samples, clock)
+
+
+def _quantile(spec: str) -> float:
+    match = _QUANTILE.fullmatch(spec.strip())
+    value = float(match.group(1)) if match else 0.0
+    if not 0 < value < 100:
+        raise ConfigurationError(
+            f'delay: expected seconds or a quantile such as "p95" (p1 to p99.9), got {spec!r}'
+        )
+    return value
 
 
 class _Race:
@@ -165,11 +248,34 @@ class Hedge:
     propagates.  A response head is a response: a 502 that comes first wins
     (put a :class:`~oxypy.Buffer` with a retry predicate above to retry it).
 
-    :param delay: seconds to wait for a response head before hedging (> 0).
+    **A delay derived from the observed latency**: with ``delay="p95"`` (any
+    quantile ``"p1"`` to ``"p99.9"``) the delay is that quantile of the time
+    first attempts took to their response head over the last
+    ``delay_window`` seconds, kept between ``min_delay`` and ``max_delay``
+    and recomputed at most once a second (:attr:`current_delay`); while the
+    window holds fewer than ``min_samples`` latencies the delay is
+    ``fallback_delay``.  A first attempt that a hedge beat is recorded with
+    the time it had waited (a lower bound, above the delay), so hedging does
+    not pull the quantile down.  With ``"p95"`` about 5 % of requests are
+    hedged whatever the upstream's latency is, as the slowest of them keep
+    moving.  Requests that are not hedgeable (method, body) are not recorded.
+
+    :param delay: seconds to wait for a response head before hedging (> 0),
+        or a quantile of the observed head latency such as ``"p95"``.
     :param max_hedges: extra attempts at most (>= 1).
     :param methods: the methods that may be hedged (idempotent ones).
     :param retry_budget: a :class:`~oxypy.RetryBudget`; each hedge is a retry
         on it (a refused hedge is not sent).
+    :param delay_window: seconds of latencies a quantile ``delay`` looks at
+        (default 60).  This and the four options below only go with a
+        quantile ``delay``.
+    :param min_delay: the derived delay's floor, seconds (default 0.005).
+    :param max_delay: the derived delay's ceiling, seconds (default 1.0).
+    :param fallback_delay: the delay while fewer than ``min_samples``
+        latencies are known (default ``max_delay``).
+    :param min_samples: latencies the window must hold before the quantile
+        is used (default 100).
+    :param clock: monotonic clock in seconds (tests step it).
     :param skip: ``callable(environ) -> bool``; True passes the request straight on.
 
     Example::
@@ -187,15 +293,39 @@ class Hedge:
         next_app: WSGIApplication,
         /,
         *,
-        delay: float,
+        delay: float | str,
         max_hedges: int = 1,
         methods: Iterable[str] = ("GET", "HEAD", "OPTIONS"),
         retry_budget: RetryBudget | None = None,
+        delay_window: float | None = None,
+        min_delay: float | None = None,
+        max_delay: float | None = None,
+        fallback_delay: float | None = None,
+        min_samples: int | None = None,
+        clock: Clock = time.monotonic,
         skip: Skip | None = None,
     ) -> None:
         if not callable(next_app):
             raise ConfigurationError("Hedge needs the next WSGI app as first argument")
-        finite_number("delay", delay, positive=True)
+        derived = None
+        if isinstance(delay, str):
+            derived = _derived(
+                delay, delay_window, min_delay, max_delay, fallback_delay, min_samples, clock
+            )
+        else:
+            finite_number("delay", delay, positive=True)
+            given = {
+                "delay_window": delay_window,
+                "min_delay": min_delay,
+                "max_delay": max_delay,
+                "fallback_delay": fallback_delay,
+                "min_samples": min_samples,
+            }
+            extra = [name for name, value in given.items() if value is not None]
+            if extra:
+                raise ConfigurationError(
+                    f'{", ".join(extra)}: only with a quantile delay (such as delay="p95")'
+                )
         if isinstance(max_hedges, bool) or not isinstance(max_hedges, int) or max_hedges < 1:
             raise ConfigurationError(f"max_hedges must be an int >= 1, got {max_hedges!r}")
         if isinstance(methods, str):
@@ -206,7 +336,14 @@ class Hedge:
         if retry_budget is not None and not isinstance(retry_budget, RetryBudget):
             raise ConfigurationError("retry_budget must be a RetryBudget or None")
         self.next_app = next_app
-        self.delay = float(delay)
+        #: The delay as given: seconds, or a quantile such as ``"p95"``.
+        self.delay: float | str = delay if derived is not None else float(delay)
+        self._fixed = 0.0 if derived is not None else float(delay)
+        self._derived_delay = derived
+        self._clock = clock
+        self._current = derived.fallback if derived is not None else self._fixed
+        self._refresh_at = -float("inf")
+        self._samples = 0
         self.max_hedges = max_hedges
         self.methods = names
         self.retry_budget = retry_budget
@@ -215,6 +352,32 @@ class Hedge:
         self.hedges = 0
         self.hedge_wins = 0
         self.refused = 0
+
+    @property
+    def current_delay(self) -> float:
+        """The delay (seconds) a request arriving now waits before it is hedged.
+
+        With a quantile ``delay``: the quantile of the window's first-attempt
+        head latencies as last computed (at most a second ago), between
+        ``min_delay`` and ``max_delay``; ``fallback_delay`` while the window
+        holds fewer than ``min_samples``.
+        """
+        if self._derived_delay is None:
+            return self._fixed
+        now = self._clock()
+        if now >= self._refresh_at:
+            self._refresh(now)
+        return self._current
+
+    @property
+    def samples(self) -> int:
+        """First-attempt latencies in the window at the last computation (0 with a fixed delay)."""
+        return self._samples
+
+    def _refresh(self, now: float) -> None:
+        assert self._derived_delay is not None
+        self._refresh_at = now + _REFRESH
+        self._current, self._samples = self._derived_delay.compute()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self.skip is not None and self.skip(environ):
@@ -235,6 +398,15 @@ class Hedge:
             # spawn_raw: a plain greenlet costs a third of a gevent.Greenlet.
             attempt.greenlet = gevent.spawn_raw(attempt.run, self.next_app, race)
 
+        derived = self._derived_delay
+        if derived is None:
+            delay = self._fixed
+        else:
+            started = self._clock()
+            if started >= self._refresh_at:
+                self._refresh(started)
+            delay = self._current
+        first_head: float | None = None
         winner: _Attempt | None = None
         try:
             launch()
@@ -244,7 +416,7 @@ class Hedge:
                 may_hedge = may_hedge and len(attempts) <= self.max_hedges
                 if not race.finished:
                     race.event.clear()
-                    race.event.wait(self.delay if may_hedge else None)
+                    race.event.wait(delay if may_hedge else None)
                 if not race.finished:  # the delay passed without a head: hedge
                     if budget is None or budget.try_retry():
                         launch()
@@ -259,10 +431,18 @@ class Hedge:
                 finished += 1
                 if attempt.error is None:
                     winner = attempt
+                    if derived is not None and attempt.number == 1:
+                        first_head = self._clock() - started
                 elif finished == len(attempts):
                     raise attempt.error  # every attempt failed: nothing left to wait for
         finally:
             self._cancel(attempts, winner)
+        if derived is not None and attempts[0].error is None:
+            # A first attempt a hedge beat is recorded at the time it had
+            # waited: a lower bound of its latency, and above the delay, so
+            # the quantiles up to the delay stay exact.
+            latency = first_head if first_head is not None else self._clock() - started
+            derived.hist.record(int(latency * 1e6))
         if winner.number > 1:
             with self._lock:
                 self.hedge_wins += 1
@@ -272,13 +452,14 @@ class Hedge:
 
     def snapshot(self) -> BlockSnapshot:
         """``{"kind", "delay", "max_hedges", "hedges", "hedge_wins", "refused"}``
-        (counts since creation) for the status page.
+        (counts since creation) for the status page; with a quantile ``delay``
+        also ``current_delay`` (seconds) and ``samples``.
 
         .. versionadded:: 0.3
         """
         with self._lock:
             counts = (self.hedges, self.hedge_wins, self.refused)
-        return {
+        snap: BlockSnapshot = {
             "kind": "Hedge",
             "delay": self.delay,
             "max_hedges": self.max_hedges,
@@ -286,6 +467,10 @@ class Hedge:
             "hedge_wins": counts[1],
             "refused": counts[2],
         }
+        if self._derived_delay is not None:  # "delay" is a quantile such as "p95"
+            snap["current_delay"] = self.current_delay
+            snap["samples"] = self._samples
+        return snap
 
     @staticmethod
     def _cancel(attempts: list[_Attempt], winner: _Attempt | None) -> None:

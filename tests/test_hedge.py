@@ -217,8 +217,115 @@ def test_every_attempt_failing_answers_the_error(proxy: Any) -> None:
         {"delay": 0.1, "methods": "GET"},
         {"delay": 0.1, "methods": ()},
         {"delay": 0.1, "retry_budget": 5},
+        {"delay": "fast"},
+        {"delay": "p0"},
+        {"delay": "p100"},
+        {"delay": "p95", "min_delay": 0.5, "max_delay": 0.1},
+        {"delay": "p95", "min_samples": 0},
+        {"delay": "p95", "delay_window": 0},
+        {"delay": "p95", "fallback_delay": -1},
     ],
 )
 def test_bad_configuration_is_refused(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError):
         Hedge(Forward(), **kwargs)
+
+
+def test_derived_delay_options_need_a_quantile_delay() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Hedge(Forward(), delay=0.05, min_samples=5, max_delay=1.0)
+    assert (
+        str(info.value)
+        == 'max_delay, min_samples: only with a quantile delay (such as delay="p95")'
+    )
+
+
+# -- a delay derived from the observed latency ----------------------------------
+
+
+class SteppedClock:
+    """Real time plus an offset a test steps (to pass the refresh and the window)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+def paced_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    """Answers ``A`` after the seconds its path names: ``/t/wait/0.05``."""
+    gevent.sleep(float(environ["PATH_INFO"].rsplit("/", 1)[1]))
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "1")])
+    return [b"A"]
+
+
+def b_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "1")])
+    return [b"B"]
+
+
+def test_a_quantile_delay_follows_the_observed_head_latency(proxy: Any, pywsgi: Any) -> None:
+    clock = SteppedClock()
+    a, b = pywsgi(paced_app), pywsgi(b_app)
+    hedge = Hedge(
+        first_untried(Forward(), [a, b]),
+        delay="p90",
+        fallback_delay=1.5,
+        min_samples=10,
+        min_delay=0.001,
+        max_delay=5.0,
+        clock=clock,
+    )
+    url = proxy(hedge)
+    assert (hedge.current_delay, hedge.samples) == (1.5, 0)  # no latency known yet
+    for _ in range(10):
+        resp = HTTP.request("GET", url + "/t/wait/0.05")
+        assert resp.data == b"A"
+    assert hedge.current_delay == 1.5  # computed at most once a second
+    clock.offset += 1.01
+    delay = hedge.current_delay
+    assert hedge.samples == 10
+    assert 0.05 <= delay < 0.75  # p90 of ten ~50 ms heads (generous for a loaded machine)
+    # A slow head is now hedged after the derived delay, not the 1.5 s fallback.
+    started = time.monotonic()
+    resp = HTTP.request("GET", url + "/t/wait/4")
+    elapsed = time.monotonic() - started
+    assert resp.data == b"B"
+    assert delay <= elapsed < 1.4
+    assert (hedge.hedges, hedge.hedge_wins) == (1, 1)
+    # The window forgets: 61 s later nothing is known and the fallback is back.
+    clock.offset += 61
+    assert (hedge.current_delay, hedge.samples) == (1.5, 0)
+    assert hedge.delay == "p90"
+
+
+@pytest.mark.parametrize(
+    ("wait", "bounds", "expected"), [(0, (0.2, 5.0), 0.2), (0.05, (0.001, 0.02), 0.02)]
+)
+def test_the_derived_delay_stays_between_its_floor_and_ceiling(
+    proxy: Any, pywsgi: Any, wait: float, bounds: tuple[float, float], expected: float
+) -> None:
+    clock = SteppedClock()
+    hedge = Hedge(
+        Forward(pywsgi(paced_app)),
+        delay="p50",
+        min_delay=bounds[0],
+        max_delay=bounds[1],
+        min_samples=5,
+        clock=clock,
+    )
+    url = proxy(hedge)
+    for _ in range(5):
+        assert HTTP.request("GET", url + f"/t/wait/{wait}").data == b"A"
+    clock.offset += 1.01
+    assert (hedge.current_delay, hedge.samples) == (expected, 5)
+
+
+def test_requests_that_are_not_hedgeable_are_not_sampled(proxy: Any, pywsgi: Any) -> None:
+    clock = SteppedClock()
+    hedge = Hedge(Forward(pywsgi(paced_app)), delay="p95", min_samples=1, clock=clock)
+    url = proxy(hedge)
+    assert HTTP.request("POST", url + "/t/wait/0", body=b"x").data == b"A"
+    clock.offset += 1.01
+    assert (hedge.current_delay, hedge.samples) == (1.0, 0)  # fallback = max_delay
