@@ -9,12 +9,13 @@ failing.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
 import random
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import gevent
@@ -58,6 +59,81 @@ def _discard(status: str, headers: list[tuple[str, str]], exc_info: Any = None) 
     return lambda data: None
 
 
+class _Digest:
+    """One side's answer as compared: status code, body length and hash (streamed)."""
+
+    __slots__ = ("status", "length", "hash", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.status = ""
+        self.length = 0
+        self.hash = hashlib.sha256()
+        self.limit = limit
+
+    def update(self, chunk: bytes) -> None:
+        hashed = self.length
+        self.length += len(chunk)
+        if hashed < self.limit:
+            self.hash.update(chunk if self.length <= self.limit else chunk[: self.limit - hashed])
+
+    def hexdigest(self) -> str:
+        return self.hash.hexdigest()[:16]
+
+    def same(self, other: _Digest) -> bool:
+        return (
+            self.status == other.status
+            and self.length == other.length
+            and self.hash.digest() == other.hash.digest()
+        )
+
+
+class _Comparison:
+    """The primary's and the copy's answers to one request; compared once both are in."""
+
+    __slots__ = ("method", "path", "primary", "copy", "pending")
+
+    def __init__(self, method: str, path: str, limit: int) -> None:
+        self.method = method
+        self.path = path
+        self.primary: _Digest | None = _Digest(limit)
+        self.copy: _Digest | None = _Digest(limit)
+        self.pending = 2
+
+
+class _Tap:
+    """The primary's body, relayed unchanged while it is hashed for the comparison."""
+
+    __slots__ = ("result", "mirror", "comparison", "done", "closed")
+
+    def __init__(self, result: Iterable[bytes], mirror: Mirror, comparison: _Comparison) -> None:
+        self.result = result
+        self.mirror = mirror
+        self.comparison = comparison
+        self.done = False
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        digest = self.comparison.primary
+        assert digest is not None
+        for chunk in self.result:
+            digest.update(chunk)
+            yield chunk
+        self.done = True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            close = getattr(self.result, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if not self.done:
+                self.comparison.primary = None  # cut short: nothing to compare
+            self.mirror._settle(self.comparison)
+
+
 class Mirror:
     """Send a copy of (a sample of) the requests to ``mirror``; discard its answers.
 
@@ -84,6 +160,21 @@ class Mirror:
     ``failed`` (copies that raised or whose mirror could not be reached:
     status 502/503/504 answered below it counts too) and ``in_flight``.
 
+    **Compare mode** (``compare=True``), for testing a new version against
+    the current one: the primary's status code, body length and a SHA-256 of
+    its first ``compare_body_bytes`` bytes (hashed as the body streams to
+    the client: constant memory, nothing held back) are compared with the
+    copy's once both have finished.  Each difference is one WARNING line on
+    the ``oxypy.mirror`` logger, ``mirror differs: GET /path: status 200 vs
+    500, body 1234 bytes sha256 ab12… vs 99 bytes cd34…``, carrying
+    ``method``, ``path`` (no query string), ``primary_status``,
+    ``mirror_status``, ``primary_bytes``, ``mirror_bytes``,
+    ``primary_sha256`` and ``mirror_sha256`` (16 hex digits) as extras
+    (fields of ``oxypy --log-format json``).  Counted: ``compared`` and
+    ``differed``.  A copy that raised, or a primary body the client did
+    not take to its end, is not compared.  The client still never waits
+    for the copy: whichever side finishes last compares.
+
     Failures: only the primary's, answered as usual; a client body that
     cannot be read while buffering it for a copy is answered by the default
     error handler (499 when the client went away, 400 for a malformed body).
@@ -93,6 +184,10 @@ class Mirror:
     :param mirror_body: also copy the request body (else the copy has none).
     :param max_body_bytes: bodies longer than this are not copied (>= 0).
     :param max_in_flight: copies running at once at most (>= 1); more are dropped.
+    :param compare: compare each copy's answer with the primary's: the status
+        code, the body length and a SHA-256 of the body (see above).
+    :param compare_body_bytes: bytes of each body hashed at most (>= 0); the
+        lengths are always compared in full.
     :param rng: the random source for sampling (a seeded ``random.Random`` in tests).
     :param skip: ``callable(environ) -> bool``; True passes the request straight on.
 
@@ -115,6 +210,8 @@ class Mirror:
         mirror_body: bool = True,
         max_body_bytes: int = 1 << 20,
         max_in_flight: int = 64,
+        compare: bool = False,
+        compare_body_bytes: int = 1 << 20,
         rng: random.Random | None = None,
         skip: Skip | None = None,
     ) -> None:
@@ -145,8 +242,18 @@ class Mirror:
             or max_in_flight < 1
         ):
             raise ConfigurationError(f"max_in_flight must be an int >= 1, got {max_in_flight!r}")
+        if (
+            isinstance(compare_body_bytes, bool)
+            or not isinstance(compare_body_bytes, int)
+            or compare_body_bytes < 0
+        ):
+            raise ConfigurationError(
+                f"compare_body_bytes must be an int >= 0, got {compare_body_bytes!r}"
+            )
         self.next_app = next_app
         self.mirror = mirror
+        self.compare = bool(compare)
+        self.compare_body_bytes = compare_body_bytes
         self.percent = float(percent)
         self.mirror_body = bool(mirror_body)
         self.max_body_bytes = max_body_bytes
@@ -159,6 +266,8 @@ class Mirror:
         self.dropped = 0
         self.too_large = 0
         self.failed = 0
+        self.compared = 0
+        self.differed = 0
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self.skip is not None and self.skip(environ):
@@ -203,11 +312,83 @@ class Mirror:
                 copy.pop("HTTP_TRANSFER_ENCODING", None)
             with self._lock:
                 self.mirrored += 1
-            gevent.spawn(self._send_copy, copy)
+            comparison = None
+            if self.compare:
+                path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+                method = environ.get("REQUEST_METHOD", "GET")
+                comparison = _Comparison(method, path, self.compare_body_bytes)
+            gevent.spawn(self._send_copy, copy, comparison)
         except BaseException:
             self._release()
             raise
-        return self.next_app(primary, start_response)
+        if comparison is None:
+            return self.next_app(primary, start_response)
+        return self._tap(primary, start_response, comparison)
+
+    def _tap(
+        self, environ: WSGIEnvironment, start_response: StartResponse, comparison: _Comparison
+    ) -> Iterable[bytes]:
+        """The primary's response, its status and body fed to ``comparison`` unchanged."""
+        digest = comparison.primary
+        assert digest is not None
+
+        def observe(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            digest.status = status[:3]
+            if exc_info is None:
+                return start_response(status, headers)
+            return start_response(status, headers, exc_info)
+
+        try:
+            result = self.next_app(environ, observe)
+        except BaseException:
+            comparison.primary = None
+            self._settle(comparison)
+            raise
+        if type(result) is list:  # complete already: hashed now, handed on as it is
+            for chunk in result:
+                digest.update(chunk)
+            self._settle(comparison)
+            return result
+        return _Tap(result, self, comparison)
+
+    def _settle(self, comparison: _Comparison) -> None:
+        """One side is in; the second compares (and logs a difference)."""
+        with self._lock:
+            comparison.pending -= 1
+            if comparison.pending:
+                return
+        primary, copy = comparison.primary, comparison.copy
+        if primary is None or copy is None:
+            return
+        same = primary.same(copy)
+        with self._lock:
+            self.compared += 1
+            if not same:
+                self.differed += 1
+        if same:
+            return
+        fields = {
+            "method": comparison.method,
+            "path": comparison.path,
+            "primary_status": primary.status,
+            "mirror_status": copy.status,
+            "primary_bytes": primary.length,
+            "mirror_bytes": copy.length,
+            "primary_sha256": primary.hexdigest(),
+            "mirror_sha256": copy.hexdigest(),
+        }
+        log.warning(
+            "mirror differs: %s %s: status %s vs %s, body %d bytes sha256 %s vs %d bytes sha256 %s",
+            comparison.method,
+            comparison.path,
+            primary.status,
+            copy.status,
+            primary.length,
+            fields["primary_sha256"],
+            copy.length,
+            fields["mirror_sha256"],
+            extra=fields,
+        )
 
     # -- helpers ----------------------------------------------------------------
     def _sampled(self) -> bool:
@@ -247,9 +428,11 @@ class Mirror:
                 return None
         return b"".join(parts)
 
-    def _send_copy(self, env: WSGIEnvironment) -> None:
+    def _send_copy(self, env: WSGIEnvironment, comparison: _Comparison | None = None) -> None:
         failed = False
         status: list[str] = []
+        digest = comparison.copy if comparison is not None else None
+        answered = False
 
         def start_response(line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
             status[:] = [line]
@@ -258,8 +441,13 @@ class Mirror:
         result: Iterable[bytes] | None = None
         try:
             result = self.mirror(env, start_response)
-            for _ in result:
-                pass
+            if digest is None:
+                for _ in result:
+                    pass
+            else:
+                for chunk in result:
+                    digest.update(chunk)
+            answered = True
             failed = not status or status[0][:3] in ("502", "503", "504")
         except gevent.GreenletExit:
             failed = True
@@ -278,3 +466,10 @@ class Mirror:
                 self.in_flight -= 1
                 if failed:
                     self.failed += 1
+            if comparison is not None:
+                assert digest is not None
+                if answered and status:
+                    digest.status = status[0][:3]
+                else:  # raised or cut short: no answer to compare, only counted as failed
+                    comparison.copy = None
+                self._settle(comparison)

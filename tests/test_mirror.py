@@ -229,6 +229,8 @@ def test_sampling_follows_the_seeded_rng(proxy: Any, echo_upstream: str) -> None
         {"percent": float("nan")},
         {"max_body_bytes": -1},
         {"max_in_flight": 0},
+        {"compare_body_bytes": -1},
+        {"compare_body_bytes": 1.5},
     ],
 )
 def test_bad_configuration_is_refused(kwargs: dict[str, Any]) -> None:
@@ -239,3 +241,158 @@ def test_bad_configuration_is_refused(kwargs: dict[str, Any]) -> None:
 def test_a_bad_mirror_url_is_refused() -> None:
     with pytest.raises(ConfigurationError):
         Mirror(Forward(), "ftp://nowhere")
+
+
+# -- compare mode -------------------------------------------------------------------
+
+
+def answering(answer: bytes) -> RawUpstream:
+    """A raw upstream giving every request the same bytes."""
+
+    def handler(sock: socket.socket, data: bytes) -> None:
+        read_exact_body(sock, data)
+        sock.sendall(answer)
+
+    return RawUpstream(handler)
+
+
+def response(status: str, body: bytes) -> bytes:
+    return f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def short_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()[:16]
+
+
+@pytest.fixture
+def upstreams() -> Iterator[Callable[[bytes], RawUpstream]]:
+    made: list[RawUpstream] = []
+
+    def make(answer: bytes) -> RawUpstream:
+        made.append(answering(answer))
+        return made[-1]
+
+    yield make
+    for up in made:
+        up.stop()
+
+
+@pytest.mark.parametrize(
+    ("mirror_status", "mirror_body", "differs"),
+    [
+        ("200 OK", b"hello", False),
+        ("500 Oops", b"hello", True),
+        ("200 OK", b"hellO", True),  # same length, another body
+        ("200 OK", b"hello!", True),
+    ],
+    ids=["same", "status", "body", "length"],
+)
+def test_compare_logs_one_line_per_difference(
+    proxy: Any,
+    upstreams: Any,
+    caplog: pytest.LogCaptureFixture,
+    mirror_status: str,
+    mirror_body: bytes,
+    differs: bool,
+) -> None:
+    primary = upstreams(response("200 OK", b"hello"))
+    copy = upstreams(response(mirror_status, mirror_body))
+    mirror = Mirror(Forward(primary.url), copy.url, compare=True)
+    with caplog.at_level("WARNING", logger="oxypy.mirror"):
+        resp = HTTP.request("GET", proxy(mirror) + "/t/a?secret=1")
+        assert (resp.status, resp.data) == (200, b"hello")
+        wait_for(lambda: mirror.compared == 1)
+    assert (mirror.compared, mirror.differed, mirror.failed) == (1, int(differs), 0)
+    lines = [r for r in caplog.records if r.name == "oxypy.mirror"]
+    if not differs:
+        assert lines == []
+        return
+    (line,) = lines
+    code = mirror_status[:3]
+    assert line.getMessage() == (
+        f"mirror differs: GET /t/a: status 200 vs {code}, body 5 bytes sha256 "
+        f"{short_hash(b'hello')} vs {len(mirror_body)} bytes sha256 {short_hash(mirror_body)}"
+    )
+    fields = {k: getattr(line, k) for k in ("method", "path", "primary_status", "mirror_status")}
+    assert fields == {
+        "method": "GET",
+        "path": "/t/a",
+        "primary_status": "200",
+        "mirror_status": code,
+    }
+    assert (line.primary_bytes, line.mirror_bytes) == (5, len(mirror_body))  # type: ignore[attr-defined]
+    assert (line.primary_sha256, line.mirror_sha256) == (  # type: ignore[attr-defined]
+        short_hash(b"hello"),
+        short_hash(mirror_body),
+    )
+
+
+def test_compare_with_a_slow_mirror_never_delays_the_client(
+    proxy: Any, upstreams: Any, recorders: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    primary = upstreams(response("200 OK", b"hello"))
+    rec = recorders(response("201 Created", b"hello"))
+    rec.release = gevent.event.Event()
+    mirror = Mirror(Forward(primary.url), rec.raw.url, compare=True)
+    with caplog.at_level("WARNING", logger="oxypy.mirror"):
+        started = time.monotonic()
+        resp = HTTP.request("GET", proxy(mirror) + "/t/slow")
+        assert (resp.status, resp.data) == (200, b"hello")
+        assert time.monotonic() - started < 0.5
+        assert mirror.compared == 0  # the copy has not answered: nothing compared yet
+        rec.release.set()
+        wait_for(lambda: mirror.compared == 1)
+    assert mirror.differed == 1
+    (line,) = [r for r in caplog.records if r.name == "oxypy.mirror"]
+    assert (line.primary_status, line.mirror_status) == ("200", "201")  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("kind", ["dead", "raising"])
+def test_compare_with_a_failing_mirror(
+    proxy: Any, upstreams: Any, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    primary = upstreams(response("200 OK", b"hello"))
+    target: Any = dead_url()
+    if kind == "raising":
+
+        def target(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            raise RuntimeError("mirror bug")
+
+    mirror = Mirror(Forward(primary.url), target, compare=True)
+    with caplog.at_level("WARNING", logger="oxypy.mirror"):
+        started = time.monotonic()
+        resp = HTTP.request("GET", proxy(mirror) + "/t/f")
+        assert (resp.status, resp.data) == (200, b"hello")
+        assert time.monotonic() - started < 0.5
+        wait_for(lambda: mirror.in_flight == 0)
+    lines = [r for r in caplog.records if r.name == "oxypy.mirror"]
+    assert mirror.failed == 1
+    if kind == "dead":
+        # Forward answered the copy 502: an answer, compared as such.
+        assert (mirror.compared, mirror.differed) == (1, 1)
+        assert [(r.primary_status, r.mirror_status) for r in lines] == [("200", "502")]  # type: ignore[attr-defined]
+    else:
+        assert (mirror.compared, mirror.differed, lines) == (0, 0, [])  # no answer to compare
+
+
+def test_compare_hashes_at_most_compare_body_bytes(proxy: Any, upstreams: Any) -> None:
+    primary = upstreams(response("200 OK", b"abcdef-one"))
+    copy = upstreams(response("200 OK", b"abcdef-two"))
+    mirror = Mirror(Forward(primary.url), copy.url, compare=True, compare_body_bytes=6)
+    url = proxy(mirror)
+    assert HTTP.request("GET", url + "/t/1").data == b"abcdef-one"
+    wait_for(lambda: mirror.compared == 1)
+    assert mirror.differed == 0  # the first 6 bytes and the lengths agree
+
+
+def test_compare_of_an_in_process_list_body(proxy: Any, upstreams: Any) -> None:
+    def primary(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+        return [b"hel", b"lo"]
+
+    copy = upstreams(response("200 OK", b"hello"))
+    mirror = Mirror(primary, copy.url, compare=True)
+    resp = HTTP.request("GET", proxy(mirror) + "/t/list")
+    assert (resp.status, resp.data, resp.headers["Content-Length"]) == (200, b"hello", "5")
+    wait_for(lambda: mirror.compared == 1)
+    assert mirror.differed == 0
