@@ -317,15 +317,22 @@ def _chain_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--hedge",
-        type=_positive,
-        metavar="SECONDS",
+        type=_hedge_delay,
+        metavar="SECONDS|pNN",
         help="send a GET/HEAD/OPTIONS without body again to another upstream when no response "
-        "head came in this time; the first head wins",
+        "head came in this time, or in this quantile of the last minute's head latencies "
+        "(e.g. p95; 1 s until 100 are known); the first head wins",
     )
     p.add_argument(
         "--mirror",
         metavar="URL",
         help="send a copy of every request to this upstream, answer discarded",
+    )
+    p.add_argument(
+        "--mirror-compare",
+        action="store_true",
+        help="log each copy whose status, body length or body SHA-256 differs from the "
+        "client's answer (needs --mirror)",
     )
     p.add_argument("--breaker", metavar="EXPR", help="CircuitBreaker trigger predicate")
     p.add_argument(
@@ -466,6 +473,12 @@ def _positive(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
     return value
+
+
+def _hedge_delay(text: str) -> float | str:
+    if text.strip().startswith("p"):
+        return text  # a quantile: Hedge checks it
+    return _positive(text)
 
 
 def _percent(text: str) -> float:

@@ -574,7 +574,17 @@ def _sink_kind() -> _Kind:
     return _Kind('"stderr" | "stdout" | "logger:NAME" | a file path (appended)', convert)
 
 
+def _hedge_delay_kind() -> _Kind:
+    def convert(value: object) -> object:
+        if isinstance(value, str) and value.strip().startswith("p"):
+            return value  # a quantile: Hedge checks it
+        return _DURATION.convert(value)
+
+    return _Kind('a duration or a quantile such as "p95"', convert)
+
+
 _SPECIAL: dict[tuple[str, str], _Kind] = {
+    ("Hedge", "delay"): _hedge_delay_kind(),
     ("CircuitBreaker", "fallback"): _fallback_kind(),
     ("CircuitBreaker", "on_trip"): _webhook_kind(),
     ("CircuitBreaker", "on_standby"): _webhook_kind(),

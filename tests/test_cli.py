@@ -8,6 +8,7 @@ bounded time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -736,5 +737,36 @@ def test_proxy_hedge_retry_budget_and_mirror_flags(
         while len(copies) < 4 and time.monotonic() < deadline:
             gevent.sleep(0.01)
         assert sorted(copies) == [f"/h/{i}" for i in range(4)]
+    finally:
+        gw.stop()
+
+
+def test_proxy_quantile_hedge_and_mirror_compare_flags(
+    oxypy: Callable[..., Running], pywsgi: Callable[[Any], str], echo_upstream: str
+) -> None:
+    def mirror(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("503 Service Unavailable", [("Content-Length", "4")])
+        return [b"down"]
+
+    gw = oxypy(
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        echo_upstream,
+        "--hedge",
+        "p95",
+        "--mirror",
+        pywsgi(mirror),
+        "--mirror-compare",
+    )
+    try:
+        r = gw.get("/c/1")
+        assert (r.status, json.loads(r.data)["path"]) == (200, "/c/1")
+        deadline = time.monotonic() + 10
+        while "mirror differs" not in gw.stderr() and time.monotonic() < deadline:
+            gevent.sleep(0.02)
+        (line,) = [x for x in gw.stderr().splitlines() if "mirror differs" in x]
+        assert "mirror differs: GET /c/1: status 200 vs 503, body " in line
+        assert line.endswith(f"vs 4 bytes sha256 {hashlib.sha256(b'down').hexdigest()[:16]}")
     finally:
         gw.stop()

@@ -188,6 +188,33 @@ chain = [
         assert (status, app_of(body)) == (200, ("api1", "/api/budget"))
 
 
+def test_a_derived_hedge_delay_and_mirror_compare_from_a_file(
+    upstreams: dict[str, str],
+    serve: Callable[[Gateway], Served],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    mirror = f'block = "Mirror", mirror = "{upstreams["other"]}", compare = true'
+    hedge = (
+        'block = "Hedge", delay = "p95", delay_window = "30s", min_delay = "2ms", '
+        'max_delay = "250ms", fallback_delay = "100ms", min_samples = 20'
+    )
+    text = f"""
+[services.api]
+servers = ["{upstreams["api1"]}"]
+[[routes]]
+service = "api"
+chain = [{{ {mirror}, compare_body_bytes = 4096 }}, {{ {hedge} }}]
+"""
+    s = serve(load_config(text))
+    with caplog.at_level("WARNING", logger="oxypy.mirror"):
+        status, _, body = s.get("/api/compare")
+        assert (status, app_of(body)) == (200, ("api1", "/api/compare"))
+        # The copy went to "other", whose answer names another app: it differs.
+        wait_for(lambda: any(r.name == "oxypy.mirror" for r in caplog.records))
+    (line,) = [r for r in caplog.records if r.name == "oxypy.mirror"]
+    assert line.getMessage().startswith("mirror differs: GET /api/compare: status 200 vs 200, ")
+
+
 def test_method_and_header_matches(
     upstreams: dict[str, str], serve: Callable[[Gateway], Served]
 ) -> None:
@@ -288,6 +315,14 @@ ERRORS = [
         SERVICE + ROUTE + 'chain = [{block = "ConnLimit", max_conns = true}]',
         ["routes[0].chain[0].max_conns: expected an integer, got a boolean (true)"],
         id="type-bool-is-not-int",
+    ),
+    pytest.param(
+        SERVICE + ROUTE + 'chain = [{block = "Hedge", delay = "p100"}]',
+        [
+            'routes[0].chain[0].delay: expected seconds or a quantile such as "p95" (p1 to '
+            "p99.9), got 'p100'"
+        ],
+        id="hedge-quantile",
     ),
     pytest.param(
         SERVICE + ROUTE + 'chain = [{block = "ConnLimit"}]',

@@ -336,9 +336,12 @@ def build_proxy(
                     inner, retry=args.retry, retry_budget=budget, per_try_timeout=per_try
                 ),
             )
+        compare = getattr(args, "mirror_compare", False)
+        if compare and getattr(args, "mirror", None) is None:
+            raise FlagError("--mirror-compare", "needs --mirror")
         if getattr(args, "mirror", None) is not None:
             inner = app
-            app = _block("--mirror", lambda: Mirror(inner, args.mirror))
+            app = _block("--mirror", lambda: Mirror(inner, args.mirror, compare=compare))
         if args.breaker is not None:
             inner = app
             cb_options: dict[str, Any] = {}
