@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -551,5 +552,23 @@ def test_chunks_in_hand_are_not_handed_out_after_the_deadline(first_taken: bool)
             assert rest.startswith(b"request deadline ")
         assert isinstance(env[keys.ERROR], DeadlineExceeded)
         getattr(body, "close", lambda: None)()
+    finally:
+        up.stop()
+
+
+def test_a_resetting_upstream_under_timeout_is_502_at_once_not_504_later(proxy: Any) -> None:
+    def reset(sock: socket.socket, data: bytes) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    up = RawUpstream(reset)  # closes with RST as soon as the request head arrived
+    try:
+        lines: list[str] = []
+        url = proxy(Trace(Timeout(Forward(up.url), 5.0), sink=lines.append))
+        started = time.monotonic()
+        r = HTTP.request("GET", url + "/")
+        assert r.status == 502
+        assert time.monotonic() - started < 2.5  # the reset answers, not the deadline
+        (rec,) = wait_lines(lines)
+        assert (rec["status"], rec["error"]) == (502, "upstream_read_error")
     finally:
         up.stop()
