@@ -320,6 +320,8 @@ def test_the_derived_delay_stays_between_its_floor_and_ceiling(
         assert HTTP.request("GET", url + f"/t/wait/{wait}").data == b"A"
     clock.offset += 1.01
     assert (hedge.current_delay, hedge.samples) == (expected, 5)
+    snap = hedge.snapshot()
+    assert (snap["delay"], snap["current_delay"], snap["samples"]) == ("p50", expected, 5)
 
 
 def test_requests_that_are_not_hedgeable_are_not_sampled(proxy: Any, pywsgi: Any) -> None:
