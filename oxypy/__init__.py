@@ -58,6 +58,7 @@ from .hedge import Hedge
 from .ipallow import IPAllowList
 from .leastrequest import LeastRequest
 from .mirror import Mirror
+from .otel import OpenTelemetry
 from .predicate import Func, Predicate, compile_predicate
 from .prometheus import BreakerStateGauge, PrometheusMetrics, RetryBudgetMetrics, metrics_app
 from .ratelimit import Rate, RateLimit, RateStore, Verdict
@@ -104,6 +105,7 @@ __all__ = [
     "LeastRequest",
     "Metrics",
     "Mirror",
+    "OpenTelemetry",
     "PrometheusMetrics",
     "RateLimit",
     "Rebalancer",

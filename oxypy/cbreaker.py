@@ -59,6 +59,7 @@ from types import MappingProxyType
 from typing import Any
 
 from . import environ as keys
+from ._core import telemetry
 from ._core.checks import finite_number
 from ._core.observe import Observation, observe
 from ._core.snapshot import BreakerSnapshot, TermSnapshot
@@ -342,20 +343,24 @@ class CircuitBreaker:
         self._fire(fired)
         return admitted, wait
 
-    def _settle(self, status: int, latency: float, network_error: bool) -> None:
+    def _settle(self, status: int, latency: float, network_error: bool) -> bool:
+        """Record one outcome; True when it tripped the breaker."""
         self.metrics.record(status, latency, network_error)
         now = self.clock()
         if self._next_check is not None and now < self._next_check:
-            return  # fast path; re-checked under the lock below
+            return False  # fast path; re-checked under the lock below
         fired: list[Transition] = []
+        tripped = False
         with self._lock:
             if self._next_check is not None and now < self._next_check:
-                return
+                return False
             self._next_check = now + self.check_period
             self._advance(now, fired)
             if self._state is not State.TRIPPED and self.predicate(self.metrics):
                 self._trip(now, fired)
+                tripped = True
         self._fire(fired)
+        return tripped
 
     # -- WSGI ---------------------------------------------------------------------
 
@@ -368,6 +373,8 @@ class CircuitBreaker:
             seconds = max(1, math.ceil(wait))
             if self.fallback is not None:
                 environ[keys.RETRY_AFTER] = seconds
+                attributes = {telemetry.RETRY_AFTER: seconds}
+                telemetry.note(environ, telemetry.EVENT_BREAKER_FALLBACK, attributes)
                 return self.fallback(environ, start_response)
             exc = CircuitOpen(headers=[("Retry-After", str(seconds))])
             return respond_error(self.error_handler, environ, start_response, exc)
@@ -384,7 +391,15 @@ class CircuitBreaker:
         ended = seen.head_at if seen.head_at is not None else self.clock()
         # Only Forward's own failure to reach or read the upstream is a network
         # error; a client that went away (499) or an app bug (500) never is.
-        self._settle(outcome.status, ended - started, outcome.upstream_failed)
+        if self._settle(outcome.status, ended - started, outcome.upstream_failed):
+            telemetry.note(
+                seen.environ,
+                telemetry.EVENT_BREAKER_TRIPPED,
+                {
+                    telemetry.TRIGGER: self.expression,
+                    telemetry.FALLBACK_DURATION: self.fallback_duration,
+                },
+            )
 
     def snapshot(self) -> BreakerSnapshot:
         """The state now, the seconds it has left, and each comparison of the

@@ -128,6 +128,12 @@ def _make_parsers() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
     )
     s.add_argument("target", metavar="APP", help="module:attribute, or module:factory() to call")
     _common(s, listen)
+    s.add_argument(
+        "--otel",
+        action="store_true",
+        help="trace requests with OpenTelemetry (the global tracer provider, set up from "
+        "the OTEL_* environment variables), exported over OTLP/HTTP",
+    )
 
     d = sub.add_parser(
         "demo",
@@ -171,6 +177,12 @@ def _config_parsers(sub: Any) -> tuple[argparse.ArgumentParser, argparse.Argumen
     )
     _log_flags(r)
     r.add_argument(
+        "--otel",
+        action="store_true",
+        help="trace requests with OpenTelemetry (as an [otel] table in the file does), "
+        "exported over OTLP/HTTP as the OTEL_* environment variables say",
+    )
+    r.add_argument(
         "--graceful-timeout",
         type=float,
         default=10.0,
@@ -196,19 +208,37 @@ def _config_command(args: argparse.Namespace) -> int:
         return 0
     _show_warnings(args)
     logging.getLogger("oxypy.config").setLevel(logging.INFO)
+    provider = None
     try:
-        _run_gateway(gateway, args)
+        app: Any = gateway
+        if args.otel or gateway.traced:
+            from ._cli.chain import otel_provider
+            from .otel import OpenTelemetry
+
+            # The global provider: the file's [otel] block (and any
+            # OpenTelemetry block in a chain) takes its tracer from it.
+            provider = otel_provider("--otel" if args.otel else "FILE", make_global=True)
+            if not gateway.traced:
+                app = OpenTelemetry(gateway)
+        _run_gateway(gateway, app, args)
     finally:
         gateway.close()
+        if provider is not None:
+            provider.shutdown()
     return 0
 
 
-def _run_gateway(gateway: Any, args: argparse.Namespace) -> None:
+def _run_gateway(gateway: Any, app: Any, args: argparse.Namespace) -> None:
     import signal
 
     import gevent
 
-    servers = gateway.servers(graceful_timeout=args.graceful_timeout)
+    from .server import Server
+
+    servers = []
+    for opts in gateway.listeners:
+        listen = opts.pop("listen")
+        servers.append(Server(app, listen, **{"graceful_timeout": args.graceful_timeout, **opts}))
     if not servers:
         raise FlagError("FILE", "the file has no [[listeners]]: nothing to serve on")
     if not args.no_watch:
@@ -435,6 +465,13 @@ def _chain_flags(p: argparse.ArgumentParser) -> None:
         help="do not verify https upstreams' certificates (testing only)",
     )
     p.add_argument(
+        "--otel",
+        action="store_true",
+        help="trace requests with OpenTelemetry, exported over OTLP/HTTP as the OTEL_* "
+        "environment variables say (needs opentelemetry-sdk and "
+        "opentelemetry-exporter-otlp-proto-http)",
+    )
+    p.add_argument(
         "--metrics",
         metavar="PATH",
         help="serve Prometheus metrics at this path on the same listener, e.g. /metrics "
@@ -624,12 +661,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "serve":
             app = load_app(args.target)
             _show_warnings(args)  # after the app's import, which may configure logging itself
+            provider = None
+            served = app
+            if args.otel:
+                from ._cli.chain import otel_provider
+                from .otel import OpenTelemetry
+
+                # Global: OpenTelemetry blocks inside the app take their tracer from it.
+                provider = otel_provider("--otel", make_global=True)
+                served = OpenTelemetry(app)
             try:
-                _serve(app, args, f"serving {args.target}")
+                _serve(served, args, f"serving {args.target}")
             finally:
                 close = getattr(app, "close", None)
                 if callable(close):
                     close()  # flush a Trace queue, stop health checks
+                if provider is not None:
+                    provider.shutdown()
         elif args.command in ("check", "run"):
             return _config_command(args)
         elif args.command == "servers":

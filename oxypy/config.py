@@ -605,7 +605,7 @@ _SPECIAL: dict[tuple[str, str], _Kind] = {
 
 # -- what a file contains --------------------------------------------------------
 
-_TOP_KEYS = ("listeners", "routes", "services")
+_TOP_KEYS = ("listeners", "routes", "services", "otel")
 _ROUTE_KEYS = (
     "name",
     "host",
@@ -806,6 +806,7 @@ class _Generation:
         self.retired = False
         self.closed = False
         self.metrics = False
+        self.otel = False
         self.summary = ""
         self.listeners_norm = ""
 
@@ -856,6 +857,27 @@ class _Build:
         services = self._services(doc.get("services", {}))
         self._listeners(doc.get("listeners", []))
         self._routes(doc.get("routes", []), services)
+        if "otel" in doc:
+            self._otel(doc["otel"])
+
+    def _otel(self, value: object) -> None:
+        """``[otel]`` (or ``otel = true``): an OpenTelemetry block around the routes."""
+        if value is False:
+            return
+        if value is True:
+            value = {}
+        if not isinstance(value, dict):
+            self.error("otel", f"expected a table or a boolean, got {_describe(value)}")
+            return
+        from .otel import OpenTelemetry
+
+        try:
+            app = _construct(OpenTelemetry, value, first=self.gen.app)
+        except (_Invalid, _Many) as exc:
+            self._many("otel", exc)
+            return
+        self.gen.app = app
+        self.gen.otel = True
 
     # -- listeners ----------------------------------------------------------------
     def _listeners(self, value: object) -> None:
@@ -1362,6 +1384,12 @@ class Gateway:
             listen = opts.pop("listen")
             out.append(Server(self, listen, **{**defaults, **opts}))
         return out
+
+    @property
+    def traced(self) -> bool:
+        """Whether the file has an ``[otel]`` table (an OpenTelemetry block around
+        the routes, taking its tracer from the global tracer provider)."""
+        return self._current.otel
 
     @property
     def summary(self) -> str:

@@ -17,6 +17,7 @@ __all__ = [
     "EXCHANGES",
     "FORWARDAUTH_FAILURE",
     "FORWARDED_PREFIX",
+    "OTEL",
     "RAW_URI",
     "RETRY_AFTER",
     "RETRY_BUDGETS",
@@ -117,3 +118,13 @@ SEND_TRAILERS = "oxypy.send_trailers"
 #: (an ``int``, at least 1) until the breaker lets requests through again.
 #: ``ResponseFallback`` sends it as ``Retry-After`` on a 503 or 429.
 RETRY_AFTER = "oxypy.retry_after"
+
+#: Set by ``OpenTelemetry`` for the request it makes a SERVER span for: the
+#: request's telemetry (see :class:`oxypy._core.telemetry.Telemetry`), shared
+#: by reference with every copy of the environ.  ``Forward`` asks it for a
+#: CLIENT span (and the ``traceparent`` to send) per upstream attempt, error
+#: responses and ``CircuitBreaker`` add events to it, ``Trace`` reads the
+#: trace and span ids and ``PrometheusMetrics`` the exemplar.  Absent when no
+#: ``OpenTelemetry`` block is in the chain: one dictionary lookup is then all
+#: it costs them.
+OTEL = "oxypy.otel"

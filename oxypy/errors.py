@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 from . import environ as keys
+from ._core import telemetry
 from ._core.types import StartResponse, WSGIEnvironment
-from .exceptions import RequestError
+from .exceptions import RequestError, UpstreamError
 
 __all__ = ["ErrorHandler", "default_error_handler"]
 
@@ -52,8 +53,20 @@ def respond_error(
     start_response: StartResponse,
     exc: RequestError,
 ) -> Iterable[bytes]:
-    """Record ``exc`` on the environ and let ``handler`` answer it."""
+    """Record ``exc`` on the environ and let ``handler`` answer it.
+
+    Under :class:`~oxypy.OpenTelemetry` an error other than an
+    :class:`~oxypy.UpstreamError` is an event ``oxypy.<kind>`` on the
+    request's SERVER span.
+    """
     environ[keys.ERROR] = exc
+    if keys.OTEL in environ and not isinstance(exc, UpstreamError):
+        # Forward's own failures are on their CLIENT span; the rest are events.
+        attributes: telemetry.Attributes = {
+            telemetry.STATUS: exc.status,
+            telemetry.REASON: exc.reason,
+        }
+        telemetry.note(environ, telemetry.EVENT_PREFIX + exc.kind, attributes)
     level = logging.WARNING if exc.status >= 500 else logging.INFO
     if log.isEnabledFor(level):
         cause = f" [{exc.__cause__!r}]" if exc.__cause__ is not None else ""

@@ -35,6 +35,7 @@ from ._core.exchange import Exchange, exchange_log
 from ._core.headers import HOP_BY_HOP, connection_tokens, is_field_name
 from ._core.net import TrustedProxies
 from ._core.status import reason_phrase
+from ._core.telemetry import Telemetry
 from ._core.types import StartResponse, WSGIEnvironment
 from ._core.urls import parse_target_url
 from ._tunnel.bytes_tunnel import relay_upgrade
@@ -133,7 +134,10 @@ class Forward:
     connect, send and the head wait are capped at it (504
     :class:`UpstreamTryTimeout`).
     **Writes** ``oxypy.exchanges`` (an :class:`Exchange` per upstream request)
-    and ``oxypy.error`` on failure.  **Streams** both ways; never buffers a body.
+    and ``oxypy.error`` on failure.  Under :class:`~oxypy.OpenTelemetry`
+    (``oxypy.otel``) each upstream request gets a CLIENT span, and its
+    ``traceparent`` (with ``tracestate``/``baggage``) replaces the client's.
+    **Streams** both ways; never buffers a body.
 
     OPTIONS and TRACE: ``Max-Forwards`` is decremented; at 0 Forward answers
     itself (OPTIONS: 200 with ``Allow``; TRACE: 200 ``message/http``
@@ -395,6 +399,10 @@ class Forward:
             deadline = environ.get(keys.DEADLINE)
             if self.deadline_header is not None:
                 headers = self._with_deadline(headers, deadline)
+            telemetry: Telemetry | None = environ.get(keys.OTEL)
+            if telemetry is not None:
+                url = f"{target.scheme}://{target.host_header}{path}"
+                headers = telemetry.client_span(environ, record, target.authority, url, headers)
             if self.modify_request is not None:
                 outgoing = OutgoingRequest(method, target.url, path, headers)
                 self.modify_request(environ, outgoing)

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from . import environ as keys
 from ._core.observe import Observation, error_kind, observe
+from ._core.telemetry import Telemetry
 from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .exceptions import ConfigurationError, RequestError
 from .retrybudget import RetryBudget
@@ -234,7 +235,10 @@ class PrometheusMetrics:
       (499); an app that raised before any byte went out as ``5xx`` (the
       status decision Trace and CircuitBreaker share).
     * ``<ns>_request_duration_seconds{code_class}``: histogram, from the call
-      to the ``close()`` of the response (the whole body streamed).
+      to the ``close()`` of the response (the whole body streamed); under an
+      :class:`~oxypy.OpenTelemetry` block each observation of a sampled
+      trace carries ``trace_id``/``span_id`` as an exemplar (shown when the
+      scrape asks for ``application/openmetrics-text``).
     * ``<ns>_requests_in_flight``: gauge (``livesum`` in multi-process mode).
     * ``<ns>_upstream_requests_total{target,code_class}``: one per
       ``Forward`` exchange below (retries count); ``code_class="none"`` when
@@ -333,7 +337,9 @@ class PrometheusMetrics:
         code_class = _code_class(outcome.status)
         environ = seen.environ
         self.requests.labels(environ.get("REQUEST_METHOD", ""), code_class).inc()
-        self.duration.labels(code_class).observe(max(0.0, self.clock() - started))
+        telemetry: Telemetry | None = environ.get(keys.OTEL)
+        exemplar = telemetry.exemplar() if telemetry is not None else None
+        self.duration.labels(code_class).observe(max(0.0, self.clock() - started), exemplar)
         for ex in outcome.exchanges:
             target = self._target_label(ex.target or "none")
             self.upstream.labels(target, _code_class(ex.status)).inc()

@@ -20,6 +20,7 @@ from . import environ as keys
 from ._core.headers import header_to_environ
 from ._core.net import TrustedProxies, normalize_ip
 from ._core.observe import Observation, error_kind, observe
+from ._core.telemetry import Telemetry
 from ._core.tracewriter import TraceWriter
 from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .exceptions import ConfigurationError
@@ -188,6 +189,11 @@ class _Request:
         record["attempts"] = len(exchanges)
         if keys.ATTEMPT in environ:
             record["attempt"] = environ[keys.ATTEMPT]
+        telemetry: Telemetry | None = environ.get(keys.OTEL)
+        if telemetry is not None:
+            ids = telemetry.ids()
+            if ids is not None:
+                record["trace_id"], record["span_id"] = ids
         return record
 
     def pick_headers(self, headers: list[tuple[str, str]]) -> dict[str, list[str]]:
@@ -214,7 +220,9 @@ class Trace:
     ``upstream`` (one entry per ``Forward`` exchange: target, status,
     duration, bytes, error kind), ``target`` (the last one), ``attempts``,
     ``attempt`` (when Trace runs below ``Buffer``), ``tls`` (``version``,
-    ``cipher``) and ``error`` (``upstream_timeout``, ``client_disconnected``...).
+    ``cipher``), ``error`` (``upstream_timeout``, ``client_disconnected``...)
+    and, when an :class:`~oxypy.OpenTelemetry` block (above or below) traces
+    the request, ``trace_id`` and ``span_id`` (hex) of its SERVER span.
     Bodies are never logged.
 
     Status rules (the one decision CircuitBreaker and the Prometheus metrics

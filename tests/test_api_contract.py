@@ -89,6 +89,7 @@ MIDDLEWARE = [
     oxypy.IPAllowList,
     oxypy.LeastRequest,
     oxypy.Mirror,
+    oxypy.OpenTelemetry,
     oxypy.PrometheusMetrics,
     oxypy.RateLimit,
     oxypy.Rebalancer,
@@ -137,6 +138,10 @@ SKIPPABLE = [
             nxt, max_conns=1, source="request.header.X-Absent", missing="reject", skip=skip
         ),
         id="ConnLimit",
+    ),
+    pytest.param(
+        lambda nxt, skip, sink: oxypy.OpenTelemetry(nxt, trust_incoming=True, skip=skip),
+        id="OpenTelemetry",
     ),
     pytest.param(
         lambda nxt, skip, sink: oxypy.PrometheusMetrics(
@@ -552,6 +557,8 @@ def test_environ_keys_are_constants_of_oxypy_environ() -> None:
     for path in _source_files():
         if path.name == "environ.py" and path.parent.name == "oxypy":
             continue
+        if path.name == "telemetry.py" and path.parent.name == "_core":
+            continue  # the OpenTelemetry event and attribute names, likewise in one module
         tree = ast.parse(path.read_text(encoding="utf-8"))
         skip = _docstrings(tree)
         for node in ast.walk(tree):

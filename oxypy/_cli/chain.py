@@ -201,6 +201,30 @@ def _with_status(app: WSGIApplication, path: str, allow: list[str] | None, trust
     return route
 
 
+def otel_provider(flag: str, *, make_global: bool = False) -> Any:
+    """The SDK tracer provider ``OTEL_*`` describes (OTLP/HTTP, in batches).
+
+    ``make_global``: also install it as OpenTelemetry's global provider (unless
+    one is already installed: then that one is returned and nothing is built).
+    """
+    from ..otel import tracer_provider_from_env
+
+    provider = None
+    if make_global:
+        try:
+            from opentelemetry import trace
+        except ImportError:
+            pass  # tracer_provider_from_env names what to install
+        else:
+            current = trace.get_tracer_provider()
+            if not isinstance(current, trace.ProxyTracerProvider):
+                return current
+    provider = _block(flag, tracer_provider_from_env)
+    if make_global:
+        trace.set_tracer_provider(provider)
+    return provider
+
+
 def _block(flag: str, make: Callable[[], Any]) -> Any:
     from ..exceptions import ConfigurationError
 
@@ -216,7 +240,7 @@ def build_proxy(
     trace_sink: Any = None,
     fallback: WSGIApplication | None = None,
 ) -> Proxy:
-    """Build Trace → RequestID → Timeout → IPAllowList → CORS → Compress →
+    """Build OpenTelemetry → Trace → RequestID → Timeout → IPAllowList → CORS → Compress →
     ConnLimit → RateLimit → CircuitBreaker → Mirror → Buffer → Hedge →
     balancer → Forward from parsed flags.
 
@@ -401,6 +425,12 @@ def build_proxy(
             proxy.trace = trace
             proxy.closers.insert(0, trace.close)
             app = trace
+        if getattr(args, "otel", False):
+            from ..otel import OpenTelemetry
+
+            provider = otel_provider("--otel")
+            proxy.closers.append(provider.shutdown)  # last: sends the spans still queued
+            app = OpenTelemetry(app, tracer_provider=provider, trusted_proxies=trusted)
     except BaseException:
         proxy.close()
         raise

@@ -182,6 +182,7 @@ def run_demo(args: argparse.Namespace) -> None:
         least_request=False,
         timeout=5.0,
         pass_host_header=False,
+        otel=getattr(args, "otel", False),
     )
     fallback = ResponseFallback(503, body="circuit open: the demo upstreams are having an outage\n")
     proxy = build_proxy(chain_args, trace_sink=stats.sink, fallback=fallback)

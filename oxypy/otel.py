@@ -1,0 +1,455 @@
+"""OpenTelemetry: a SERVER span per request, a CLIENT span per upstream attempt.
+
+``OpenTelemetry`` starts a span for every request passing through, with the
+stable HTTP semantic-convention attributes, and puts the request's telemetry
+in ``environ["oxypy.otel"]``: ``Forward`` opens a CLIENT span there for each
+upstream request it makes (each retry and hedge its own) and sends the W3C
+trace context of that span upstream.  ``opentelemetry-api`` is an optional
+extra (``pip install 'oxypy-gateway[otel]'``), imported only when the block
+is built; the SDK and exporter are the user's choice
+(:func:`tracer_provider_from_env` builds the usual one).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import quote
+
+from . import environ as keys
+from ._core.exchange import Exchange
+from ._core.net import TrustedProxies
+from ._core.observe import Observation, observe
+from ._core.telemetry import ERROR_KIND, UNTRUSTED, Attributes
+from ._core.types import Skip, StartResponse, WSGIApplication, WSGIEnvironment
+from .exceptions import ConfigurationError, RequestError, UpstreamError
+
+__all__ = ["OpenTelemetry", "OpenTelemetryMissing", "tracer_provider_from_env"]
+
+log = logging.getLogger(__name__)
+
+#: The methods semantic conventions name; any other is reported as ``_OTHER``.
+_METHODS = frozenset(
+    {"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "QUERY", "TRACE"}
+)
+#: The semantic-convention version the attribute names follow.
+SCHEMA_URL = "https://opentelemetry.io/schemas/1.26.0"
+
+
+class OpenTelemetryMissing(ConfigurationError, ImportError):
+    """A package OpenTelemetry support needs is not installed (the message names it)."""
+
+
+def _api() -> Any:
+    try:
+        from opentelemetry import context, propagate, trace
+    except ImportError as exc:
+        raise OpenTelemetryMissing(
+            "OpenTelemetry needs the opentelemetry-api package: pip install 'oxypy-gateway[otel]'"
+        ) from exc
+    return context, propagate, trace
+
+
+def tracer_provider_from_env() -> Any:
+    """An SDK ``TracerProvider`` exporting over OTLP/HTTP in batches, configured by ``OTEL_*``.
+
+    The standard variables apply: ``OTEL_EXPORTER_OTLP_ENDPOINT`` /
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (default ``http://localhost:4318``),
+    ``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_SERVICE_NAME`` (default ``oxypy``),
+    ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER`` /
+    ``OTEL_TRACES_SAMPLER_ARG``, ``OTEL_BSP_*`` (batching), and
+    ``OTEL_TRACES_EXPORTER`` (``otlp``, the default, ``console`` or ``none``).
+    Call ``shutdown()`` on it when the process stops, to send what is queued.
+
+    :raises OpenTelemetryMissing: ``opentelemetry-sdk`` or
+        ``opentelemetry-exporter-otlp-proto-http`` is not installed.
+    :raises ConfigurationError: an unsupported ``OTEL_TRACES_EXPORTER``.
+    """
+    _api()
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            ConsoleSpanExporter,
+            SpanExporter,
+        )
+    except ImportError as exc:
+        raise OpenTelemetryMissing(
+            "exporting traces needs the OpenTelemetry SDK and OTLP/HTTP exporter: "
+            "pip install opentelemetry-sdk opentelemetry-exporter-otlp-proto-http"
+        ) from exc
+    kind = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() or "otlp"
+    exporter: SpanExporter | None
+    if kind == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError as exc:
+            raise OpenTelemetryMissing(
+                "exporting traces over OTLP/HTTP needs the exporter: "
+                "pip install opentelemetry-exporter-otlp-proto-http"
+            ) from exc
+        exporter = OTLPSpanExporter()
+    elif kind == "console":
+        exporter = ConsoleSpanExporter()
+    elif kind == "none":
+        exporter = None
+    else:
+        raise ConfigurationError(
+            f"OTEL_TRACES_EXPORTER={kind!r} is not supported here (otlp, console or none)"
+        )
+    resource = Resource.create()
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": "oxypy"}))
+    provider = TracerProvider(resource=resource)  # the sampler: OTEL_TRACES_SAMPLER(_ARG)
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+class _EnvironGetter:
+    """The propagators' view of the request headers in a WSGI environ."""
+
+    @staticmethod
+    def get(carrier: WSGIEnvironment, key: str) -> list[str] | None:
+        value = carrier.get("HTTP_" + key.upper().replace("-", "_"))
+        return None if value is None else [value]
+
+    @staticmethod
+    def keys(carrier: WSGIEnvironment) -> list[str]:
+        return [k[5:].lower().replace("_", "-") for k in carrier if k.startswith("HTTP_")]
+
+
+_GETTER = _EnvironGetter()
+
+
+def _host_port(host: str) -> tuple[str, int | None]:
+    """``"h:8080"`` / ``"[::1]:8080"`` / ``"h"`` -> (host, port or None)."""
+    if host.startswith("["):
+        end = host.find("]")
+        name, rest = host[1:end], host[end + 1 :]
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        name, _, port = host.partition(":")
+    return name, int(port) if port.isdigit() else None
+
+
+def _server_attributes(environ: WSGIEnvironment, method: str, client: str | None) -> dict[str, Any]:
+    """The SERVER span's request attributes (HTTP semantic conventions, stable)."""
+    attributes: dict[str, Any] = {"http.request.method": method}
+    raw = environ.get("REQUEST_METHOD", "")
+    if method == "_OTHER":
+        attributes["http.request.method_original"] = raw
+    uri = environ.get("RAW_URI") or environ.get("REQUEST_URI") or ""
+    if uri.startswith("/"):
+        path = uri.partition("?")[0]
+    else:
+        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        path = quote(path.encode("latin-1", "replace"), safe="/:@!$&'()*+,;=-._~%") or "/"
+    attributes["url.path"] = path
+    query = environ.get("QUERY_STRING")
+    if query:
+        attributes["url.query"] = query
+    attributes["url.scheme"] = environ.get("wsgi.url_scheme", "http")
+    host = environ.get("HTTP_HOST")
+    if host:
+        name, port = _host_port(host)
+    else:
+        name, port = environ.get("SERVER_NAME", ""), None
+    if name:
+        attributes["server.address"] = name
+    if port is None:
+        server_port = environ.get("SERVER_PORT")
+        port = int(server_port) if server_port and str(server_port).isdigit() else None
+    if port is not None:
+        attributes["server.port"] = port
+    if client:
+        attributes["client.address"] = client
+    peer = environ.get("REMOTE_ADDR")
+    if peer:
+        attributes["network.peer.address"] = peer
+    protocol = environ.get("SERVER_PROTOCOL", "")
+    if protocol.startswith("HTTP/"):
+        attributes["network.protocol.version"] = protocol[5:]
+    agent = environ.get("HTTP_USER_AGENT")
+    if agent:
+        attributes["user_agent.original"] = agent
+    return attributes
+
+
+class _Telemetry:
+    """One request's telemetry: its SERVER span and the CLIENT spans below it.
+
+    Lives in ``environ["oxypy.otel"]`` (see :class:`oxypy._core.telemetry.Telemetry`).
+    """
+
+    __slots__ = ("block", "span", "context", "clients")
+
+    def __init__(self, block: OpenTelemetry, span: Any, context: Any) -> None:
+        self.block = block
+        self.span = span
+        self.context = context
+        #: (record, span, start in epoch ns, start in monotonic seconds) per attempt.
+        self.clients: list[tuple[Exchange, Any, int, float]] = []
+
+    def client_span(
+        self,
+        environ: WSGIEnvironment,
+        record: Exchange,
+        address: tuple[str, int],
+        url: str,
+        headers: list[tuple[str, str]],
+    ) -> list[tuple[str, str]]:
+        block = self.block
+        method = record.method if record.method in _METHODS else "_OTHER"
+        attributes: dict[str, Any] | None = None
+        if self.span.is_recording():
+            attributes = {
+                "http.request.method": method,
+                "server.address": address[0],
+                "server.port": address[1],
+                "url.full": url,
+                "network.protocol.version": "1.1",
+            }
+            if method == "_OTHER":
+                attributes["http.request.method_original"] = record.method
+            attempt = environ.get(keys.ATTEMPT)
+            if isinstance(attempt, int) and attempt > 1:
+                attributes["http.request.resend_count"] = attempt - 1
+        started = time.time_ns()
+        span = block.tracer.start_span(
+            method if method != "_OTHER" else "HTTP",
+            context=self.context,
+            kind=block.client_kind,
+            attributes=attributes,
+            start_time=started,
+        )
+        self.clients.append((record, span, started, time.monotonic()))
+        carrier: dict[str, str] = {}
+        block.propagator.inject(carrier, context=block.with_span(span, self.context))
+        if block.sent_by_client(environ):
+            fields = block.fields
+            headers = [h for h in headers if h[0].lower() not in fields]
+        headers.extend(carrier.items())
+        return headers
+
+    def event(self, name: str, attributes: Attributes) -> None:
+        self.span.add_event(name, attributes)
+
+    def ids(self) -> tuple[str, str] | None:
+        found = self.span.get_span_context()
+        if not found.is_valid:
+            return None
+        return format(found.trace_id, "032x"), format(found.span_id, "016x")
+
+    def exemplar(self) -> dict[str, str] | None:
+        found = self.span.get_span_context()
+        if not found.is_valid or not found.trace_flags.sampled:
+            return None
+        return {
+            "trace_id": format(found.trace_id, "032x"),
+            "span_id": format(found.span_id, "016x"),
+        }
+
+    def finish(self, seen: Observation) -> None:
+        try:
+            self._finish(seen)
+        except Exception:  # noqa: BLE001 - telemetry must never break a response
+            log.warning("could not end the OpenTelemetry spans", exc_info=True)
+
+    def _finish(self, seen: Observation) -> None:
+        now = time.time_ns()
+        block = self.block
+        for record, span, started, mono in self.clients:
+            if span.is_recording():
+                block.settle_client(span, record)
+            ended = record.ended
+            span.end(now if ended is None else started + max(0, int((ended - mono) * 1e9)))
+        span = self.span
+        if span.is_recording():
+            outcome = seen.outcome()
+            status = outcome.status_sent if outcome.status_sent is not None else outcome.status
+            span.set_attribute("http.response.status_code", status)
+            error = outcome.error
+            if outcome.client_gone or status >= 500 or (outcome.aborted and error is not None):
+                kind = outcome.error_kind or str(status)
+                span.set_attribute("error.type", kind)
+                if status >= 500 or not outcome.client_gone:
+                    span.set_status(block.error_status(kind))
+            if error is not None and not isinstance(error, RequestError):
+                span.record_exception(error)
+        span.end(now)
+
+
+class OpenTelemetry:
+    """Trace each request with OpenTelemetry: a SERVER span, a CLIENT span per upstream attempt.
+
+    The SERVER span (named after the method, ``_OTHER`` methods ``HTTP``)
+    carries the stable HTTP semantic-convention attributes:
+    ``http.request.method``, ``url.path``, ``url.query`` (when present),
+    ``url.scheme``, ``server.address``/``server.port`` (from ``Host``),
+    ``client.address`` (the peer, or the client behind a trusted proxy),
+    ``network.peer.address``, ``network.protocol.version``,
+    ``user_agent.original``, and at the end ``http.response.status_code``;
+    a 5xx (or an aborted response) sets ``error.type`` (the oxypy error kind,
+    such as ``upstream_timeout``, else the status) and an error status.  A
+    client that went away is status 499 with ``error.type``
+    ``client_disconnected``.  The span ends when the response body closes,
+    so a WebSocket tunnel's span covers the handshake and the tunnel's life.
+
+    ``Forward`` (anywhere below) makes a CLIENT span per upstream request,
+    a child of the SERVER span: each ``Buffer`` retry and each ``Hedge``
+    copy is its own sibling span, a retry with ``http.request.resend_count``.
+    It carries ``server.address``/``server.port`` of the target, ``url.full``,
+    ``http.response.status_code``, and on a 502/504 of Forward's own
+    ``error.type`` (``upstream_connect_error``, ``upstream_timeout``...), an
+    error status and an exception event; an upstream's own 4xx/5xx is an
+    error status with ``error.type`` the status.  A hedge copy cancelled
+    before its answer ends with the request, without a status.
+
+    Events on the SERVER span: ``oxypy.<kind>`` for each error an oxypy
+    block answered other than Forward's (``oxypy.rate_limited``,
+    ``oxypy.conn_limit_reached``, ``oxypy.circuit_open``...), with
+    ``oxypy.status`` and ``oxypy.reason``;
+    ``oxypy.circuit_breaker.fallback`` when a tripped breaker sends a
+    request to its fallback, and ``oxypy.circuit_breaker.tripped`` on the
+    request whose outcome trips it.
+
+    Propagation (the global propagator: W3C ``traceparent``/``tracestate``
+    and ``baggage`` unless ``OTEL_PROPAGATORS`` says otherwise): the
+    client's trace context is continued only when the peer address is in
+    ``trusted_proxies`` or ``trust_incoming`` is True; otherwise the SERVER
+    span starts a new trace (linked to the client's span context, when it
+    sent a valid one) and the client's baggage is dropped.  Upstream, the
+    client's ``traceparent``, ``tracestate`` and ``baggage`` are replaced by
+    the attempt's CLIENT span context (and the request's baggage).  While
+    the next app is called the SERVER span is the current span, so spans
+    an application below starts are its children.
+
+    **Reads** the request head, ``REMOTE_ADDR``, ``wsgi.url_scheme``,
+    ``RAW_URI``; **writes** ``environ["oxypy.otel"]`` (read by Forward,
+    Trace, which logs ``trace_id`` and ``span_id``, and PrometheusMetrics,
+    which attaches the trace as an exemplar).  Streams; never answers by
+    itself.  A nested ``OpenTelemetry`` (the request already has a SERVER
+    span) passes requests straight on.
+
+    :param tracer_provider: the ``TracerProvider`` to take the tracer from;
+        default the global one (``opentelemetry.trace.set_tracer_provider``).
+    :param trusted_proxies: CIDRs whose incoming trace context is continued
+        (and whose ``X-Forwarded-For`` gives ``client.address``).
+    :param trust_incoming: continue every client's trace context (default
+        False: a public edge does not let clients choose trace ids).
+    :param skip: ``skip(environ) -> bool``; True: no span for this request.
+    :raises OpenTelemetryMissing: ``opentelemetry-api`` is not installed.
+
+    Example::
+
+        from oxypy import Forward, OpenTelemetry, serve
+        from oxypy.otel import tracer_provider_from_env
+        app = OpenTelemetry(Forward("http://127.0.0.1:9000"),
+                            tracer_provider=tracer_provider_from_env())
+        serve(app, "127.0.0.1:8080")
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(
+        self,
+        next_app: WSGIApplication,
+        /,
+        *,
+        tracer_provider: Any = None,
+        trusted_proxies: Iterable[str] | None = None,
+        trust_incoming: bool = False,
+        skip: Skip | None = None,
+    ) -> None:
+        context, propagate, trace = _api()
+        if not callable(next_app):
+            raise ConfigurationError("OpenTelemetry needs the next WSGI app as first argument")
+        if not isinstance(trust_incoming, bool):
+            raise ConfigurationError(f"trust_incoming must be a boolean, got {trust_incoming!r}")
+        if tracer_provider is not None and not hasattr(tracer_provider, "get_tracer"):
+            raise ConfigurationError("tracer_provider must be an OpenTelemetry TracerProvider")
+        from . import __version__
+
+        self.next_app = next_app
+        self.trusted = TrustedProxies(trusted_proxies)
+        self.trust_incoming = trust_incoming
+        self.skip = skip
+        self.tracer = trace.get_tracer(
+            "oxypy", __version__, tracer_provider=tracer_provider, schema_url=SCHEMA_URL
+        )
+        self.propagator = propagate.get_global_textmap()
+        #: Header names (lower case) the propagator writes, e.g. traceparent.
+        self.fields = frozenset(name.lower() for name in self.propagator.fields)
+        self._environ_fields = tuple(
+            "HTTP_" + name.upper().replace("-", "_") for name in sorted(self.fields)
+        )
+        self._attach = context.attach
+        self._detach = context.detach
+        self.with_span = trace.set_span_in_context
+        self._current_span = trace.get_current_span
+        self._link = trace.Link
+        self.server_kind = trace.SpanKind.SERVER
+        self.client_kind = trace.SpanKind.CLIENT
+        self._status = trace.Status
+        self._error = trace.StatusCode.ERROR
+
+    def sent_by_client(self, environ: WSGIEnvironment) -> bool:
+        """Whether the request carries a header the propagator writes."""
+        return any(key in environ for key in self._environ_fields)
+
+    def error_status(self, description: str) -> Any:
+        return self._status(self._error, description)
+
+    def settle_client(self, span: Any, record: Exchange) -> None:
+        """Set a CLIENT span's outcome from its exchange record."""
+        if record.status:
+            span.set_attribute("http.response.status_code", record.status)
+        error = record.error
+        if isinstance(error, UpstreamError):
+            span.set_attribute("error.type", error.kind)
+            span.record_exception(error, attributes={ERROR_KIND: error.kind})
+            span.set_status(self._status(self._error, error.reason))
+        elif error is not None:
+            span.set_attribute("error.type", error.kind)
+        elif record.status >= 400:
+            span.set_attribute("error.type", str(record.status))
+            span.set_status(self._status(self._error, str(record.status)))
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if (self.skip is not None and self.skip(environ)) or keys.OTEL in environ:
+            return self.next_app(environ, start_response)
+        raw_method = environ.get("REQUEST_METHOD", "")
+        method = raw_method if raw_method in _METHODS else "_OTHER"
+        peer = environ.get("REMOTE_ADDR")
+        trusted = self.trust_incoming or self.trusted.trusts(peer)
+        parent = None
+        links = None
+        if self.sent_by_client(environ):
+            incoming = self.propagator.extract(environ, getter=_GETTER)
+            if trusted:
+                parent = incoming
+            else:
+                found = self._current_span(incoming).get_span_context()
+                if found.is_valid:
+                    links = [self._link(found, {UNTRUSTED: True})]
+        client = self.trusted.client_ip(peer, environ.get("HTTP_X_FORWARDED_FOR"))
+        span = self.tracer.start_span(
+            method if method != "_OTHER" else "HTTP",
+            context=parent,
+            kind=self.server_kind,
+            attributes=_server_attributes(environ, method, client),
+            links=links,
+        )
+        context = self.with_span(span, parent)
+        telemetry = _Telemetry(self, span, context)
+        environ[keys.OTEL] = telemetry
+        token = self._attach(context)
+        try:
+            return observe(self.next_app, environ, start_response, telemetry.finish)
+        finally:
+            self._detach(token)

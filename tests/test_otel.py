@@ -1,0 +1,810 @@
+"""OpenTelemetry: SERVER and CLIENT spans, propagation under the trust rule, exporters.
+
+Every test runs the real SDK (``InMemorySpanExporter``, or the OTLP/HTTP
+exporter posting to a receiver on 127.0.0.1 that decodes the protobuf) in
+front of real upstreams.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gevent
+import gevent.event
+import pytest
+import urllib3
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.trace import SpanKind, StatusCode
+
+from oxypy import (
+    Buffer,
+    CircuitBreaker,
+    ConnLimit,
+    Forward,
+    Hedge,
+    OpenTelemetry,
+    PrometheusMetrics,
+    Rate,
+    RateLimit,
+    ResponseFallback,
+    Trace,
+    metrics_app,
+)
+from oxypy.otel import OpenTelemetryMissing
+
+from _servers import RawUpstream, dead_url, read_exact_body, wait_for
+
+HTTP = urllib3.PoolManager(retries=False, timeout=10.0)
+REPO = Path(__file__).resolve().parent.parent
+App = Callable[..., Any]
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+SPAN_ID = "b7ad6b7169203331"
+INCOMING = {
+    "traceparent": f"00-{TRACE_ID}-{SPAN_ID}-01",
+    "tracestate": "vendor=opaque",
+    "baggage": "tenant=acme",
+}
+
+
+@pytest.fixture
+def otel() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider, exporter
+    provider.shutdown()
+
+
+def finished(exporter: InMemorySpanExporter, count: int) -> list[ReadableSpan]:
+    """The spans once ``count`` have ended (they end after the response is sent)."""
+    wait_for(lambda: len(exporter.get_finished_spans()) >= count)
+    spans = list(exporter.get_finished_spans())
+    assert len(spans) == count, [s.name for s in spans]
+    return spans
+
+
+def server_span(spans: list[ReadableSpan]) -> ReadableSpan:
+    (found,) = [s for s in spans if s.kind is SpanKind.SERVER]
+    return found
+
+
+def client_spans(spans: list[ReadableSpan]) -> list[ReadableSpan]:
+    return sorted((s for s in spans if s.kind is SpanKind.CLIENT), key=lambda s: s.start_time or 0)
+
+
+def ids(span: ReadableSpan) -> tuple[str, str]:
+    assert span.context is not None
+    return format(span.context.trace_id, "032x"), format(span.context.span_id, "016x")
+
+
+def traceparent(value: str) -> tuple[str, str, int]:
+    version, trace_id, span_id, flags = value.split("-")
+    assert version == "00"
+    return trace_id, span_id, int(flags, 16)
+
+
+def port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+def sent_headers(response: urllib3.BaseHTTPResponse) -> dict[str, str]:
+    """The headers the echo upstream received."""
+    headers: dict[str, str] = json.loads(response.data)["headers"]
+    return headers
+
+
+# --------------------------------------------------------------------------- the span tree
+
+
+def test_server_span_parents_the_client_span_and_the_upstream_gets_its_traceparent(
+    proxy: Any, echo_upstream: str, otel: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = otel
+    url = proxy(OpenTelemetry(Forward(echo_upstream), tracer_provider=provider))
+    r = HTTP.request("GET", url + "/a/b?x=1", headers={"User-Agent": "otel-test/1"})
+    assert r.status == 200
+    spans = finished(exporter, 2)
+    server, (client,) = server_span(spans), client_spans(spans)
+    assert (server.name, client.name) == ("GET", "GET")
+    assert server.parent is None
+    assert client.parent is not None and client.parent.span_id == server.context.span_id
+    trace_id, client_id = ids(client)
+    assert ids(server)[0] == trace_id
+    sent_trace, sent_parent, flags = traceparent(sent_headers(r)["traceparent"])
+    assert (sent_trace, sent_parent, flags & 1) == (trace_id, client_id, 1)
+    assert dict(server.attributes or {}) == {
+        "http.request.method": "GET",
+        "url.path": "/a/b",
+        "url.query": "x=1",
+        "url.scheme": "http",
+        "server.address": "127.0.0.1",
+        "server.port": port(url),
+        "client.address": "127.0.0.1",
+        "network.peer.address": "127.0.0.1",
+        "network.protocol.version": "1.1",
+        "user_agent.original": "otel-test/1",
+        "http.response.status_code": 200,
+    }
+    assert dict(client.attributes or {}) == {
+        "http.request.method": "GET",
+        "server.address": "127.0.0.1",
+        "server.port": port(echo_upstream),
+        "url.full": echo_upstream + "/a/b?x=1",
+        "network.protocol.version": "1.1",
+        "http.response.status_code": 200,
+    }
+    assert server.status.status_code is StatusCode.UNSET
+    assert client.status.status_code is StatusCode.UNSET
+    assert server.start_time is not None and client.start_time is not None
+    assert server.end_time is not None and client.end_time is not None
+    assert server.start_time <= client.start_time <= client.end_time <= server.end_time
+
+
+def test_retries_are_sibling_client_spans_with_resend_count(
+    proxy: Any, pywsgi: Callable[[Any], str], otel: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = otel
+    seen: list[str] = []
+
+    def flaky(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(environ["HTTP_TRACEPARENT"])
+        status = "503 Service Unavailable" if len(seen) < 3 else "200 OK"
+        start_response(status, [("Content-Length", "2")])
+        return [b"ok"]
+
+    up = pywsgi(flaky)
+    app = Buffer(Forward(up), retry="ResponseCode() == 503 && Attempts() < 3")
+    url = proxy(OpenTelemetry(app, tracer_provider=provider))
+    assert HTTP.request("GET", url + "/r").status == 200
+    spans = finished(exporter, 4)
+    server, clients = server_span(spans), client_spans(spans)
+    assert len(clients) == 3
+    assert {c.parent.span_id for c in clients if c.parent} == {server.context.span_id}
+    assert [(c.attributes or {}).get("http.request.resend_count") for c in clients] == [
+        None,
+        1,
+        2,
+    ]
+    assert [(c.attributes or {})["http.response.status_code"] for c in clients] == [503, 503, 200]
+    assert [c.status.status_code for c in clients] == [
+        StatusCode.ERROR,
+        StatusCode.ERROR,
+        StatusCode.UNSET,
+    ]
+    assert (clients[0].attributes or {})["error.type"] == "503"
+    # Each attempt carried its own span as the parent.
+    assert [traceparent(v)[1] for v in seen] == [ids(c)[1] for c in clients]
+    assert (server.attributes or {})["http.response.status_code"] == 200
+
+
+def test_hedges_are_sibling_client_spans(
+    proxy: Any, pywsgi: Callable[[Any], str], otel: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = otel
+    release = gevent.event.Event()
+    parents: list[str] = []
+
+    def slow_first(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        parents.append(traceparent(environ["HTTP_TRACEPARENT"])[1])
+        if len(parents) == 1:
+            release.wait(10)  # the first copy hangs until the test ends
+        start_response("200 OK", [("Content-Length", "4")])
+        return [b"fast"]
+
+    up = pywsgi(slow_first)
+    url = proxy(OpenTelemetry(Hedge(Forward(up), delay=0.05), tracer_provider=provider))
+    try:
+        r = HTTP.request("GET", url + "/h")
+        assert (r.status, r.data) == (200, b"fast")
+        spans = finished(exporter, 3)
+    finally:
+        release.set()
+    server, clients = server_span(spans), client_spans(spans)
+    assert len(clients) == 2
+    assert {c.parent.span_id for c in clients if c.parent} == {server.context.span_id}
+    assert parents == [ids(c)[1] for c in clients]
+    # The first copy lost (cancelled: no answer), the hedge answered.
+    assert "http.response.status_code" not in (clients[0].attributes or {})
+    assert (clients[1].attributes or {})["http.response.status_code"] == 200
+    assert clients[0].status.status_code is StatusCode.UNSET
+
+
+def test_unreachable_upstream_is_an_error_on_both_spans(
+    proxy: Any, otel: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = otel
+    url = proxy(OpenTelemetry(Forward(dead_url()), tracer_provider=provider))
+    assert HTTP.request("GET", url + "/x").status == 502
+    spans = finished(exporter, 2)
+    server, (client,) = server_span(spans), client_spans(spans)
+    assert client.status.status_code is StatusCode.ERROR
+    assert (client.attributes or {})["error.type"] == "upstream_connect_error"
+    assert "http.response.status_code" not in (client.attributes or {})
+    (event,) = client.events
+    assert event.name == "exception"
+    assert (event.attributes or {})["exception.type"] == "oxypy.exceptions.UpstreamConnectError"
+    assert (event.attributes or {})["oxypy.error.kind"] == "upstream_connect_error"
+    assert server.status.status_code is StatusCode.ERROR
+    attributes = server.attributes or {}
+    assert (attributes["http.response.status_code"], attributes["error.type"]) == (
+        502,
+        "upstream_connect_error",
+    )
+    assert server.events == ()  # Forward's own failure is on its CLIENT span
+
+
+def test_upstream_timeout_is_504_on_both_spans(
+    proxy: Any, otel: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = otel
+
+    def silent(sock: socket.socket, data: bytes) -> None:
+        sock.settimeout(10)
+        sock.recv(1)  # until the proxy gives up and closes
+
+    up = RawUpstream(silent)
+    try:
+        url = proxy(OpenTelemetry(Forward(up.url, read_timeout=0.2), tracer_provider=provider))
+        assert HTTP.request("GET", url + "/slow").status == 504
+        spans = finished(exporter, 2)
+    finally:
+        up.stop()
+    server, (client,) = server_span(spans), client_spans(spans)
+    assert (client.attributes or {})["error.type"] == "upstream_timeout"
+    assert client.status.status_code is StatusCode.ERROR
+    assert [e.name for e in client.events] == ["exception"]
+    assert (server.attributes or {})["http.response.status_code"] == 504
+    assert (server.attributes or {})["error.type"] == "upstream_timeout"
+
+
+# --------------------------------------------------------------------------- trust
+
+
+def test_untrusted_peer_starts_a_new_trace_linked_to_the_clients(
+    proxy: Any, echo_upstream: str, otel: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = otel
+    app = OpenTelemetry(Forward(echo_upstream), tracer_provider=provider)
+    url = proxy(app)
+    r = HTTP.request("GET", url + "/u", headers=INCOMING)
+    spans = finished(exporter, 2)
+    server, (client,) = server_span(spans), client_spans(spans)
+    trace_id = ids(server)[0]
+    assert trace_id != TRACE_ID
+    assert server.parent is None
+    (link,) = server.links
+    assert (format(link.context.trace_id, "032x"), format(link.context.span_id, "016x")) == (
+        TRACE_ID,
+        SPAN_ID,
+    )
+    assert dict(link.attributes or {}) == {"oxypy.untrusted": True}
+    sent = sent_headers(r)
+    assert traceparent(sent["traceparent"])[:2] == (trace_id, ids(client)[1])
+    # The client's tracestate and baggage went with its trace context.
+    assert "tracestate" not in sent and "baggage" not in sent
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"trusted_proxies": ["127.0.0.1/32"]}, id="trusted-proxy"),
+        pytest.param({"trust_incoming": True}, id="trust-incoming"),
+    ],
+)
+def test_trusted_peer_continues_the_clients_trace(
+    proxy: Any,
+    echo_upstream: str,
+    otel: tuple[TracerProvider, InMemorySpanExporter],
+    options: dict[str, Any],
+) -> None:
+    provider, exporter = otel
+    url = proxy(OpenTelemetry(Forward(echo_upstream), tracer_provider=provider, **options))
+    r = HTTP.request("GET", url + "/t", headers=INCOMING)
+    spans = finished(exporter, 2)
+    server, (client,) = server_span(spans), client_spans(spans)
+    assert ids(server)[0] == TRACE_ID
+    assert server.parent is not None and server.parent.is_remote
+    assert format(server.parent.span_id, "016x") == SPAN_ID
+    assert server.links == ()
+    sent = sent_headers(r)
+    assert traceparent(sent["traceparent"])[:2] == (TRACE_ID, ids(client)[1])
+    assert (sent["tracestate"], sent["baggage"]) == ("vendor=opaque", "tenant=acme")
+
+
+def test_unsampled_requests_still_send_a_trace_context_upstream(
+    proxy: Any, echo_upstream: str
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    lines: list[str] = []
+    app = Trace(OpenTelemetry(Forward(echo_upstream), tracer_provider=provider), sink=lines.append)
+    url = proxy(app)
+    try:
+        r = HTTP.request("GET", url + "/n", headers=INCOMING)
+        wait_for(lambda: lines)
+        trace_id, _, flags = traceparent(sent_headers(r)["traceparent"])
+        assert trace_id != TRACE_ID and flags & 1 == 0
+        line = json.loads(lines[0])
+        assert line["trace_id"] == trace_id
+        assert re.fullmatch("[0-9a-f]{16}", line["span_id"])
+        assert exporter.get_finished_spans() == ()
+    finally:
+        app.close()
+        provider.shutdown()
+
+
+# --------------------------------------------------------------------------- Trace, metrics
+
+
+@pytest.mark.parametrize("outside", [True, False], ids=["trace-outside", "trace-inside"])
+def test_trace_lines_carry_the_server_span_ids(
+    proxy: Any,
+    echo_upstream: str,
+    otel: tuple[TracerProvider, InMemorySpanExporter],
+    outside: bool,
+) -> None:
+    provider, exporter = otel
+    lines: list[str] = []
+    if outside:
+        trace = Trace(
+            OpenTelemetry(Forward(echo_upstream), tracer_provider=provider), sink=lines.append
+        )
+        app: App = trace
+    else:
+        trace = Trace(Forward(echo_upstream), sink=lines.append)
+        app = OpenTelemetry(trace, tracer_provider=provider)
+    url = proxy(app)
+    try:
+        assert HTTP.request("GET", url + "/line").status == 200
+        server = server_span(finished(exporter, 2))
+        wait_for(lambda: lines)
+        line = json.loads(lines[0])
+        assert (line["trace_id"], line["span_id"]) == ids(server)
+    finally:
+        trace.close()
+
+
+def test_trace_lines_have_no_ids_without_the_block(proxy: Any, echo_upstream: str) -> None:
+    lines: list[str] = []
+    trace = Trace(Forward(echo_upstream), sink=lines.append)
+    url = proxy(trace)
+    try:
+        assert HTTP.request("GET", url + "/plain").status == 200
+        wait_for(lambda: lines)
+        assert "trace_id" not in json.loads(lines[0])
+        assert "traceparent" not in sent_headers(HTTP.request("GET", url + "/plain"))
+    finally:
+        trace.close()
+
+
+def test_latency_histogram_carries_the_trace_as_an_exemplar(
+    proxy: Any, echo_upstream: str, otel: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    provider, exporter = otel
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(Forward(echo_upstream), registry=registry)
+    url = proxy(OpenTelemetry(metrics, tracer_provider=provider))
+    scrape = proxy(metrics_app(registry))
+    assert HTTP.request("GET", url + "/m").status == 200
+    trace_id, span_id = ids(server_span(finished(exporter, 2)))
+    open_metrics = HTTP.request(
+        "GET", scrape + "/", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
+    assert open_metrics.headers["Content-Type"].startswith("application/openmetrics-text")
+    text = open_metrics.data.decode()
+    exemplars = re.findall(
+        r'^oxypy_request_duration_seconds_bucket\{code_class="2xx",le="[^"]+"\} 1\.0 '
+        r'# \{span_id="([0-9a-f]+)",trace_id="([0-9a-f]+)"\} ',
+        text,
+        re.MULTILINE,
+    )
+    assert exemplars == [(span_id, trace_id)]
+    plain = HTTP.request("GET", scrape + "/").data.decode()
+    assert "oxypy_request_duration_seconds_bucket" in plain and trace_id not in plain
+
+
+# --------------------------------------------------------------------------- events
+
+
+def test_rate_limit_rejection_is_an_event(
+    proxy: Any, echo_upstream: str, otel: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = otel
+    limited = RateLimit(
+        Forward(echo_upstream), rates=[Rate(average=1, period=60.0, burst=1)], source="client.ip"
+    )
+    url = proxy(OpenTelemetry(limited, tracer_provider=provider))
+    assert HTTP.request("GET", url + "/1").status == 200
+    finished(exporter, 2)
+    exporter.clear()
+    assert HTTP.request("GET", url + "/2").status == 429
+    (server,) = finished(exporter, 1)
+    (event,) = server.events
+    assert event.name == "oxypy.rate_limited"
+    attributes = dict(event.attributes or {})
+    assert attributes.pop("oxypy.status") == 429
+    assert re.fullmatch(
+        r"rate limit reached, retry in [\d.]+s", str(attributes.pop("oxypy.reason"))
+    )
+    assert attributes == {}
+    assert server.status.status_code is StatusCode.UNSET
+
+
+def test_conn_limit_rejection_is_an_event(
+    proxy: Any, pywsgi: Callable[[Any], str], otel: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = otel
+    arrived, release = gevent.event.Event(), gevent.event.Event()
+
+    def hold(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        arrived.set()
+        release.wait(10)
+        start_response("200 OK", [("Content-Length", "0")])
+        return [b""]
+
+    app = ConnLimit(Forward(pywsgi(hold)), max_conns=1, source="client.ip")
+    url = proxy(OpenTelemetry(app, tracer_provider=provider))
+    first = gevent.spawn(HTTP.request, "GET", url + "/held")
+    try:
+        assert arrived.wait(10)
+        rejected = HTTP.request("GET", url + "/over")
+        (server,) = finished(exporter, 1)
+    finally:
+        release.set()
+    assert first.get(timeout=10).status == 200
+    assert [e.name for e in server.events] == ["oxypy.conn_limit_reached"]
+    assert (server.events[0].attributes or {})["oxypy.status"] == rejected.status
+
+
+def test_breaker_trip_and_fallback_are_events(
+    proxy: Any, otel: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = otel
+    breaker = CircuitBreaker(
+        Forward(dead_url()),
+        "NetworkErrorRatio() > 0.5",
+        fallback=ResponseFallback(503, body="later"),
+        fallback_duration=60.0,
+    )
+    url = proxy(OpenTelemetry(breaker, tracer_provider=provider))
+    assert HTTP.request("GET", url + "/trip").status == 502
+    server = server_span(finished(exporter, 2))
+    (event,) = server.events
+    assert event.name == "oxypy.circuit_breaker.tripped"
+    assert dict(event.attributes or {}) == {
+        "oxypy.trigger": "NetworkErrorRatio() > 0.5",
+        "oxypy.fallback_duration": 60.0,
+    }
+    exporter.clear()
+    assert HTTP.request("GET", url + "/open").data == b"later"
+    (server,) = finished(exporter, 1)  # no upstream request: no CLIENT span
+    assert [e.name for e in server.events] == ["oxypy.circuit_breaker.fallback"]
+    assert (server.events[0].attributes or {})["oxypy.retry_after"] == 60
+
+
+# --------------------------------------------------------------------------- WebSocket
+
+
+def test_websocket_span_covers_the_handshake_and_the_tunnel(
+    proxy: Any, otel: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    websocket = pytest.importorskip("websocket")
+    from _ws import WSEchoUpstream
+
+    provider, exporter = otel
+    upstream = WSEchoUpstream()
+    try:
+        url = proxy(OpenTelemetry(Forward(upstream.url), tracer_provider=provider), lint=False)
+        ws = websocket.create_connection(url.replace("http", "ws") + "/chat", timeout=10)
+        opened = time.time_ns()
+        try:
+            ws.send("hello")
+            assert ws.recv() == "hello"
+            gevent.sleep(0.2)  # the tunnel stays open: no span has ended
+            assert exporter.get_finished_spans() == ()
+        finally:
+            ws.close()
+        closed = time.time_ns()
+        spans = finished(exporter, 2)
+    finally:
+        upstream.stop()
+    server, (client,) = server_span(spans), client_spans(spans)
+    assert (server.attributes or {})["http.response.status_code"] == 101
+    assert (client.attributes or {})["http.response.status_code"] == 101
+    assert client.parent is not None and client.parent.span_id == server.context.span_id
+    assert upstream.requests[0].extra_headers  # the handshake went through the tunnel
+    assert server.start_time is not None and server.end_time is not None
+    assert server.start_time < opened and server.end_time > opened + 200_000_000
+    assert server.end_time <= time.time_ns() and closed > opened
+
+
+# --------------------------------------------------------------------------- OTLP/HTTP
+
+
+class Receiver:
+    """An OTLP/HTTP trace receiver: decodes each ExportTraceServiceRequest it is posted."""
+
+    def __init__(self) -> None:
+        self.requests: list[ExportTraceServiceRequest] = []
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        body = environ["wsgi.input"].read()
+        if environ.get("HTTP_CONTENT_ENCODING") == "gzip":
+            body = gzip.decompress(body)
+        if environ["PATH_INFO"] != "/v1/traces" or environ["REQUEST_METHOD"] != "POST":
+            start_response("404 Not Found", [("Content-Length", "0")])
+            return [b""]
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        self.requests.append(request)
+        out = ExportTraceServiceResponse().SerializeToString()
+        start_response(
+            "200 OK",
+            [("Content-Type", "application/x-protobuf"), ("Content-Length", str(len(out)))],
+        )
+        return [out]
+
+    def spans(self) -> list[tuple[dict[str, str], Any]]:
+        """(resource attributes, span) for every span received."""
+        out: list[tuple[dict[str, str], Any]] = []
+        for request in self.requests:
+            for resource in request.resource_spans:
+                attributes = {a.key: a.value.string_value for a in resource.resource.attributes}
+                for scope in resource.scope_spans:
+                    out.extend((attributes, span) for span in scope.spans)
+        return out
+
+
+def check_exported(receiver: Receiver, sent_traceparent: str) -> dict[str, str]:
+    """The received spans are one SERVER and one CLIENT span of the traceparent sent."""
+    spans = receiver.spans()
+    kinds = {span.kind: span for _, span in spans}
+    assert sorted(kinds) == [2, 3]  # SPAN_KIND_SERVER, SPAN_KIND_CLIENT
+    server, client = kinds[2], kinds[3]
+    trace_id, parent, _ = traceparent(sent_traceparent)
+    assert (server.trace_id.hex(), client.trace_id.hex()) == (trace_id, trace_id)
+    assert client.span_id.hex() == parent
+    assert client.parent_span_id == server.span_id
+    assert server.name == "GET"
+    assert {a.key: a.value.int_value for a in server.attributes}["http.response.status_code"] == 200
+    return spans[0][0]
+
+
+def test_otlp_http_exporter_delivers_the_spans(
+    proxy: Any, pywsgi: Callable[[Any], str], echo_upstream: str
+) -> None:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    receiver = Receiver()
+    endpoint = pywsgi(receiver) + "/v1/traces"
+    provider = TracerProvider()
+    exporter = OTLPSpanExporter(endpoint=endpoint)
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=50))
+    try:
+        url = proxy(OpenTelemetry(Forward(echo_upstream), tracer_provider=provider))
+        r = HTTP.request("GET", url + "/otlp")
+        assert r.status == 200
+        wait_for(lambda: len(receiver.spans()) >= 2)
+        check_exported(receiver, sent_headers(r)["traceparent"])
+    finally:
+        provider.shutdown()
+
+
+def _oxypy(args: list[str], env: dict[str, str], tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    out, err = tmp / f"out-{time.monotonic_ns()}", tmp / f"err-{time.monotonic_ns()}"
+    full = dict(os.environ, PYTHONPATH=str(REPO), **env)
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "oxypy", *args], stdout=o, stderr=e, env=full
+        )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        found = re.search(r" on (http://[\d.:]+)", out.read_text())
+        if found:
+            return proc, found.group(1)
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode}: {err.read_text()}")
+        gevent.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"no banner: {err.read_text()}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+OTEL_ENV = {
+    "OTEL_SERVICE_NAME": "gateway-under-test",
+    # Only the shutdown at SIGTERM sends the batch: the closer is what is tested.
+    "OTEL_BSP_SCHEDULE_DELAY": "60000",
+    "OTEL_TRACES_SAMPLER": "always_on",
+}
+
+
+@pytest.mark.parametrize("command", ["proxy", "run-flag", "run-file"])
+def test_command_exports_to_the_otlp_endpoint(
+    pywsgi: Callable[[Any], str], echo_upstream: str, tmp_path: Path, command: str
+) -> None:
+    receiver = Receiver()
+    env = dict(OTEL_ENV, OTEL_EXPORTER_OTLP_ENDPOINT=pywsgi(receiver))
+    if command == "proxy":
+        args = ["proxy", "--listen", "127.0.0.1:0", echo_upstream, "--otel"]
+    else:
+        config = tmp_path / "gateway.toml"
+        table = "[otel]\ntrust_incoming = false\n" if command == "run-file" else ""
+        config.write_text(
+            f'{table}[[listeners]]\naddress = "127.0.0.1:0"\n'
+            f'[services.api]\nservers = ["{echo_upstream}"]\n'
+            '[[routes]]\nprefix = "/"\nservice = "api"\n'
+        )
+        args = ["run", str(config), "--no-watch"] + (["--otel"] if command == "run-flag" else [])
+    proc, url = _oxypy(args, env, tmp_path)
+    try:
+        r = HTTP.request("GET", url + "/cli")
+        assert r.status == 200
+        assert receiver.spans() == []  # nothing sent before the shutdown
+    finally:
+        _stop(proc)
+    wait_for(lambda: len(receiver.spans()) >= 2)
+    resource = check_exported(receiver, sent_headers(r)["traceparent"])
+    assert resource["service.name"] == "gateway-under-test"
+
+
+def test_command_names_what_is_wrong_with_the_otel_setup(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OTEL_TRACES_EXPORTER="zipkin")
+    done = subprocess.run(
+        [sys.executable, "-m", "oxypy", "proxy", "http://127.0.0.1:9", "--otel"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--otel: OTEL_TRACES_EXPORTER='zipkin' is not supported here" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# --------------------------------------------------------------------------- without the API
+
+
+def test_oxypy_works_without_opentelemetry_and_names_the_extra() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['opentelemetry'] = None  # as if not installed\n"
+        "import oxypy\n"
+        "from oxypy import Forward, OpenTelemetry, Trace\n"
+        "Trace(Forward('http://127.0.0.1:9'))\n"
+        "try:\n"
+        "    OpenTelemetry(Forward('http://127.0.0.1:9'))\n"
+        "except ImportError as exc:\n"
+        "    print(type(exc).__name__, isinstance(exc, ValueError), exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        "OpenTelemetryMissing True OpenTelemetry needs the opentelemetry-api package: "
+        "pip install 'oxypy-gateway[otel]'"
+    )
+
+
+def test_configuration_errors() -> None:
+    with pytest.raises(ValueError, match="trust_incoming must be a boolean"):
+        OpenTelemetry(Forward(), trust_incoming="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="TracerProvider"):
+        OpenTelemetry(Forward(), tracer_provider=object())
+    with pytest.raises(ValueError, match="invalid CIDR"):
+        OpenTelemetry(Forward(), trusted_proxies=["not-a-network"])
+    assert issubclass(OpenTelemetryMissing, ImportError)
+
+
+def test_skip_and_nested_blocks_make_one_server_span(
+    proxy: Any, echo_upstream: str, otel: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = otel
+    inner = OpenTelemetry(Forward(echo_upstream), tracer_provider=provider)
+    outer = OpenTelemetry(
+        inner, tracer_provider=provider, skip=lambda e: e["PATH_INFO"] == "/skipped"
+    )
+    url = proxy(outer)
+    assert HTTP.request("GET", url + "/once").status == 200
+    spans = finished(exporter, 2)
+    assert [s.kind for s in spans].count(SpanKind.SERVER) == 1
+    exporter.clear()
+    r = HTTP.request("GET", url + "/skipped", headers=INCOMING)
+    spans = finished(exporter, 2)  # the inner block traced it
+    assert traceparent(sent_headers(r)["traceparent"])[0] == ids(server_span(spans))[0]
+
+
+def test_raw_upstream_receives_exactly_one_traceparent(
+    proxy: Any, otel: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = otel
+
+    def answer(sock: socket.socket, data: bytes) -> None:
+        read_exact_body(sock, data)
+        sock.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+
+    up = RawUpstream(answer)
+    try:
+        url = proxy(OpenTelemetry(Forward(up.url), tracer_provider=provider))
+        headers = {"TraceParent": INCOMING["traceparent"], "Baggage": "a=b"}
+        assert HTTP.request("GET", url + "/raw", headers=headers).status == 204
+        (client,) = client_spans(finished(exporter, 2))
+    finally:
+        up.stop()
+    head = up.requests[0].decode("latin-1").lower()
+    lines = [line for line in head.split("\r\n") if line.startswith(("traceparent:", "baggage:"))]
+    assert len(lines) == 1
+    assert traceparent(lines[0].split(": ", 1)[1])[:2] == ids(client)
+
+
+def test_config_otel_table_wraps_the_routes_and_checks_its_keys(
+    proxy: Any, echo_upstream: str
+) -> None:
+    """Without an SDK (the API's global no-op provider) the context still follows the rule."""
+    from oxypy import ConfigFileError, load_config
+
+    base = f'[services.api]\nservers = ["{echo_upstream}"]\n[[routes]]\nservice = "api"\n'
+    for table, continued in (('trusted_proxies = ["127.0.0.1/32"]', True), ("", False)):
+        gateway = load_config(f"[otel]\n{table}\n" + base)
+        try:
+            assert gateway.traced
+            r = HTTP.request("GET", proxy(gateway) + "/c", headers=INCOMING)
+            sent = sent_headers(r)
+            if continued:
+                assert sent["traceparent"] == INCOMING["traceparent"]
+                assert sent["baggage"] == INCOMING["baggage"]
+            else:
+                assert "traceparent" not in sent and "baggage" not in sent
+        finally:
+            gateway.close()
+    plain = load_config(base)
+    try:
+        assert not plain.traced
+        sent = sent_headers(HTTP.request("GET", proxy(plain) + "/c", headers=INCOMING))
+        assert sent["traceparent"] == INCOMING["traceparent"]  # no block: passed untouched
+    finally:
+        plain.close()
+    with pytest.raises(ConfigFileError) as info:
+        load_config('otel = { trust_incoming = "yes", sample = 1 }\n' + base)
+    assert info.value.errors == [
+        "otel.sample: unknown key",
+        "otel.trust_incoming: expected a boolean, got a string ('yes')",
+    ]
+    with pytest.raises(ConfigFileError, match="otel: expected a table or a boolean, got"):
+        load_config("otel = 3\n" + base)
