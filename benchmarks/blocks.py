@@ -98,6 +98,15 @@ CHAINS = (
     Chain("forwardauth", "`ForwardAuth(Forward(up1), <in-process WSGI app answering 204>)`"),
     Chain("timeout", "`Timeout(Forward(up1), 30.0)`: a deadline no request reaches"),
     Chain(
+        "otel_drop",
+        "`OpenTelemetry(Forward(up1))`, SDK, sampler `ParentBased(ALWAYS_OFF)`: nothing recorded",
+    ),
+    Chain(
+        "otel_batch",
+        "`OpenTelemetry(Forward(up1))`, SDK, every span recorded, `BatchSpanProcessor` "
+        "to an exporter that drops the batches",
+    ),
+    Chain(
         "full",
         "Trace → ConnLimit → RateLimit → CircuitBreaker → Buffer → RoundRobin → Forward "
         "(2 upstreams, huge limits)",

@@ -137,23 +137,23 @@ def _host_port(host: str) -> tuple[str, int | None]:
     return name, int(port) if port.isdigit() else None
 
 
-def _server_attributes(environ: WSGIEnvironment, method: str, client: str | None) -> dict[str, Any]:
-    """The SERVER span's request attributes (HTTP semantic conventions, stable)."""
-    attributes: dict[str, Any] = {"http.request.method": method}
-    raw = environ.get("REQUEST_METHOD", "")
-    if method == "_OTHER":
-        attributes["http.request.method_original"] = raw
+def _url_path(environ: WSGIEnvironment) -> str:
+    """The path as the client sent it (``RAW_URI``), else rebuilt from the WSGI keys."""
     uri = environ.get("RAW_URI") or environ.get("REQUEST_URI") or ""
     if uri.startswith("/"):
-        path = uri.partition("?")[0]
-    else:
-        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
-        path = quote(path.encode("latin-1", "replace"), safe="/:@!$&'()*+,;=-._~%") or "/"
-    attributes["url.path"] = path
+        return str(uri.partition("?")[0])
+    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    return quote(path.encode("latin-1", "replace"), safe="/:@!$&'()*+,;=-._~%") or "/"
+
+
+def _server_attributes(environ: WSGIEnvironment, method: str, client: str | None) -> dict[str, Any]:
+    """The SERVER span's request attributes beyond those given to the sampler."""
+    attributes: dict[str, Any] = {}
+    if method == "_OTHER":
+        attributes["http.request.method_original"] = environ.get("REQUEST_METHOD", "")
     query = environ.get("QUERY_STRING")
     if query:
         attributes["url.query"] = query
-    attributes["url.scheme"] = environ.get("wsgi.url_scheme", "http")
     host = environ.get("HTTP_HOST")
     if host:
         name, port = _host_port(host)
@@ -186,7 +186,7 @@ class _Telemetry:
     Lives in ``environ["oxypy.otel"]`` (see :class:`oxypy._core.telemetry.Telemetry`).
     """
 
-    __slots__ = ("block", "span", "context", "clients")
+    __slots__ = ("block", "span", "context", "clients", "unsampled")
 
     def __init__(self, block: OpenTelemetry, span: Any, context: Any) -> None:
         self.block = block
@@ -194,6 +194,8 @@ class _Telemetry:
         self.context = context
         #: (record, span, start in epoch ns, start in monotonic seconds) per attempt.
         self.clients: list[tuple[Exchange, Any, int, float]] = []
+        #: The propagation headers of an unsampled request (the same for every attempt).
+        self.unsampled: dict[str, str] | None = None
 
     def client_span(
         self,
@@ -204,21 +206,32 @@ class _Telemetry:
         headers: list[tuple[str, str]],
     ) -> list[tuple[str, str]]:
         block = self.block
+        if block.sent_by_client(environ):
+            fields = block.fields
+            headers = [h for h in headers if h[0].lower() not in fields]
+        if not self.span.is_recording():
+            # A trace the sampler dropped: its CLIENT spans would be dropped as
+            # well (a sampler decides per trace, or follows the parent), so
+            # none is made; upstream continues the trace under the SERVER span.
+            carrier = self.unsampled
+            if carrier is None:
+                carrier = self.unsampled = {}
+                block.propagator.inject(carrier, context=self.context)
+            headers.extend(carrier.items())
+            return headers
         method = record.method if record.method in _METHODS else "_OTHER"
-        attributes: dict[str, Any] | None = None
-        if self.span.is_recording():
-            attributes = {
-                "http.request.method": method,
-                "server.address": address[0],
-                "server.port": address[1],
-                "url.full": url,
-                "network.protocol.version": "1.1",
-            }
-            if method == "_OTHER":
-                attributes["http.request.method_original"] = record.method
-            attempt = environ.get(keys.ATTEMPT)
-            if isinstance(attempt, int) and attempt > 1:
-                attributes["http.request.resend_count"] = attempt - 1
+        attributes = {
+            "http.request.method": method,
+            "server.address": address[0],
+            "server.port": address[1],
+            "url.full": url,
+            "network.protocol.version": "1.1",
+        }
+        if method == "_OTHER":
+            attributes["http.request.method_original"] = record.method
+        attempt = environ.get(keys.ATTEMPT)
+        if isinstance(attempt, int) and attempt > 1:
+            attributes["http.request.resend_count"] = attempt - 1
         started = time.time_ns()
         span = block.tracer.start_span(
             method if method != "_OTHER" else "HTTP",
@@ -228,11 +241,8 @@ class _Telemetry:
             start_time=started,
         )
         self.clients.append((record, span, started, time.monotonic()))
-        carrier: dict[str, str] = {}
+        carrier = {}
         block.propagator.inject(carrier, context=block.with_span(span, self.context))
-        if block.sent_by_client(environ):
-            fields = block.fields
-            headers = [h for h in headers if h[0].lower() not in fields]
         headers.extend(carrier.items())
         return headers
 
@@ -261,26 +271,26 @@ class _Telemetry:
             log.warning("could not end the OpenTelemetry spans", exc_info=True)
 
     def _finish(self, seen: Observation) -> None:
+        span = self.span
         now = time.time_ns()
         block = self.block
-        for record, span, started, mono in self.clients:
-            if span.is_recording():
-                block.settle_client(span, record)
+        for record, client, started, mono in self.clients:
+            if client.is_recording():
+                block.settle_client(client, record)
             ended = record.ended
-            span.end(now if ended is None else started + max(0, int((ended - mono) * 1e9)))
-        span = self.span
-        if span.is_recording():
-            outcome = seen.outcome()
-            status = outcome.status_sent if outcome.status_sent is not None else outcome.status
+            client.end(now if ended is None else started + max(0, int((ended - mono) * 1e9)))
+        outcome = seen.outcome()
+        status = outcome.status_sent if outcome.status_sent is not None else outcome.status
+        error = outcome.error
+        if outcome.client_gone or status >= 500 or (outcome.aborted and error is not None):
+            kind = outcome.error_kind or str(status)
+            span.set_attributes({"http.response.status_code": status, "error.type": kind})
+            if status >= 500 or not outcome.client_gone:
+                span.set_status(block.error_status(kind))
+        else:
             span.set_attribute("http.response.status_code", status)
-            error = outcome.error
-            if outcome.client_gone or status >= 500 or (outcome.aborted and error is not None):
-                kind = outcome.error_kind or str(status)
-                span.set_attribute("error.type", kind)
-                if status >= 500 or not outcome.client_gone:
-                    span.set_status(block.error_status(kind))
-            if error is not None and not isinstance(error, RequestError):
-                span.record_exception(error)
+        if error is not None and not isinstance(error, RequestError):
+            span.record_exception(error)
         span.end(now)
 
 
@@ -407,18 +417,21 @@ class OpenTelemetry:
 
     def settle_client(self, span: Any, record: Exchange) -> None:
         """Set a CLIENT span's outcome from its exchange record."""
+        attributes: dict[str, Any] = {}
         if record.status:
-            span.set_attribute("http.response.status_code", record.status)
+            attributes["http.response.status_code"] = record.status
         error = record.error
         if isinstance(error, UpstreamError):
-            span.set_attribute("error.type", error.kind)
+            attributes["error.type"] = error.kind
             span.record_exception(error, attributes={ERROR_KIND: error.kind})
             span.set_status(self._status(self._error, error.reason))
         elif error is not None:
-            span.set_attribute("error.type", error.kind)
+            attributes["error.type"] = error.kind
         elif record.status >= 400:
-            span.set_attribute("error.type", str(record.status))
+            attributes["error.type"] = str(record.status)
             span.set_status(self._status(self._error, str(record.status)))
+        if attributes:
+            span.set_attributes(attributes)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if (self.skip is not None and self.skip(environ)) or keys.OTEL in environ:
@@ -437,12 +450,17 @@ class OpenTelemetry:
                 found = self._current_span(incoming).get_span_context()
                 if found.is_valid:
                     links = [self._link(found, {UNTRUSTED: True})]
-        client = self.trusted.client_ip(peer, environ.get("HTTP_X_FORWARDED_FOR"))
+        # The sampler sees method, path and scheme (enough to drop health checks
+        # by path); the rest is set only on a span that records.
         span = self.tracer.start_span(
             method if method != "_OTHER" else "HTTP",
             context=parent,
             kind=self.server_kind,
-            attributes=_server_attributes(environ, method, client),
+            attributes={
+                "http.request.method": method,
+                "url.path": _url_path(environ),
+                "url.scheme": environ.get("wsgi.url_scheme", "http"),
+            },
             links=links,
         )
         context = self.with_span(span, parent)
@@ -450,6 +468,12 @@ class OpenTelemetry:
         environ[keys.OTEL] = telemetry
         token = self._attach(context)
         try:
+            if not span.is_recording():
+                # A dropped trace: nothing to record at the end, so the body
+                # is not watched (Forward still sends the trace context).
+                return self.next_app(environ, start_response)
+            client = self.trusted.client_ip(peer, environ.get("HTTP_X_FORWARDED_FOR"))
+            span.set_attributes(_server_attributes(environ, method, client))
             return observe(self.next_app, environ, start_response, telemetry.finish)
         finally:
             self._detach(token)

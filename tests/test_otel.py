@@ -616,9 +616,8 @@ def _oxypy(args: list[str], env: dict[str, str], tmp: Path) -> tuple[subprocess.
     out, err = tmp / f"out-{time.monotonic_ns()}", tmp / f"err-{time.monotonic_ns()}"
     full = dict(os.environ, PYTHONPATH=str(REPO), **env)
     with open(out, "wb") as o, open(err, "wb") as e:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "oxypy", *args], stdout=o, stderr=e, env=full
-        )
+        command = [sys.executable, "-m", "oxypy", *args]
+        proc = subprocess.Popen(command, stdout=o, stderr=e, env=full, cwd=tmp)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         found = re.search(r" on (http://[\d.:]+)", out.read_text())
@@ -650,7 +649,7 @@ OTEL_ENV = {
 }
 
 
-@pytest.mark.parametrize("command", ["proxy", "run-flag", "run-file"])
+@pytest.mark.parametrize("command", ["proxy", "serve", "run-flag", "run-file"])
 def test_command_exports_to_the_otlp_endpoint(
     pywsgi: Callable[[Any], str], echo_upstream: str, tmp_path: Path, command: str
 ) -> None:
@@ -658,6 +657,10 @@ def test_command_exports_to_the_otlp_endpoint(
     env = dict(OTEL_ENV, OTEL_EXPORTER_OTLP_ENDPOINT=pywsgi(receiver))
     if command == "proxy":
         args = ["proxy", "--listen", "127.0.0.1:0", echo_upstream, "--otel"]
+    elif command == "serve":
+        module = f"from oxypy import Forward\n\napp = Forward({echo_upstream!r})\n"
+        (tmp_path / "otel_gw.py").write_text(module)
+        args = ["serve", "otel_gw:app", "--listen", "127.0.0.1:0", "--otel"]
     else:
         config = tmp_path / "gateway.toml"
         table = "[otel]\ntrust_incoming = false\n" if command == "run-file" else ""

@@ -24,6 +24,10 @@ Chains (every rate and limit is huge, so nothing is ever rejected):
 - ``buffer_retry``: ``Buffer(Forward(up1), retry=...)`` (decides on the head, streams)
 - ``buffer_limit``: the same with ``max_response_body_bytes=1 GiB`` (buffers each response)
 - ``full``: Trace → ConnLimit → RateLimit → CircuitBreaker → Buffer → RoundRobin → Forward
+- ``otel_drop``: ``OpenTelemetry(Forward(up1))``, the SDK with a sampler that drops
+  every trace (``ParentBased(ALWAYS_OFF)``): no span recorded, ``traceparent`` still sent
+- ``otel_batch``: the same with every span recorded (``ALWAYS_ON``) and exported by a
+  ``BatchSpanProcessor`` to an exporter that drops the batches
 """
 
 from gevent import monkey
@@ -53,6 +57,7 @@ from oxypy import (  # noqa: E402
     Headers,
     IPAllowList,
     LeastRequest,
+    OpenTelemetry,
     Rate,
     RateLimit,
     RedisRegistry,
@@ -102,6 +107,27 @@ def _watched(balancer: Any) -> Any:
     return balancer
 
 
+def _otel(sampled: bool) -> Any:
+    """A TracerProvider of the OpenTelemetry SDK: dropping every trace, or batching all."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+
+    class NullExporter(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    if not sampled:
+        return TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+    provider = TracerProvider(sampler=ALWAYS_ON)
+    provider.add_span_processor(BatchSpanProcessor(NullExporter()))
+    return provider
+
+
 def build(chain: str, ups: list[str], redis_url: str | None) -> Any:
     builders: dict[str, Callable[[], Any]] = {
         "forward": lambda: Forward(ups[0]),
@@ -131,6 +157,8 @@ def build(chain: str, ups: list[str], redis_url: str | None) -> Any:
         "buffer_limit": lambda: Buffer(
             Forward(ups[0]), retry=RETRY, max_response_body_bytes=1 << 30
         ),
+        "otel_drop": lambda: OpenTelemetry(Forward(ups[0]), tracer_provider=_otel(False)),
+        "otel_batch": lambda: OpenTelemetry(Forward(ups[0]), tracer_provider=_otel(True)),
         "full": lambda: Trace(
             ConnLimit(
                 RateLimit(
@@ -173,6 +201,8 @@ CHAINS = (
     "buffer_retry",
     "buffer_limit",
     "full",
+    "otel_drop",
+    "otel_batch",
 )
 
 
