@@ -7,12 +7,15 @@ locks, are read after it is released.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .._core.snapshot import BalancerSnapshot, ServerSnapshot, redact_url
+from ..exceptions import OxypyError
 from ..health import HealthCheck
 from .pool import Pool
 from .state import State
 
-__all__ = ["balancer_snapshot"]
+__all__ = ["balancer_snapshot", "registry_snapshot"]
 
 _STATE_NAMES = {
     State.ACTIVE: "healthy",
@@ -30,6 +33,7 @@ def balancer_snapshot(
     outlier_detection: bool,
     sticky: bool,
     in_flight_counted: bool,
+    registry: Any = None,
 ) -> BalancerSnapshot:
     """What a balancer's ``snapshot()`` returns (see :class:`BalancerSnapshot`)."""
     with pool.lock:
@@ -82,5 +86,37 @@ def balancer_snapshot(
         "health_check": check,
         "outlier_detection": outlier_detection,
         "sticky": sticky,
-        "registry": {},
+        "registry": {} if registry is None else registry_snapshot(registry),
     }
+
+
+def registry_snapshot(registry: Any) -> dict[str, Any]:
+    """The fleet-wide view of a shared server registry (``RedisRegistry``): every
+    registered server with its weight, its state (``active``/``draining``) and
+    the health the registry's one prober published (``up``/``down``/``unknown``),
+    and which process probes, read from the registry now; ``error`` when it
+    does not answer (the balancer goes on with the servers it last knew)."""
+    out: dict[str, Any] = {
+        "name": str(getattr(registry, "name", "")),
+        "url": redact_url(str(getattr(registry, "url", ""))),
+        "prober": None,
+        "servers": [],
+        "error": "",
+    }
+    try:
+        fleet = list(registry.fleet())
+        prober = registry.prober()
+    except OxypyError:
+        out["error"] = "the registry did not answer"
+        return out
+    out["prober"] = None if prober is None else str(prober)
+    out["servers"] = [
+        {
+            "url": redact_url(str(s.url)),
+            "weight": int(s.weight),
+            "state": str(s.state),
+            "health": "unknown" if s.healthy is None else "up" if s.healthy else "down",
+        }
+        for s in fleet
+    ]
+    return out

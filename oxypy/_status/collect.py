@@ -106,6 +106,8 @@ def layout(groups: list[Group]) -> str:
         for block in group["blocks"]:
             parts.append("B" + str(block.get("kind")))
             parts.extend("S" + str(s.get("url")) for s in block.get("servers", ()))
+            fleet = (block.get("registry") or {}).get("servers", ())
+            parts.extend("R" + str(s.get("url")) for s in fleet)
             parts.extend("T" + str(t.get("call")) for t in block.get("terms", ()))
             parts.extend("K" + k for k in block if k not in ("servers", "terms"))
     return format(zlib.crc32("\n".join(parts).encode()), "08x")

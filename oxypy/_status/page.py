@@ -125,15 +125,23 @@ def _balancer(path: str, block: dict[str, Any]) -> list[str]:
 
 
 def _registry(path: str, registry: dict[str, Any]) -> str:
-    rows = "".join(
-        f'<tr><td>{escape(str(s.get("url")))}</td><td class="state {_state_class(s.get("state"))}">'
-        f"{escape(str(s.get('state')))}</td><td>{escape(str(s.get('seen_by', '')))}</td></tr>"
-        for s in registry.get("servers", ())
-    )
-    title = escape(str(registry.get("name", "registry")))
+    rows = []
+    for i, server in enumerate(registry.get("servers", ())):
+        sp = f"{path}.servers.{i}"
+        rows.append(
+            f"<tr><td>{escape(str(server.get('url')))}</td>"
+            f"<td>{_v(sp + '.state', 'v', server.get('state'))}</td>"
+            f"<td>{_v(sp + '.health', 'v', server.get('health'))}</td>"
+            f"<td class=num>{_v(sp + '.weight', 'v', server.get('weight'))}</td></tr>"
+        )
+    title = escape(f"{registry.get('name', '')} at {registry.get('url', '')}")
     return (
-        f"<h4>fleet-wide ({title})</h4>"
-        f"<table><tr><th>server</th><th>state</th><th>reported by</th></tr>{rows}</table>"
+        f"<h4>fleet-wide: registry {title}, probed by "
+        f"{_v(path + '.prober', 'v', registry.get('prober'))} "
+        f"<span class=off>{_v(path + '.error', 'v', registry.get('error') or '')}</span></h4>"
+        "<table><tr><th>server</th><th>state</th><th>health</th><th>weight</th></tr>"
+        + "".join(rows)
+        + "</table>"
     )
 
 
