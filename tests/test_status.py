@@ -31,6 +31,7 @@ from oxypy import (
     Hedge,
     Rate,
     RateLimit,
+    RedisRegistry,
     RedisStore,
     RetryBudget,
     RoundRobin,
@@ -41,6 +42,7 @@ from oxypy import (
 )
 from oxypy.cli import main
 
+from _redis import REDIS_SERVER, RedisServer
 from _servers import dead_url, echo_app, start_pywsgi, url_of, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -455,3 +457,58 @@ def test_command_status_page_off_by_default_and_checked(
     err = capsys.readouterr().err
     assert "argument --status-page: expected a path below /, such as /status, got 'ops'" in err
     assert "Traceback" not in err
+
+
+# -- a registry shared by several processes --------------------------------------------
+
+
+def test_page_shows_the_fleet_wide_server_set_of_a_registry(upstream: str, proxy: Any) -> None:
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not on PATH")
+    server = RedisServer()
+    name = f"status-{os.urandom(3).hex()}"
+    # Two balancers on one registry stand for two processes of a fleet.
+    here = RoundRobin(Forward(), [upstream], registry=RedisRegistry(server.url, name))
+    there = RoundRobin(Forward(), [], registry=RedisRegistry(server.url, name))
+    try:
+        page = StatusPage(here)
+        there.upsert_server("http://127.0.0.1:9", 3)
+        there.drain_server(upstream)
+
+        def fleet() -> list[dict[str, Any]]:
+            servers: list[dict[str, Any]] = blocks(page.document())["RoundRobin"]["registry"][
+                "servers"
+            ]
+            return servers
+
+        wait_for(lambda: [s["state"] for s in fleet()] == ["draining", "active"], timeout=10)
+
+        def local_states() -> list[str]:
+            return [s["state"] for s in here.snapshot()["servers"]]
+
+        # This process follows the registry: it applies both changes too.
+        wait_for(lambda: local_states() == ["draining", "healthy"], timeout=10)
+        local = {s["url"]: s for s in here.snapshot()["servers"]}
+        assert (local[upstream]["state"], local[upstream]["reason"]) == ("draining", "")
+        assert (local["http://127.0.0.1:9"]["state"], local["http://127.0.0.1:9"]["weight"]) == (
+            "healthy",
+            3,
+        )
+        registry = blocks(page.document())["RoundRobin"]["registry"]
+        assert registry["name"] == name and registry["url"] == server.url
+        assert registry["error"] == "" and registry["prober"] is None
+        assert registry["servers"] == [
+            {"url": upstream, "weight": 1, "state": "draining", "health": "unknown"},
+            {"url": "http://127.0.0.1:9", "weight": 3, "state": "active", "health": "unknown"},
+        ]
+        html = HTTP.request("GET", proxy(Router([(None, "/s", page)])) + "/s").data.decode()
+        assert f"fleet-wide: registry {name} at {server.url}, probed by" in html
+        server.stop()  # Redis gone: the page says so, the local view stays
+        wait_for(lambda: blocks(page.document())["RoundRobin"]["registry"]["error"] != "")
+        registry = blocks(page.document())["RoundRobin"]["registry"]
+        assert registry["error"] == "the registry did not answer" and registry["servers"] == []
+        assert len(blocks(page.document())["RoundRobin"]["servers"]) == 2
+    finally:
+        here.close()
+        there.close()
+        server.stop()

@@ -205,7 +205,7 @@ class Balancer:
             outlier_detection=self.outlier is not None,
             sticky=self.cookies is not None,
             in_flight_counted=self._count_in_flight,
-            registry=getattr(self, "registry", None),
+            registry=self.registry,
         )
 
     def close(self) -> None:

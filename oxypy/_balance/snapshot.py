@@ -49,6 +49,8 @@ def balancer_snapshot(
             reason = ""
             if weight == 0:
                 name = "draining"
+        elif state is State.DRAINING:
+            reason = ""  # drained by an operator: health and ejection are forgotten
         left = max(0.0, until - now) if until is not None else None
         row: ServerSnapshot = {
             "url": redact_url(url),
