@@ -31,6 +31,7 @@ from ._core.iterables import ClosingIterable
 from ._core.types import Clock, Skip, StartResponse, WSGIEnvironment
 from .errors import ErrorHandler
 from .exceptions import ConfigurationError
+from .registry import RedisRegistry
 from .rolling import RatioCounter
 
 __all__ = ["Meter", "Rebalancer"]
@@ -130,6 +131,9 @@ class Rebalancer:
         are answered by the inner balancer); passing it warns.
     :param skip: ``fn(environ) -> bool``; True passes the request to the
         inner balancer without metering it.
+    :param registry: a :class:`~oxypy.RedisRegistry` for the inner balancer
+        (as its own ``registry=``): the server set is shared by every process,
+        the weight adjustments stay local to each.
 
     Example::
 
@@ -149,6 +153,7 @@ class Rebalancer:
         clock: Clock = time.monotonic,
         error_handler: ErrorHandler | None = None,
         skip: Skip | None = None,
+        registry: RedisRegistry | None = None,
     ) -> None:
         if error_handler is not None:
             warnings.warn(
@@ -160,6 +165,8 @@ class Rebalancer:
         if not isinstance(round_robin, Balancer):
             raise ConfigurationError("Rebalancer wraps an oxypy balancer (e.g. RoundRobin)")
         finite_number("backoff", backoff)
+        if registry is not None:
+            round_robin.follow_registry(registry)
         self.balancer = round_robin
         self.backoff = float(backoff)
         self.clock = clock

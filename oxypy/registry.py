@@ -140,8 +140,9 @@ class RedisRegistry:
     """The server set of a balancer, shared by every process that names the registry.
 
     Pass it as ``registry=`` to a balancer (:class:`~oxypy.RoundRobin`,
-    :class:`~oxypy.LeastRequest`, :class:`~oxypy.ConsistentHash`; a
-    :class:`~oxypy.Rebalancer` drives such a balancer as it drives any other).
+    :class:`~oxypy.LeastRequest`, :class:`~oxypy.ConsistentHash`, or
+    :class:`~oxypy.Rebalancer`, which hands it to the balancer it drives;
+    ``follow_registry()`` does the same on a balancer already built).
     The balancer's ``servers`` argument then only seeds a registry that does
     not exist yet; from then on the registry's set wins.  ``upsert_server``,
     ``remove_server`` and ``drain_server`` on any process write to Redis and

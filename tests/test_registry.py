@@ -142,6 +142,27 @@ def test_rebalancer_weights_stay_local_while_the_set_follows(
     assert rb.servers() == ["http://10.0.0.1", "http://10.0.0.2"]
 
 
+def test_rebalancer_registry_option_makes_its_balancer_follow(
+    redis_server: RedisServer, name: str, balancers: list[Any], pywsgi: Any
+) -> None:
+    upstream = ProbeLog()
+    url = pywsgi(upstream)
+    check = HealthCheck(interval=0.05, healthy_threshold=1, unhealthy_threshold=1, host="rb")
+    inner = RoundRobin(nothing, [url, "http://10.0.0.2"], health_check=check)
+    gevent.sleep(0.2)
+    assert set(upstream.hosts) == {"rb"}  # probing locally so far
+    registry = RedisRegistry(redis_server.url, name, lease_ttl=0.6)
+    rb = Rebalancer(inner, registry=registry)
+    other = RoundRobin(nothing, registry=RedisRegistry(redis_server.url, name))
+    balancers += [inner, other]
+    assert other.servers() == [url, "http://10.0.0.2"]  # the rebalanced pool seeded it
+    rb.upsert_server("http://10.0.0.3", 2)
+    wait_for(lambda: other.server_weight("http://10.0.0.3") == 2, timeout=1.0)
+    assert inner.registry is registry and registry.prober() == registry.holder
+    with pytest.raises(ConfigurationError, match="follows <RedisRegistry"):
+        inner.follow_registry(RedisRegistry(redis_server.url, name))
+
+
 def slow_or_named(label: str) -> Any:
     def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         if environ["PATH_INFO"] == "/slow":

@@ -79,8 +79,6 @@ class Balancer:
             raise ConfigurationError("outlier_detection must be an OutlierDetection")
         if isinstance(servers, str | bytes):
             raise ConfigurationError("servers must be a list of URLs or (url, weight) pairs")
-        if registry is not None and not isinstance(registry, RedisRegistry):
-            raise ConfigurationError("registry must be a RedisRegistry")
         self.next_app = next_app
         self.error_handler = error_handler
         self.skip = skip
@@ -101,7 +99,6 @@ class Balancer:
                 url, weight = spec, 1
             target, _ = parse_server(url)
             seeds.append((target, check_weight(weight)))
-        self.registry = registry
         if registry is None:
             for url, weight in seeds:
                 self.pool.upsert(url, weight)
@@ -115,19 +112,43 @@ class Balancer:
         self._static = health_check is None and outlier_detection is None
         self._cached: list[ServerState] = []
         self._cached_version = -1
+        self._health_check = health_check
         self._checker: HealthChecker | None = None
+        self.registry: RedisRegistry | None = None
         if registry is not None:
-            follower = registry.attach(self.pool, seeds, health_check)
-            if health_check is not None:  # one prober per registry, not one per process
-                self._checker = HealthChecker(
-                    health_check,
-                    self.pool,
-                    leader=follower.is_prober,
-                    after_round=follower.publish_health,
-                )
+            self._follow(registry, seeds)
         elif health_check is not None:
             self._checker = HealthChecker(health_check, self.pool)
-        if self._checker is not None:
+            self._checker.start()
+
+    def follow_registry(self, registry: RedisRegistry) -> None:
+        """Share this balancer's server set through ``registry`` from now on: what
+        ``registry=`` does at construction (the current servers seed a registry
+        that does not exist yet; an existing one's set replaces them).
+
+        :class:`ConfigurationError` when it follows one already.
+
+        .. versionadded:: 0.2
+        """
+        _, members = self.pool.members()
+        self._follow(registry, [(url, weight) for _, url, weight in members])
+
+    def _follow(self, registry: RedisRegistry, seeds: list[tuple[str, int]]) -> None:
+        if not isinstance(registry, RedisRegistry):
+            raise ConfigurationError("registry must be a RedisRegistry")
+        if self.registry is not None:
+            raise ConfigurationError(f"this balancer follows {self.registry!r} already")
+        follower = registry.attach(self.pool, seeds, self._health_check)
+        self.registry = registry
+        if self._health_check is not None:  # one prober per registry, not one per process
+            if self._checker is not None:
+                self._checker.stop()  # the local checker gives way to the registry's
+            self._checker = HealthChecker(
+                self._health_check,
+                self.pool,
+                leader=follower.is_prober,
+                after_round=follower.publish_health,
+            )
             self._checker.start()
 
     # -- runtime changes -------------------------------------------------------
