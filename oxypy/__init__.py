@@ -60,7 +60,13 @@ from .leastrequest import LeastRequest
 from .mirror import Mirror
 from .otel import OpenTelemetry
 from .predicate import Func, Predicate, compile_predicate
-from .prometheus import BreakerStateGauge, PrometheusMetrics, RetryBudgetMetrics, metrics_app
+from .prometheus import (
+    BreakerStateGauge,
+    MirrorMetrics,
+    PrometheusMetrics,
+    RetryBudgetMetrics,
+    metrics_app,
+)
 from .ratelimit import Rate, RateLimit, RateStore, Verdict
 from .rebalancer import Rebalancer
 
@@ -120,6 +126,7 @@ __all__ = [
     # their options
     "BreakerStateGauge",
     "HealthCheck",
+    "MirrorMetrics",
     "OutlierDetection",
     "Rate",
     "RedirectFallback",

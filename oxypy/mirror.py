@@ -171,7 +171,8 @@ class Mirror:
     ``mirror_status``, ``primary_bytes``, ``mirror_bytes``,
     ``primary_sha256`` and ``mirror_sha256`` (16 hex digits) as extras
     (fields of ``oxypy --log-format json``).  Counted: ``compared`` and
-    ``differed``.  A copy that raised, or a primary body the client did
+    ``differed`` (:class:`~oxypy.MirrorMetrics` exports every count to
+    Prometheus).  A copy that raised, or a primary body the client did
     not take to its end, is not compared.  The client still never waits
     for the copy: whichever side finishes last compares.
 

@@ -23,9 +23,16 @@ from ._core.observe import Observation, error_kind, observe
 from ._core.telemetry import Telemetry
 from ._core.types import Clock, Skip, StartResponse, WSGIApplication, WSGIEnvironment
 from .exceptions import ConfigurationError, RequestError
+from .mirror import Mirror
 from .retrybudget import RetryBudget
 
-__all__ = ["BreakerStateGauge", "PrometheusMetrics", "RetryBudgetMetrics", "metrics_app"]
+__all__ = [
+    "BreakerStateGauge",
+    "MirrorMetrics",
+    "PrometheusMetrics",
+    "RetryBudgetMetrics",
+    "metrics_app",
+]
 
 #: Latency buckets in seconds: 5 ms to 30 s, suited to a gateway.
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -183,7 +190,56 @@ class _BudgetFamily:
         return families
 
 
-_F = TypeVar("_F", _RequestFamilies, _BreakerFamily, _BudgetFamily)
+#: MirrorMetrics' counters: (metric suffix, Mirror attribute, help).
+_MIRROR_COUNTS = (
+    ("copies", "mirrored", "Copies of requests sent to the mirror."),
+    ("dropped", "dropped", "Copies not made: max_in_flight copies were running."),
+    ("too_large", "too_large", "Copies not made: the body was over max_body_bytes."),
+    ("failed", "failed", "Copies that raised, or that the mirror answered 502/503/504."),
+    ("compared", "compared", "Copies whose answer was compared with the primary's."),
+    ("differed", "differed", "Compared copies whose status, length or body hash differed."),
+)
+
+
+class _MirrorFamily:
+    """MirrorMetrics' collector for one namespace in one registry (read when scraped)."""
+
+    def __init__(self, pc: Any, registry: Any, namespace: str, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.prefix = f"{namespace}_mirror"
+        self.lock = threading.Lock()
+        self.mirrors: dict[str, Mirror] = {}
+        registry.register(self)
+
+    def _families(self) -> list[Any]:
+        from prometheus_client import core
+
+        p = self.prefix
+        families: list[Any] = [
+            core.CounterMetricFamily(f"{p}_{suffix}", text, labels=["name"])
+            for suffix, _, text in _MIRROR_COUNTS
+        ]
+        families.append(
+            core.GaugeMetricFamily(f"{p}_in_flight", "Copies running now.", labels=["name"])
+        )
+        return families
+
+    def describe(self) -> list[Any]:
+        return self._families()
+
+    def collect(self) -> list[Any]:
+        families = self._families()
+        with self.lock:
+            mirrors = list(self.mirrors.items())
+        for name, mirror in mirrors:
+            values = [getattr(mirror, attr) for _, attr, _ in _MIRROR_COUNTS]
+            values.append(mirror.in_flight)
+            for family, value in zip(families, values, strict=True):
+                family.add_metric([name], value)
+        return families
+
+
+_F = TypeVar("_F", _RequestFamilies, _BreakerFamily, _BudgetFamily, _MirrorFamily)
 
 # A registry accepts each metric name once, so the families registered for a
 # namespace are kept next to the registry (weakly: a registry that goes away
@@ -427,6 +483,41 @@ class RetryBudgetMetrics:
             raise ConfigurationError("RetryBudgetMetrics.add needs a RetryBudget")
         with self._family.lock:
             self._family.budgets[name] = budget
+
+
+class MirrorMetrics:
+    """Export the counts of :class:`~oxypy.Mirror` blocks, read when scraped.
+
+    Counters, each labelled ``name`` (``<ns>`` is ``namespace``):
+    ``<ns>_mirror_copies_total`` (copies sent), ``<ns>_mirror_dropped_total``,
+    ``<ns>_mirror_too_large_total``, ``<ns>_mirror_failed_total``, and in
+    compare mode ``<ns>_mirror_compared_total`` and
+    ``<ns>_mirror_differed_total``; the gauge ``<ns>_mirror_in_flight``::
+
+        mirror = Mirror(Forward(current), candidate, compare=True)
+        MirrorMetrics(registry=registry).add("candidate", mirror)
+
+    The collector reads each block in the scraping process (not part of the
+    multi-process mode, as :class:`RetryBudgetMetrics`).
+
+    :param registry: as for :class:`PrometheusMetrics` (instances on the same
+        registry and namespace share one collector).
+    :param namespace: metric name prefix.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, *, registry: Any = None, namespace: str = "oxypy") -> None:
+        pc = _require()
+        _check_namespace(namespace)
+        self._family = _shared(pc, registry, namespace, "mirror", (), _MirrorFamily)
+
+    def add(self, name: str, mirror: Mirror) -> None:
+        """Export ``mirror`` under the label ``name`` (a name already used is replaced)."""
+        if not isinstance(mirror, Mirror):
+            raise ConfigurationError("MirrorMetrics.add needs a Mirror")
+        with self._family.lock:
+            self._family.mirrors[name] = mirror
 
 
 def metrics_app(registry: Any = None) -> WSGIApplication:

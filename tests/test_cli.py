@@ -758,6 +758,8 @@ def test_proxy_quantile_hedge_and_mirror_compare_flags(
         "--mirror",
         pywsgi(mirror),
         "--mirror-compare",
+        "--metrics",
+        "/metrics",
     )
     try:
         r = gw.get("/c/1")
@@ -768,5 +770,8 @@ def test_proxy_quantile_hedge_and_mirror_compare_flags(
         (line,) = [x for x in gw.stderr().splitlines() if "mirror differs" in x]
         assert "mirror differs: GET /c/1: status 200 vs 503, body " in line
         assert line.endswith(f"vs 4 bytes sha256 {hashlib.sha256(b'down').hexdigest()[:16]}")
+        exported = gw.get("/metrics").data.decode()
+        assert 'oxypy_mirror_compared_total{name="mirror"} 1.0' in exported
+        assert 'oxypy_mirror_differed_total{name="mirror"} 1.0' in exported
     finally:
         gw.stop()

@@ -396,3 +396,32 @@ def test_compare_of_an_in_process_list_body(proxy: Any, upstreams: Any) -> None:
     assert (resp.status, resp.data, resp.headers["Content-Length"]) == (200, b"hello", "5")
     wait_for(lambda: mirror.compared == 1)
     assert mirror.differed == 0
+
+
+def test_mirror_metrics_export_the_counts(proxy: Any, upstreams: Any) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from oxypy import MirrorMetrics
+
+    primary = upstreams(response("200 OK", b"hello"))
+    copy = upstreams(response("200 OK", b"HELLO"))
+    mirror = Mirror(Forward(primary.url), copy.url, compare=True)
+    registry = CollectorRegistry()
+    MirrorMetrics(registry=registry).add("candidate", mirror)
+    url = proxy(mirror)
+    for _ in range(2):
+        assert HTTP.request("GET", url + "/t/m").data == b"hello"
+    wait_for(lambda: mirror.compared == 2 and mirror.in_flight == 0)
+    text = generate_latest(registry).decode()
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    assert lines == [
+        'oxypy_mirror_copies_total{name="candidate"} 2.0',
+        'oxypy_mirror_dropped_total{name="candidate"} 0.0',
+        'oxypy_mirror_too_large_total{name="candidate"} 0.0',
+        'oxypy_mirror_failed_total{name="candidate"} 0.0',
+        'oxypy_mirror_compared_total{name="candidate"} 2.0',
+        'oxypy_mirror_differed_total{name="candidate"} 2.0',
+        'oxypy_mirror_in_flight{name="candidate"} 0.0',
+    ]
+    with pytest.raises(ConfigurationError):
+        MirrorMetrics(registry=registry).add("x", Forward())  # type: ignore[arg-type]

@@ -363,9 +363,12 @@ def build_proxy(
         compare = getattr(args, "mirror_compare", False)
         if compare and getattr(args, "mirror", None) is None:
             raise FlagError("--mirror-compare", "needs --mirror")
+        mirror_block = None
         if getattr(args, "mirror", None) is not None:
             inner = app
-            app = _block("--mirror", lambda: Mirror(inner, args.mirror, compare=compare))
+            app = mirror_block = _block(
+                "--mirror", lambda: Mirror(inner, args.mirror, compare=compare)
+            )
         if args.breaker is not None:
             inner = app
             cb_options: dict[str, Any] = {}
@@ -414,6 +417,10 @@ def build_proxy(
         metrics_path = getattr(args, "metrics", None)
         if metrics_path is not None:
             app = _with_metrics(app, metrics_path)
+            if mirror_block is not None:
+                from .. import MirrorMetrics
+
+                MirrorMetrics().add("mirror", mirror_block)
         if args.request_id:
             app = RequestID(app)
         if args.trace or trace_sink is not None:
