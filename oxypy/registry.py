@@ -361,6 +361,10 @@ class RedisRegistry:
             parts = value.split(" ", 2)
             if len(parts) != 3 or not parts[0].isdigit() or parts[1] not in _STATES:
                 continue  # not written by oxypy: ignored
+            try:
+                parse_server(parts[2])
+            except ConfigurationError:
+                continue  # a URL no balancer could take: ignored, not retried forever
             identity = field[2:]
             servers[identity] = RegisteredServer(
                 parts[2], int(parts[0]), parts[1], health.get(identity)

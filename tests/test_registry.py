@@ -119,6 +119,16 @@ def test_a_missed_message_is_caught_by_the_polled_version(
     wait_for(lambda: a.servers() == ["http://10.0.0.1", "http://10.0.0.5"], timeout=1.0)
     assert time.monotonic() - started < 0.2 + 0.5
     assert follower.syncs == syncs + 1
+    # Fields oxypy did not write are ignored; the rest still applies.
+    raw = redis.Redis.from_url(redis_server.url)
+    raw.hset(reg.key, "s:junk", "1 active ftp://10.0.0.6")
+    raw.hset(reg.key, "s:junk2", "heavy active http://10.0.0.7")
+    raw.hset(reg.key, "s:http://10.0.0.8:80/", "2 draining http://10.0.0.8")
+    raw.hincrby(reg.key, "v", 1)
+    raw.close()
+    wait_for(lambda: len(a.servers()) == 3, timeout=1.0)
+    assert a.servers() == ["http://10.0.0.1", "http://10.0.0.5", "http://10.0.0.8"]
+    assert [s.url for s in reg.fleet()] == a.servers()
 
 
 def test_rebalancer_weights_stay_local_while_the_set_follows(
