@@ -292,11 +292,14 @@ class Buffer:
             self.retry_budget.request(environ)
         body: SpillBuffer | None = None
         try:
-            base = dict(environ)
+            # Every attempt gets its own copy of ``base``; only a buffered
+            # body changes it, so a request without one is copied once.
+            base = environ
             replayable = True
             if self.buffer_request:
                 body = self._read_request(environ)
                 if body is not None:
+                    base = dict(environ)
                     base["CONTENT_LENGTH"] = str(body.size)
                     base.pop("HTTP_TRANSFER_ENCODING", None)
                     base["wsgi.input_terminated"] = True
@@ -312,8 +315,10 @@ class Buffer:
                 body.close()
             raise
         log_list = exchange_log(environ)
-        base[keys.EXCHANGES] = log_list
-        base[keys.TRIED_TARGETS] = environ.setdefault(keys.TRIED_TARGETS, set())
+        tried = environ.setdefault(keys.TRIED_TARGETS, set())
+        if base is not environ:
+            base[keys.EXCHANGES] = log_list
+            base[keys.TRIED_TARGETS] = tried
         try:
             result = self._attempts(environ, base, start_response, body, replayable, log_list)
         except BaseException:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable
 from typing import Protocol
 
+from ._core.iterables import ClosingIterable
 from ._core.net import TrustedProxies
 from ._core.observe import observe
 from ._core.snapshot import BlockSnapshot, describe_store
@@ -212,7 +213,16 @@ class ConnLimit:
             self.rejected += 1
             reached = ConnLimitReached(f"connection limit reached: {self.max_conns} in flight")
             return respond_error(self.error_handler, environ, start_response, reached)
-        refresh = _Refresher(lease, self.clock) if lease.refresh_every > 0 else None
-        return observe(
-            self.next_app, environ, start_response, lambda _: lease.release(), on_chunk=refresh
-        )
+        if lease.refresh_every > 0:
+            refresh = _Refresher(lease, self.clock)
+            return observe(
+                self.next_app, environ, start_response, lambda _: lease.release(), on_chunk=refresh
+            )
+        # Nothing to watch as the body passes: the slot only has to come back
+        # when the body is closed, or at once when the next app raises.
+        try:
+            result = self.next_app(environ, start_response)
+        except BaseException:
+            lease.release()
+            raise
+        return ClosingIterable(result, lease.release)

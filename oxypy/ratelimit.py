@@ -81,16 +81,25 @@ class Rate:
             raise ConfigurationError(f"Rate.burst must be an integer >= 1, got {burst!r}")
         if self.name is None:
             object.__setattr__(self, "name", f"{self.average:g}/{self.period:g}s")
+        # Computed once: a Rate is a key of every bucket dict, looked up per request.
+        interval = self.period / self.average
+        object.__setattr__(self, "_interval", interval)
+        object.__setattr__(self, "_tolerance", interval * self.size)
+        object.__setattr__(self, "_hash", hash((self.average, self.period, self.burst)))
+
+    def __hash__(self) -> int:
+        # The same fields as the generated __eq__ compares (``name`` is not one).
+        return self._hash  # type: ignore[attr-defined,no-any-return]
 
     @property
     def interval(self) -> float:
         """Seconds per token, ``period / average``."""
-        return self.period / self.average
+        return self._interval  # type: ignore[attr-defined,no-any-return]
 
     @property
     def tolerance(self) -> float:
         """Seconds of credit a full bucket holds, ``interval * burst``."""
-        return self.interval * self.size
+        return self._tolerance  # type: ignore[attr-defined,no-any-return]
 
     @property
     def size(self) -> int:

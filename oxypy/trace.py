@@ -96,11 +96,24 @@ def tls_info(environ: WSGIEnvironment) -> dict[str, str] | None:
 _ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
+#: The last second rendered by :func:`_timestamp`: (epoch second, its text).
+_last_second: tuple[int, str] = (-1, "")
+
+
 def _timestamp(epoch: float) -> str:
-    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-21T07:09:56.123Z``."""
+    """RFC 3339 UTC with milliseconds, e.g. ``2026-11-21T07:09:56.123Z``.
+
+    The date and time of day are rendered once per second (every request of
+    that second reuses them); only the milliseconds are formatted per call.
+    """
+    global _last_second
     seconds = int(epoch)
     millis = int((epoch - seconds) * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    cached_second, text = _last_second
+    if cached_second != seconds:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _last_second = (seconds, text)
+    return f"{text}.{millis:03d}Z"
 
 
 class _CountingInput:

@@ -93,10 +93,14 @@ class TrustedProxies:
         the first untrusted (or, with ``depth`` > 0, the ``depth``-th) hop is
         the client.  An unparsable hop stops the walk at the last good one.
         """
-        peer_ip = parse_ip(peer) if peer else None
+        if not peer:
+            return None
+        if not forwarded_for or not self.networks:
+            return normalize_ip(peer)  # cached: the common case costs a lookup
+        peer_ip = parse_ip(peer)
         if peer_ip is None:
             return None
-        if not forwarded_for or not self.trusts(peer_ip):
+        if not self.trusts(peer_ip):
             return str(peer_ip)
         client = peer_ip
         hops = [h for h in forwarded_for.split(",") if h.strip()]

@@ -36,7 +36,7 @@ from typing import Any
 
 from .. import environ as keys
 from ..exceptions import ClientDisconnected, RequestError, UpstreamError
-from .exchange import Exchange, Mark, counts_against_upstream, mark
+from .exchange import Exchange, counts_against_upstream, exchange_log
 from .iterables import ClosingIterable
 from .sockets import peer_closed
 from .types import Clock, StartResponse, WSGIApplication, WSGIEnvironment
@@ -163,7 +163,8 @@ class Observation:
 
     __slots__ = (
         "environ",
-        "since",
+        "log",
+        "log_start",
         "error_before",
         "status",
         "headers",
@@ -180,7 +181,9 @@ class Observation:
         self, environ: WSGIEnvironment, start_response: StartResponse, clock: Clock | None
     ) -> None:
         self.environ = environ
-        self.since: Mark = mark(environ)
+        #: The request's exchange log, and its length when the block was entered.
+        self.log: list[Exchange] = exchange_log(environ)
+        self.log_start = len(self.log)
         self.error_before = environ.get(keys.ERROR)
         #: The status passed to ``start_response`` (the last one), if any.
         self.status: int | None = None
@@ -220,7 +223,7 @@ class Observation:
     def outcome(self) -> Outcome:
         """Decide how the request ended (call it once the body is closed)."""
         environ = self.environ
-        exchanges = self.since.since()
+        exchanges = self.log[self.log_start :]
         raised = self.error
         error = raised
         if error is None:
@@ -268,7 +271,7 @@ Finish = Callable[[Observation], object]
 class ObservedBody(ClosingIterable):
     """The response body as a block returns it: counted as it passes, settled once on close."""
 
-    __slots__ = ("_observation", "_on_chunk")
+    __slots__ = ("_observation", "_on_chunk", "_finish")
 
     def __init__(
         self,
@@ -277,23 +280,42 @@ class ObservedBody(ClosingIterable):
         finish: Finish,
         on_chunk: Callable[[bytes], object] | None = None,
     ) -> None:
-        super().__init__(iterable, lambda: finish(observation))
+        # ClosingIterable's fields, set here: its one callback is ``finish``,
+        # called with the observation by :meth:`close` (no closure per request).
+        self._iterable = iterable
+        self._iterator: Iterator[bytes] | None = None
+        self._callbacks = ()
+        self._closed = False
         self._observation = observation
         self._on_chunk = on_chunk
+        self._finish = finish
 
     def __iter__(self) -> Iterator[bytes]:
         if self._iterator is None:
-            self._iterator = self._watch()
+            self._iterator = self._watch() if self._on_chunk is None else self._watch_chunks()
         return self._iterator
 
     def _watch(self) -> Iterator[bytes]:
         observation = self._observation
-        on_chunk = self._on_chunk
         try:
             for chunk in self._iterable:
                 observation.bytes_sent += len(chunk)
-                if on_chunk is not None:
-                    on_chunk(chunk)
+                yield chunk
+        except GeneratorExit:  # the consumer stopped reading: not an error of ours
+            raise
+        except BaseException as exc:
+            observation.error = exc
+            raise
+        observation.exhausted = True
+
+    def _watch_chunks(self) -> Iterator[bytes]:
+        observation = self._observation
+        on_chunk = self._on_chunk
+        assert on_chunk is not None
+        try:
+            for chunk in self._iterable:
+                observation.bytes_sent += len(chunk)
+                on_chunk(chunk)
                 yield chunk
         except GeneratorExit:  # the consumer stopped reading: not an error of ours
             raise
@@ -303,10 +325,25 @@ class ObservedBody(ClosingIterable):
         observation.exhausted = True
 
     def close(self) -> None:
+        if self._closed:
+            return
         iterator = self._iterator
-        if iterator is not None and not self._closed:
+        if iterator is not None:
             iterator.close()  # type: ignore[attr-defined]
-        super().close()
+        self._closed = True
+        error: BaseException | None = None
+        try:
+            close = getattr(self._iterable, "close", None)
+            if close is not None:
+                close()
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            error = exc
+        try:
+            self._finish(self._observation)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            error = error or exc
+        if error is not None:
+            raise error
 
 
 def observe(
