@@ -241,6 +241,19 @@ class RedisStore(_RedisBase):
         )
         self._script = self.client.register_script(_RATE_SCRIPT)
         self._args: dict[tuple[Rate, ...], list[Any]] = {}
+        # Hits that arrive while another one is waiting for Redis share the
+        # next round trip (one pipeline): see _batched.  Only for a plain
+        # client (a URL, or Redis/Sentinel.master_for): a cluster client
+        # routes each key itself.
+        self._pipelines = type(self.client).__name__ == "Redis" and callable(
+            getattr(self.client, "pipeline", None)
+        )
+        from redis.exceptions import NoScriptError
+
+        self._no_script = NoScriptError
+        self._queue: list[_Hit] = []
+        self._queue_lock = threading.Lock()
+        self._busy = False
 
     def _rate_args(self, rates: tuple[Rate, ...]) -> list[Any]:
         args = self._args.get(rates)
@@ -256,7 +269,11 @@ class RedisStore(_RedisBase):
     def hit(self, key: str, rates: Sequence[Rate]) -> Verdict:
         if self._available():
             try:
-                out = self._script(keys=[self.prefix + key], args=self._rate_args(tuple(rates)))
+                args = self._rate_args(tuple(rates))
+                if self._pipelines:
+                    out = self._batched(_Hit(self.prefix + key, args))
+                else:
+                    out = self._script(keys=[self.prefix + key], args=args)
             except self._errors_type as exc:
                 self._failed(exc)
             else:
@@ -266,6 +283,113 @@ class RedisStore(_RedisBase):
         if self.on_error == "allow":
             return Verdict(True, 0.0, ())
         return Verdict(False, max(1.0, self.retry_interval), ())
+
+    def _batched(self, hit: _Hit) -> Any:
+        """Run ``hit``'s script, in one round trip with every hit queued meanwhile.
+
+        The first caller leads: it sends what is queued (its own hit first) as
+        one pipeline, hands each caller its reply, then passes the lead to the
+        first hit queued during the round trip, if any.  Under load a round
+        trip serves many requests (one send, one read, one wake-up); alone, a
+        hit costs what one script call costs.
+        """
+        with self._queue_lock:
+            self._queue.append(hit)
+            lead = not self._busy
+            self._busy = True
+        if not lead:
+            try:
+                hit.done.wait()
+            except BaseException:
+                # Interrupted while waiting (its caller's timeout): leave the
+                # queue, and pass the lead on if it had just been handed over.
+                with self._queue_lock:
+                    if hit in self._queue:
+                        self._queue.remove(hit)
+                    handed, hit.lead = hit.lead, False
+                if handed:
+                    self._pass_lead()
+                raise
+            if not hit.lead:
+                if isinstance(hit.error, _Interrupted):
+                    return self._script(keys=[hit.key], args=hit.args)  # on its own
+                if hit.error is not None:
+                    raise hit.error
+                return hit.reply
+        batch: list[_Hit] = []
+        try:
+            with self._queue_lock:
+                batch, self._queue = self._queue, []
+            self._round_trip(batch)
+        except BaseException as exc:
+            # Every waiter of the batch gets a Redis error as its own; a leader
+            # interrupted by something else (its caller's timeout) leaves the
+            # others to call Redis on their own.
+            for other in batch:
+                if other.error is None and other.reply is None:
+                    other.error = exc if isinstance(exc, self._errors_type) else _Interrupted()
+            raise
+        finally:
+            self._pass_lead()
+            for other in batch:
+                if other is not hit:
+                    other.done.set()
+        if hit.error is not None:
+            raise hit.error
+        return hit.reply
+
+    def _pass_lead(self) -> None:
+        """The next round trip is led by the first hit queued, if any."""
+        with self._queue_lock:
+            if self._queue:
+                self._queue[0].lead = True
+                self._queue[0].done.set()
+            else:
+                self._busy = False
+
+    def _round_trip(self, batch: list[_Hit]) -> None:
+        """One EVALSHA per hit, in one pipeline; the script is loaded again if Redis lost it."""
+        sha = self._script.sha
+        for attempt in (1, 2):
+            replies: list[Any]
+            if len(batch) == 1:
+                try:
+                    replies = [self.client.evalsha(sha, 1, batch[0].key, *batch[0].args)]
+                except self._no_script as exc:
+                    replies = [exc]
+            else:
+                pipe = self.client.pipeline(transaction=False)
+                for one in batch:
+                    pipe.evalsha(sha, 1, one.key, *one.args)
+                replies = pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(r, self._no_script) for r in replies):
+                self.client.script_load(_RATE_SCRIPT)  # Redis lost it (restart, SCRIPT FLUSH)
+                continue
+            for one, reply in zip(batch, replies, strict=True):
+                if isinstance(reply, BaseException):
+                    one.error = reply
+                else:
+                    one.reply = reply
+            return
+
+
+class _Interrupted(Exception):
+    """The leading hit was interrupted (a timeout of the caller): its batch failed."""
+
+
+class _Hit:
+    """One queued rate-limit hit: its key and script args; its reply or error when done."""
+
+    __slots__ = ("key", "args", "reply", "error", "lead", "done")
+
+    def __init__(self, key: str, args: list[Any]) -> None:
+        self.key = key
+        self.args = args
+        self.reply: Any = None
+        self.error: BaseException | None = None
+        #: Set by the leader when this hit is to lead the next round trip.
+        self.lead = False
+        self.done = threading.Event()
 
 
 class _RedisLease:

@@ -132,6 +132,65 @@ def test_two_processes_share_one_limit(redis_url: str) -> None:
             stop_pid(proc)
 
 
+def _hit_all(store: RedisStore, key: str, rates: list[Rate], n: int) -> list[bool]:
+    jobs = [gevent.spawn(store.hit, key, rates) for _ in range(n)]
+    gevent.joinall(jobs, timeout=10, raise_error=True)
+    return [job.value.allowed for job in jobs]
+
+
+def test_concurrent_hits_share_round_trips(redis_url: str) -> None:
+    """Hits arriving while one waits for Redis go together in the next pipeline:
+    the limit is exact, and 60 concurrent hits need a connection or two, not 60."""
+    store = RedisStore(redis_url, timeout=5)
+    admin = RedisStore(redis_url).client
+    before = admin.info("stats")["total_connections_received"]
+    allowed = _hit_all(store, "c", [Rate(20, 60.0)], 60)
+    assert allowed.count(True) == 20 and allowed[:20] == [True] * 20
+    assert admin.info("stats")["total_connections_received"] - before <= 2
+    assert store.errors == 0
+    store.close()
+    admin.close()
+
+
+def test_hits_after_redis_lost_the_script(redis_url: str) -> None:
+    store = RedisStore(redis_url, timeout=5)
+    assert store.hit("s", [Rate(5, 60.0)]).allowed  # the script is loaded
+    admin = RedisStore(redis_url).client
+    admin.script_flush()
+    admin.execute_command("CLIENT", "PAUSE", 200, "ALL")  # the next hits queue up
+    allowed = _hit_all(store, "s", [Rate(5, 60.0)], 8)
+    assert allowed == [True] * 4 + [False] * 4
+    assert store.errors == 0
+    store.close()
+    admin.close()
+
+
+def test_a_hit_interrupted_in_the_queue_strands_no_other(redis_url: str) -> None:
+    """The leading hit and a queued one time out while Redis is paused: the
+    others are still answered once it resumes, and the limit stays exact."""
+    store = RedisStore(redis_url, timeout=5)
+    admin = RedisStore(redis_url).client
+    assert store.hit("q", [Rate(1000, 60.0)]).allowed  # the script is loaded
+    admin.execute_command("CLIENT", "PAUSE", 400, "ALL")
+
+    def hit_within(seconds: float) -> bool | None:
+        try:
+            with gevent.Timeout(seconds):
+                return store.hit("q", [Rate(1000, 60.0)]).allowed
+        except gevent.Timeout:
+            return None
+
+    leader = gevent.spawn(hit_within, 0.1)
+    gevent.sleep(0.02)
+    queued = [gevent.spawn(hit_within, 0.15 if i == 0 else 5.0) for i in range(5)]
+    gevent.joinall([leader, *queued], timeout=10, raise_error=True)
+    assert [leader.value] + [job.value for job in queued] == [None, None] + [True] * 4
+    # Later hits are still answered in order (no reply left behind on a connection).
+    assert _hit_all(store, "q2", [Rate(3, 60.0)], 5) == [True] * 3 + [False] * 2
+    store.close()
+    admin.close()
+
+
 def test_redis_down_fails_open_fast() -> None:
     store = RedisStore(f"redis://127.0.0.1:{dead_port()}/0", retry_interval=0)
     c = Client(LintMiddleware(RateLimit(hello, rates=[Rate(1)], store=store)))
