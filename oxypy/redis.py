@@ -195,6 +195,11 @@ class _RedisBase:
 class RedisStore(_RedisBase):
     """Token buckets in Redis, updated atomically by one Lua script per request.
 
+    Hits that arrive while another one waits for Redis go together in the
+    next round trip (one pipeline of ``EVALSHA``), so a busy process pays one
+    send and one read for many requests; a cluster client makes one call per
+    hit.
+
     A source's buckets are one hash, ``<prefix><source>``, that expires exactly
     when every bucket in it is full again (so expiry never grants a burst).
 
