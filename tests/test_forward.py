@@ -615,3 +615,38 @@ def test_upload_reads_stay_small_with_read1(echo_upstream: str) -> None:
     stream = WithRead1(data)
     assert _post_through(echo_upstream, stream, len(data))["body_len"] == len(data)
     assert set(stream.sizes) == {65536}
+
+
+def test_proxied_requests_leave_no_reference_cycles() -> None:
+    """What a request allocates is freed by reference counting when it ends:
+    no upstream response, response writer or environ waits for the cyclic GC
+    (which scans them at every collection: CPU and pauses under load)."""
+    import gc
+
+    from oxypy._client.exchange import UpstreamResponse
+    from oxypy._server.wsgi_io import Input, ResponseWriter
+
+    from _servers import echo_app, proxy_server, start_pywsgi, url_of
+
+    upstream = start_pywsgi(echo_app)
+    proxy = proxy_server(Forward(url_of(upstream)), lint=False)
+    request = b"GET /cycle HTTP/1.1\r\nHost: t\r\n\r\n"
+    raw_request(url_of(proxy), request)  # warm: the pool and the imports
+    enabled, debug = gc.isenabled(), gc.get_debug()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            assert raw_request(url_of(proxy), request).startswith(b"HTTP/1.1 200 ")
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        ours = (UpstreamResponse, ResponseWriter, Input)
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, ours)]
+        assert left == []
+    finally:
+        gc.set_debug(debug)
+        gc.garbage.clear()
+        if enabled:
+            gc.enable()
+        proxy.stop()
+        upstream.stop()

@@ -238,7 +238,8 @@ class UpstreamResponse:
         self.pool = pool
         self.conn = conn
         self.sock: Any = None
-        self.parser = httptools.HttpResponseParser(self)
+        #: None once released (see :meth:`release`).
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.status = 0
         self.reason = ""
         self.headers: list[tuple[str, str]] = []
@@ -291,7 +292,9 @@ class UpstreamResponse:
         self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
+        parser = self.parser
+        assert parser is not None  # called by the parser itself
+        status = parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # Interim response (100 Continue, 103 Early Hints): skip it.
             self.interim += 1
@@ -300,7 +303,7 @@ class UpstreamResponse:
             return
         self.status = status
         self.head_done = True
-        if not self.parser.should_keep_alive():
+        if not parser.should_keep_alive():
             self.reusable = False
         for name, value in self.headers:
             lname = name.lower()
@@ -323,8 +326,11 @@ class UpstreamResponse:
 
     # -- reading --------------------------------------------------------------
     def _feed(self, data: bytes) -> None:
+        parser = self.parser
+        if parser is None:
+            raise UpstreamProtocolError("upstream response read after its release")
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
             self.upgraded = True
@@ -401,6 +407,9 @@ class UpstreamResponse:
         if self._released:
             return
         self._released = True
+        # The parser holds bound methods of this response: a reference cycle
+        # that only the cyclic GC would free (and scan at every collection).
+        self.parser = None
         if self.complete and self.reusable and not self.upgraded:
             self.pool.checkin(self.conn)
         else:
@@ -409,6 +418,7 @@ class UpstreamResponse:
     def detach(self) -> Any:
         """Hand the raw socket over (WebSocket tunnel); the pool slot is freed."""
         self._released = True
+        self.parser = None  # see release()
         return self.pool.detach(self.conn)  # the tunnel owns and closes the socket now
 
     def close(self) -> None:

@@ -391,7 +391,7 @@ class Connection:
         writer = ResponseWriter(
             self, self.config, environ, version, keep_alive and not self.closing
         )
-        return writer.run(self.config.app)
+        return writer.run(self.config.app, environ)
 
     def build_environ(
         self, url: bytes, raw_headers: list[tuple[bytes, bytes]], method: str, version: str

@@ -129,7 +129,7 @@ class ResponseWriter:
     __slots__ = (
         "conn",
         "config",
-        "environ",
+        "method",
         "version",
         "keep_alive",
         "status",
@@ -153,7 +153,9 @@ class ResponseWriter:
     ) -> None:
         self.conn = conn
         self.config = config
-        self.environ = environ
+        # Not the environ itself: it holds send_trailers (a bound method of
+        # this writer), and the pair would be a cycle only the GC frees.
+        self.method = environ["REQUEST_METHOD"]
         self.version = version
         self.keep_alive = keep_alive
         self.status: str | None = None
@@ -200,7 +202,7 @@ class ResponseWriter:
         status = self.status
         assert status is not None
         code = int(status[:3])
-        method = self.environ["REQUEST_METHOD"]
+        method = self.method
         out = [f"HTTP/1.1 {status}\r\n"]
         has_date = False
         length = None
@@ -279,8 +281,7 @@ class ResponseWriter:
         fields = "".join(f"{name}: {value}\r\n" for name, value in self.trailers)
         return b"0\r\n" + fields.encode("latin-1") + b"\r\n"
 
-    def run(self, app: WSGIApplication) -> bool:
-        environ = self.environ
+    def run(self, app: WSGIApplication, environ: dict[str, Any]) -> bool:
         result: Iterable[bytes] | None = None
         try:
             try:
