@@ -233,6 +233,30 @@ def test_hup_lets_the_slow_request_finish_and_new_workers_serve(
     assert seen and not seen & old
 
 
+def test_sigterm_drains_the_request_in_flight_then_exits(
+    gunicorn: Callable[..., Gunicorn], tmp_path: Path
+) -> None:
+    mark = tmp_path / "slow-started"
+    server = gunicorn("whoami", env={"OXYPY_TEST_MARK": str(mark)})
+    (worker,) = server.worker_pids()
+    result: dict[str, Any] = {}
+
+    def slow() -> None:
+        resp = server.get("/slow?1.5")
+        result["status"], result["data"] = resp.status, resp.data
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    wait_for(mark.exists)
+    server.proc.send_signal(signal.SIGTERM)
+    thread.join(timeout=10)
+    # The request in flight gets its whole answer from the draining worker...
+    assert result["status"] == 200
+    assert result["data"].split() == [str(worker).encode(), b"http", b"/slow", b"0"]
+    # ...then the master exits cleanly, within the graceful timeout (5 s).
+    assert server.proc.wait(timeout=10) == 0
+
+
 def test_max_requests_recycles_workers_without_failing_a_request(
     gunicorn: Callable[..., Gunicorn],
 ) -> None:
