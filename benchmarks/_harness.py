@@ -59,13 +59,19 @@ def git_revision() -> str:
     return head + ("+dirty" if dirty not in ("", "unknown") else "")
 
 
-def build_go(workdir: str) -> tuple[str, str]:
-    """Build the Go upstream and wsload into ``workdir`` (GOPATH mode, no network)."""
+def _go_env(workdir: str) -> dict[str, str]:
+    """GOPATH mode over the Debian Go packages: builds without any network."""
     gopath = os.path.join(workdir, "gopath")
     os.makedirs(gopath, exist_ok=True)
     env = dict(os.environ, GO111MODULE="off", GOPATH=f"/usr/share/gocode:{gopath}", GOFLAGS="")
     if not os.environ.get("HOME"):
         env["GOCACHE"] = os.path.join(workdir, "gocache")
+    return env
+
+
+def build_go(workdir: str) -> tuple[str, str]:
+    """Build the Go upstream and wsload into ``workdir`` (GOPATH mode, no network)."""
+    env = _go_env(workdir)
     out = []
     for name in ("upstream", "wsload"):
         binary = os.path.join(workdir, name)
@@ -84,6 +90,29 @@ def build_go(workdir: str) -> tuple[str, str]:
             )
         out.append(binary)
     return out[0], out[1]
+
+
+def build_gooxy(workdir: str) -> tuple[str | None, str]:
+    """Build ``proxies/gooxy`` (Go oxy's chains) into ``workdir``: (binary, "") or (None, why).
+
+    Needs golang-github-vulcand-oxy-dev (GOPATH mode, no network); without it
+    the Go oxy targets are skipped, not failed.
+    """
+    if not os.path.isdir("/usr/share/gocode/src/github.com/vulcand/oxy"):
+        return None, "golang-github-vulcand-oxy-dev is not installed"
+    env = _go_env(workdir)
+    binary = os.path.join(workdir, "gooxy")
+    done = subprocess.run(
+        ["go", "build", "-o", binary, os.path.join(HERE, "proxies", "gooxy", "main.go")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    if done.returncode != 0:
+        return None, f"go build of proxies/gooxy failed: {done.stderr.strip()[-300:]}"
+    return binary, ""
 
 
 # -- processes -------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""oxypy's benchmark: Forward vs direct, werkzeug's ProxyMiddleware and WSGIProxy2.
+"""oxypy's benchmark: Forward and the full chain vs direct, nginx, Go oxy and Python peers.
 
 One command measures every target side by side, in interleaved rounds (round
 r runs every target once, in a rotated order), and prints markdown tables of
-medians with ratios to werkzeug's figure from the same round (the median of
-the per-round ratios)::
+medians with ratios to werkzeug's and to Go oxy's figures from the same round
+(the median of the per-round ratios)::
 
     python benchmarks/run.py                 # 3 rounds, ~10-15 minutes
     python benchmarks/run.py --quick         # 1 round, c=1/64, short runs
@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -48,29 +50,75 @@ class Target:
     about: str = ""
 
 
+UP, UP2 = "{up}", "{up2}"  # replaced by the upstreams' URLs when a target starts
+GOOXY = "gooxy"  # the Go oxy program, built at run time
+WORKER = "oxypy.gunicorn.Worker"
+
 TARGETS = (
     Target("direct", None, about="the Go upstream itself, no proxy"),
-    Target("oxypy-server", "oxypy_server.py", about="oxypy.Forward on oxypy.server.Server"),
+    Target("nginx", "launch.py", ("nginx", UP), about="nginx, 1 worker, keepalive upstream"),
+    Target("go-oxy", GOOXY, ("-chain", "rr", UP), about="Go oxy 1.3 roundrobin(forward)"),
+    Target(
+        "go-oxy-full",
+        GOOXY,
+        ("-chain", "full", UP, UP2),
+        about="Go oxy 1.3 trace(connlimit(ratelimit(cbreaker(buffer(roundrobin(forward))))))",
+    ),
+    Target("oxypy-server", "oxypy_server.py", (UP,), about="oxypy.Forward on oxypy.serve"),
+    Target(
+        "oxypy-full",
+        "oxypy_chain.py",
+        ("full", UP, UP2),
+        about="the `oxypy proxy` chain (Trace > ConnLimit > RateLimit > CircuitBreaker > "
+        "Buffer > RoundRobin > Forward, limits huge) on oxypy.serve",
+    ),
+    Target(
+        "gunicorn-oxypy",
+        "launch.py",
+        ("gunicorn", WORKER, "forward", UP),
+        about=f"oxypy.Forward under gunicorn -w 1 -k {WORKER}",
+    ),
+    Target(
+        "gunicorn-oxypy-full",
+        "launch.py",
+        ("gunicorn", WORKER, "full", UP, UP2),
+        about=f"the chain under gunicorn -w 1 -k {WORKER}",
+    ),
+    Target(
+        "gunicorn-gevent",
+        "launch.py",
+        ("gunicorn", "gevent", "forward", UP),
+        about="oxypy.Forward under gunicorn -w 1 -k gevent",
+    ),
+    Target(
+        "gunicorn-gevent-full",
+        "launch.py",
+        ("gunicorn", "gevent", "full", UP, UP2),
+        about="the chain under gunicorn -w 1 -k gevent",
+    ),
     Target(
         "oxypy-pywsgi",
         "oxypy_pywsgi.py",
+        (UP,),
         about="oxypy.Forward on gevent.pywsgi.WSGIServer, handler sets TCP_NODELAY",
     ),
     Target(
         "oxypy-pywsgi-plain",
         "oxypy_pywsgi.py",
-        ("--plain",),
+        (UP, "--plain"),
         groups=frozenset({"small"}),
         about="oxypy.Forward on gevent.pywsgi.WSGIServer, stock handler (Nagle on)",
     ),
     Target(
         "werkzeug",
         "werkzeug_pywsgi.py",
+        (UP,),
         about="werkzeug ProxyMiddleware on gevent.pywsgi (TCP_NODELAY)",
     ),
     Target(
         "wsgiproxy2",
         "wsgiproxy2_pywsgi.py",
+        (UP,),
         about="WSGIProxy2 HostProxy on gevent.pywsgi (TCP_NODELAY)",
     ),
 )
@@ -157,11 +205,19 @@ def f_mib(x: float) -> str:
 
 # -- one target ---------------------------------------------------------------------
 class Bench:
-    def __init__(self, settings: Settings, workdir: str, upstream: h.Proc, wsload: str):
+    def __init__(
+        self,
+        settings: Settings,
+        workdir: str,
+        upstreams: tuple[h.Proc, h.Proc],
+        wsload: str,
+        gooxy: str | None,
+    ):
         self.s = settings
         self.workdir = workdir
-        self.upstream = upstream
+        self.upstream, self.upstream2 = upstreams
         self.wsload = wsload
+        self.gooxy = gooxy
         self.res = Results(settings.rounds)
         self.upload_file = os.path.join(workdir, "upload.bin")
         self.loads: list[float] = []  # 1-minute load average at the start of each round
@@ -171,9 +227,14 @@ class Bench:
         """The target's proxy process (pinned to the proxy core), or None for direct."""
         if target.script is None:
             return None
-        script = os.path.join(h.HERE, "proxies", target.script)
-        argv = h.pinned(h.PROXY_CORE, [sys.executable, script, self.upstream.url, *target.args])
-        return h.Proc(target.name, argv, self.workdir)
+        urls = {UP: self.upstream.url, UP2: self.upstream2.url}
+        args = [urls.get(a, a) for a in target.args]
+        if target.script == GOOXY:
+            assert self.gooxy is not None
+            argv = [self.gooxy, *args]
+        else:
+            argv = [sys.executable, os.path.join(h.HERE, "proxies", target.script), *args]
+        return h.Proc(target.name, h.pinned(h.PROXY_CORE, argv), self.workdir)
 
     def url_of(self, proxy: h.Proc | None) -> str:
         return (proxy or self.upstream).url
@@ -505,10 +566,106 @@ def tables(s: Settings, r: Results) -> list[str]:
                 f"{r.cell(n, 'ws_p50', f_ms)} | {r.cell(n, 'ws_p99', f_ms)} |"
             )
         out.append("")
+    out += oxy_table(s, r)
     out += goals(s, r)
+    out += goals17(s, r)
     if r.notes:
         out += ["### Notes", ""] + [f"- {n}" for n in r.notes] + [""]
     return out
+
+
+OXY = "go-oxy"
+#: (metric, column title, format, higher is better) of the Go oxy table.
+OXY_COLUMNS: tuple[tuple[str, str, Callable[[float], str], bool], ...] = (
+    ("rps64", "req/s c=64", f_rate, True),
+    ("p99_256", "p99 c=256", f_ms, False),
+    ("cpu64", "CPU µs/req c=64", f_int, False),
+    ("download", "100 MiB down MB/s", f_int, True),
+    ("up_cl", "CL up MB/s", f_int, True),
+    ("up_chunk", "chunked up MB/s", f_int, True),
+    ("ws_rate", "WS msgs/s", f_rate, True),
+)
+
+
+def oxy_table(s: Settings, r: Results) -> list[str]:
+    """Every target's headline figures with its ratio to Go oxy's (rr+forward) in the same round."""
+    names = [t.name for t in s.targets]
+    if OXY not in names:
+        return []
+    cols = [c for c in OXY_COLUMNS if any(c[0] in r.values.get(n, {}) for n in names)]
+    if not cols:
+        return []
+    out = [
+        "### Side by side with Go oxy (value, and ×oxy: the median of per-round ratios to "
+        "go-oxy's figure; p99 and CPU: lower is better)",
+        "",
+        "| target | " + " | ".join(f"{title} | ×oxy" for _, title, _, _ in cols) + " |",
+        "|---|" + "---:|---:|" * len(cols),
+    ]
+    for n in names:
+        if not any(c[0] in r.values.get(n, {}) for c in cols):
+            continue
+        cells = []
+        for metric, _, fmt, _ in cols:
+            cells += [r.cell(n, metric, fmt), f_ratio(r.ratio(n, metric, OXY))]
+        out.append(f"| {n} | " + " | ".join(cells) + " |")
+    out.append("")
+    return out
+
+
+def goals17(s: Settings, r: Results) -> list[str]:
+    """The targets of issue 17, against Go oxy and bare Forward in this run."""
+    rows: list[str] = []
+
+    def row(label: str, value: float | None, goal: float, higher: bool) -> None:
+        if value is None:
+            rows.append(f"| {label} | - | - |")
+            return
+        ok = value >= goal if higher else value <= goal
+        miss = "" if ok else f" (missed by {abs(value / goal - 1) * 100:.0f} %)"
+        rows.append(f"| {label} | {value:.2f}× | {'yes' if ok else 'NO' + miss} |")
+
+    def info(label: str, value: float | None) -> None:
+        rows.append(f"| {label} | {'-' if value is None else f'{value:.2f}×'} | - |")
+
+    for ox in ("oxypy-server", "gunicorn-oxypy"):
+        row(f"{ox}: small GET c=64 req/s ≥ 0.9× go-oxy", r.ratio(ox, "rps64", OXY), 0.9, True)
+        row(f"{ox}: p99 c=256 ≤ 1.5× go-oxy", r.ratio(ox, "p99_256", OXY), 1.5, False)
+        row(f"{ox}: 100 MiB download ≥ 0.95× go-oxy", r.ratio(ox, "download", OXY), 0.95, True)
+        row(f"{ox}: WebSocket msgs/s ≥ 0.9× go-oxy", r.ratio(ox, "ws_rate", OXY), 0.9, True)
+    for chain, fwd in (
+        ("oxypy-full", "oxypy-server"),
+        ("gunicorn-oxypy-full", "gunicorn-oxypy"),
+        ("gunicorn-gevent-full", "gunicorn-gevent"),
+    ):
+        row(
+            f"{chain}: CPU µs/req c=64 ≤ 1.5× {fwd}'s",
+            r.ratio(chain, "cpu64", fwd),
+            1.5,
+            False,
+        )
+    for label, target, metric, base in (
+        ("go-oxy-full: CPU µs/req c=64 ÷ go-oxy's", "go-oxy-full", "cpu64", OXY),
+        ("gunicorn-oxypy req/s c=64 ÷ oxypy-server's", "gunicorn-oxypy", "rps64", "oxypy-server"),
+        (
+            "gunicorn-oxypy req/s c=64 ÷ gunicorn-gevent's",
+            "gunicorn-oxypy",
+            "rps64",
+            "gunicorn-gevent",
+        ),
+        ("gunicorn-gevent CL upload ÷ oxypy-server's", "gunicorn-gevent", "up_cl", "oxypy-server"),
+    ):
+        info(label, r.ratio(target, metric, base))
+    if all(line.endswith("| - | - |") for line in rows):
+        return []
+    return [
+        "### Targets of issue 17",
+        "",
+        "| goal | measured | met |",
+        "|---|---:|:---:|",
+        *rows,
+        "",
+    ]
 
 
 def goals(s: Settings, r: Results) -> list[str]:
@@ -622,18 +779,31 @@ def main(argv: Sequence[str]) -> int:
     except ImportError:
         print("WSGIProxy2 is not installed (pip install WSGIProxy2): skipping its target")
         s.targets = tuple(t for t in s.targets if t.name != "wsgiproxy2")
+    if shutil.which("nginx") is None:
+        print("nginx is not installed (apt-get install nginx): skipping its target")
+        s.targets = tuple(t for t in s.targets if t.name != "nginx")
+    if importlib.util.find_spec("gunicorn") is None:
+        print("gunicorn is not installed (pip install gunicorn): skipping its targets")
+        s.targets = tuple(t for t in s.targets if not t.name.startswith("gunicorn-"))
     cmd = [os.path.basename(sys.executable), *argv]
     vers = versions()
     head = header(cmd, s, vers)
     print("\n".join(head), flush=True)
     workdir = tempfile.mkdtemp(prefix="oxypy-bench-")
-    upstream: h.Proc | None = None
+    upstreams: list[h.Proc] = []
     bench: Bench | None = None
     started = time.monotonic()
     try:
         up_bin, ws_bin = h.build_go(workdir)
-        upstream = h.Proc("upstream", h.pinned(h.LOAD_CORE, [up_bin]), workdir)
-        bench = Bench(s, workdir, upstream, ws_bin)
+        gooxy = None
+        if any(t.script == GOOXY for t in s.targets):
+            gooxy, why = h.build_gooxy(workdir)
+            if gooxy is None:
+                print(f"skipping the Go oxy targets: {why}")
+                s.targets = tuple(t for t in s.targets if t.script != GOOXY)
+        for name in ("upstream", "upstream2"):
+            upstreams.append(h.Proc(name, h.pinned(h.LOAD_CORE, [up_bin]), workdir))
+        bench = Bench(s, workdir, (upstreams[0], upstreams[1]), ws_bin, gooxy)
         if "upload" in s.only:
             h.make_file(bench.upload_file, BIG)
         for rnd in range(s.rounds):
@@ -644,10 +814,8 @@ def main(argv: Sequence[str]) -> int:
             for target in order:
                 bench.run_target(target, rnd)
     finally:
-        if upstream is not None:
+        for upstream in upstreams:
             upstream.stop()
-        import shutil
-
         shutil.rmtree(workdir, ignore_errors=True)
     assert bench is not None
     body = tables(s, bench.res)
