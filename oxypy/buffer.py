@@ -385,11 +385,18 @@ class Buffer:
             if isinstance(outcome, Final):
                 return outcome.body
             new = log_list[before:]
-            gone = outcome.client_gone or any(x.client_aborted for x in new)
+            # One pass over this attempt's exchanges: did the client leave,
+            # did Forward fail to reach or read an upstream?
+            gone = outcome.client_gone
+            failed_upstream = False
+            for x in new:
+                if x.error is not None:
+                    gone = gone or x.client_aborted
+                    failed_upstream = failed_upstream or counts_against_upstream(x)
             if isinstance(outcome, Failed):
                 network = outcome.network_error
             elif new:
-                network = any(counts_against_upstream(x) for x in new)
+                network = failed_upstream
             else:
                 network = outcome.code in (502, 504)
             ctx = Attempt(attempt, outcome.code, network, method)

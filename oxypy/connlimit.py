@@ -10,12 +10,12 @@ the cap holds across processes and a dead worker's slots come back.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterable
 from typing import Protocol
 
 from ._core.iterables import ClosingIterable
+from ._core.locks import short_lock
 from ._core.net import TrustedProxies
 from ._core.observe import observe
 from ._core.snapshot import BlockSnapshot, describe_store
@@ -71,7 +71,7 @@ class MemoryConnStore:
 
     def __init__(self) -> None:
         self._counts: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._lock = short_lock()  # dict updates only: never yields
 
     def in_flight(self, key: str) -> int:
         with self._lock:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -31,6 +30,7 @@ from itertools import islice
 from typing import Any, NamedTuple, Protocol
 
 from ._core.deprecation import keyword_only_since, renamed_since
+from ._core.locks import short_lock
 from ._core.net import TrustedProxies
 from ._core.snapshot import BlockSnapshot, describe_store
 from ._core.types import Clock, Headers, Skip, StartResponse, WSGIApplication, WSGIEnvironment
@@ -172,18 +172,19 @@ class MemoryStore:
         self.clock = clock
         self.evicted_busy = 0
         self._buckets: OrderedDict[str, dict[Rate, float]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = short_lock()  # dict updates only (the warning is logged after it)
 
     def __len__(self) -> int:
         return len(self._buckets)
 
     def hit(self, key: str, rates: Sequence[Rate]) -> Verdict:
+        evicted = 0
         with self._lock:
             now = self.clock()
             buckets = self._buckets.get(key)
             if buckets is None:
                 buckets = {}
-                self._insert(key, buckets, now)
+                evicted = self._insert(key, buckets, now)
             else:
                 self._buckets.move_to_end(key)
             tats = [buckets.get(rate, now) for rate in rates]
@@ -192,9 +193,16 @@ class MemoryStore:
                 for rate, tat in zip(rates, new, strict=True):
                     buckets[rate] = tat
             self._drop_idle(now)
-            return Verdict(allowed, wait, tuple(max(0.0, t - now) for t in new))
+        if evicted and (evicted == 1 or evicted % 1000 == 0):
+            log.warning(
+                "rate limit store at capacity %d: evicted busy source (%d so far)",
+                self.capacity,
+                evicted,
+            )
+        return Verdict(allowed, wait, tuple(max(0.0, t - now) for t in new))
 
-    def _insert(self, key: str, buckets: dict[Rate, float], now: float) -> None:
+    def _insert(self, key: str, buckets: dict[Rate, float], now: float) -> int:
+        """Add ``key``'s buckets, evicting if full; the busy-eviction count if one was evicted."""
         self._drop_idle(now)
         if len(self._buckets) >= self.capacity:
             # Prefer a full bucket among the coldest few over the coldest one.
@@ -202,17 +210,14 @@ class MemoryStore:
                 if _idle(self._buckets[cold_key], now):
                     del self._buckets[cold_key]
                     break
+        evicted = 0
         while len(self._buckets) >= self.capacity:
             old_key, old = self._buckets.popitem(last=False)
             if not _idle(old, now):
                 self.evicted_busy += 1
-                if self.evicted_busy == 1 or self.evicted_busy % 1000 == 0:
-                    log.warning(
-                        "rate limit store at capacity %d: evicted busy source (%d so far)",
-                        self.capacity,
-                        self.evicted_busy,
-                    )
+                evicted = self.evicted_busy
         self._buckets[key] = buckets
+        return evicted
 
     def _drop_idle(self, now: float) -> None:
         # Full buckets are indistinguishable from absent ones: forget a couple
@@ -227,7 +232,10 @@ class MemoryStore:
 
 
 def _idle(buckets: dict[Rate, float], now: float) -> bool:
-    return all(tat <= now for tat in buckets.values())
+    for tat in buckets.values():
+        if tat > now:
+            return False
+    return True
 
 
 def _go_duration(seconds: float) -> str:

@@ -5,7 +5,7 @@ on (oxy's ``memmetrics``).  Every structure is a ring of time slots: slot
 ``floor(now / resolution)`` lives at ``slot % buckets`` and slots that fell out
 of the window are zeroed on *every* access, reads included, so an idle hour
 leaves no old data behind.  Each public object guards its state with one lock
-(``threading.Lock``, a gevent lock once monkey-patched) and takes an injectable
+(a C lock even under gevent: the sections never yield, see ``_core/locks``) and takes an injectable
 ``clock``.
 
 Latencies go into an HDR-style log-linear histogram of integer microseconds:
@@ -16,11 +16,11 @@ reported within 1/128 (< 0.8 %) of what was recorded, never below it.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from ._core.locks import short_lock
 from ._core.types import Clock
 from .exceptions import ConfigurationError
 
@@ -109,7 +109,7 @@ class RollingCounter:
         _check_window(buckets, resolution)
         self._ring: _Ring[int] = _Ring(buckets, resolution, int)
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = short_lock()  # arithmetic only: never yields
         self._counted = 0
         self._last_counted: int | None = None
 
@@ -298,7 +298,7 @@ class RollingHistogram:
         _check_window(buckets, resolution)
         self._ring: _Ring[dict[int, int]] = _Ring(buckets, resolution, dict)
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = short_lock()  # arithmetic only: never yields
 
     def record(self, value_us: int, count: int = 1) -> None:
         i = bucket_index(int(value_us))
@@ -371,7 +371,7 @@ class RoundTripMetrics:
         self._codes: _Ring[dict[int, int]] = _Ring(counter_buckets, counter_resolution, dict)
         self._latency: _Ring[dict[int, int]] = _Ring(histogram_buckets, histogram_resolution, dict)
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = short_lock()  # arithmetic only: never yields
 
     def record(self, status: int, latency_s: float, network_error: bool = False) -> None:
         """Count one finished request (latency in seconds)."""

@@ -28,10 +28,12 @@ _NO_BODY_STATUS = frozenset({204, 304})
 class Capture:
     """``start_response`` for one attempt: records the head, or streams when it must."""
 
-    __slots__ = ("status", "headers", "body", "passthrough", "_start", "_stream_early")
+    __slots__ = ("status", "code", "headers", "body", "passthrough", "_start", "_stream_early")
 
     def __init__(self, body: SpillBuffer, start: StartResponse | None) -> None:
         self.status: str | None = None
+        #: The status code (0 until ``start_response``), parsed once.
+        self.code = 0
         self.headers: list[tuple[str, str]] = []
         self.body = body
         self.passthrough: Callable[[bytes], object] | None = None
@@ -51,6 +53,7 @@ class Capture:
         elif self.status is not None:
             raise AssertionError("start_response called twice without exc_info")
         self.status, self.headers = status, list(headers)
+        self.code = int(status[:3])
         if self._start is not None and _streams(status, headers):
             self.passthrough = self._start(status, headers)
             return self.passthrough
@@ -58,12 +61,6 @@ class Capture:
 
     def write(self, data: bytes) -> None:
         self.body.write(data)
-
-    @property
-    def code(self) -> int:
-        if self.status is None:
-            return 0
-        return int(self.status[:3])
 
 
 def _streams(status: str, headers: list[tuple[str, str]]) -> bool:
