@@ -331,3 +331,27 @@ def test_proxy_help_shows_worked_examples(capsys: pytest.CaptureFixture[str]) ->
     assert "--tls-cert /etc/oxypy/cert.pem --tls-key /etc/oxypy/key.pem" in out
     assert "--pass-host-header" in out and "CSRF" in out
     assert "--retry 'IsNetworkError() && Attempts() < 3'" in out
+
+
+#: The flags issue 12 added: the README shows each of them too.
+OPERATOR_FLAGS = (
+    "--tls-cert --tls-key --handshake-timeout --ca-certs --client-cert --client-key "
+    "--server-name --insecure --metrics --pass-host-header --log-level --log-format"
+).split()
+
+
+def test_docs_show_every_flag() -> None:
+    from oxypy.cli import _make_parsers
+
+    gateway = (REPO / "docs" / "gateway.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    _, subcommands = _make_parsers()
+    missing = sorted(
+        f"{name} {option}"
+        for name, parser in subcommands.items()
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help" and f"`{option}" not in gateway
+    )
+    assert missing == []
+    assert [flag for flag in OPERATOR_FLAGS if flag not in readme] == []
