@@ -147,3 +147,27 @@ def test_wheel_holds_every_subpackage_py_typed_and_the_entry_point(tmp_path: Pat
     extras = set(re.findall(r"^Provides-Extra: (\S+)$", metadata, re.M))
     assert extras >= {"examples", "test", "redis", "prometheus", "gunicorn"}
     assert "[console_scripts]\noxypy = _oxypy_cli:main" in entry_points
+
+
+def test_first_commands_create_a_virtual_environment_first() -> None:
+    """Debian's system Python refuses ``pip install`` (externally managed):
+    the README's and the gateway guide's first commands make a venv first."""
+    for doc in ("README.md", "docs/gateway.md"):
+        text = (REPO / doc).read_text()
+        venv_at = text.find("\npython3 -m venv .venv && . .venv/bin/activate")
+        first_install = re.search(r"^pip install", text, re.M)
+        assert first_install is not None and 0 <= venv_at < first_install.start(), doc
+
+
+def test_examples_extra_brings_what_the_examples_import() -> None:
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    names = {re.split(r"[<>=\[ ;]", spec, maxsplit=1)[0].lower() for spec in extras["examples"]}
+    imported = set()
+    for path in (REPO / "examples").rglob("*.py"):
+        imported |= set(re.findall(r"^\s*(?:from|import) (\w+)", path.read_text(), re.M))
+    distributions = {"flask": "flask", "django": "django", "geventwebsocket": "gevent-websocket"}
+    assert {distributions[m] for m in imported if m in distributions} == names
