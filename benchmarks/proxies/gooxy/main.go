@@ -44,7 +44,13 @@ func main() {
 	if flag.NArg() < 1 {
 		must(fmt.Errorf("usage: gooxy -chain rr|full UPSTREAM [UPSTREAM2]"))
 	}
-	fwd, err := forward.New(forward.PassHostHeader(true))
+	// Keep-alive to the upstream for every concurrent request, as oxypy's
+	// pool does (Go's default keeps only 2 idle connections per host, so at
+	// 64 connections most requests would dial a new one).
+	transport := http.DefaultTransport.(*http.Transport).Clone()
+	transport.MaxIdleConns = 0
+	transport.MaxIdleConnsPerHost = 1024
+	fwd, err := forward.New(forward.PassHostHeader(true), forward.RoundTripper(transport))
 	must(err)
 	lb, err := roundrobin.New(fwd)
 	must(err)
