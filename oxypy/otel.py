@@ -45,12 +45,40 @@ class OpenTelemetryMissing(ConfigurationError, ImportError):
 
 def _api() -> Any:
     try:
-        from opentelemetry import context, propagate, trace
+        from opentelemetry import baggage, context, propagate, trace
     except ImportError as exc:
         raise OpenTelemetryMissing(
             "OpenTelemetry needs the opentelemetry-api package: pip install 'oxypy-gateway[otel]'"
         ) from exc
-    return context, propagate, trace
+    return baggage, context, propagate, trace
+
+
+def _w3c(propagator: Any) -> tuple[bool, bool]:
+    """(is the W3C trace context propagator, also propagates W3C baggage).
+
+    True only for the API's own classes, exactly (``OTEL_PROPAGATORS`` unset,
+    ``tracecontext,baggage`` or ``tracecontext``): then ``traceparent`` is
+    formatted here, as that propagator formats it.  Any other propagator, a
+    subclass included, goes through the propagators API.
+    """
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    if type(propagator) is TraceContextTextMapPropagator:
+        return True, False
+    if type(propagator) is not CompositePropagator:
+        return False, False
+    # The API offers no public view of a composite's members.
+    members = getattr(propagator, "_propagators", None)
+    if not isinstance(members, (list, tuple)):
+        return False, False
+    kinds = [type(member) for member in members]
+    if kinds.count(TraceContextTextMapPropagator) != 1 or any(
+        kind not in (TraceContextTextMapPropagator, W3CBaggagePropagator) for kind in kinds
+    ):
+        return False, False
+    return True, W3CBaggagePropagator in kinds
 
 
 def tracer_provider_from_env() -> Any:
@@ -146,11 +174,17 @@ def _url_path(environ: WSGIEnvironment) -> str:
     return quote(path.encode("latin-1", "replace"), safe="/:@!$&'()*+,;=-._~%") or "/"
 
 
-def _server_attributes(environ: WSGIEnvironment, method: str, client: str | None) -> dict[str, Any]:
-    """The SERVER span's request attributes beyond those given to the sampler."""
-    attributes: dict[str, Any] = {}
+def _server_attributes(
+    environ: WSGIEnvironment, raw_method: str, method: str, client: str | None
+) -> dict[str, Any]:
+    """The SERVER span's request attributes, all given to the sampler at its start."""
+    attributes: dict[str, Any] = {
+        "http.request.method": method,
+        "url.path": _url_path(environ),
+        "url.scheme": environ.get("wsgi.url_scheme", "http"),
+    }
     if method == "_OTHER":
-        attributes["http.request.method_original"] = environ.get("REQUEST_METHOD", "")
+        attributes["http.request.method_original"] = raw_method
     query = environ.get("QUERY_STRING")
     if query:
         attributes["url.query"] = query
@@ -186,7 +220,7 @@ class _Telemetry:
     Lives in ``environ["oxypy.otel"]`` (see :class:`oxypy._core.telemetry.Telemetry`).
     """
 
-    __slots__ = ("block", "span", "context", "clients", "unsampled")
+    __slots__ = ("block", "span", "context", "clients", "unsampled", "direct")
 
     def __init__(self, block: OpenTelemetry, span: Any, context: Any) -> None:
         self.block = block
@@ -195,7 +229,29 @@ class _Telemetry:
         #: (record, span, start in epoch ns, start in monotonic seconds) per attempt.
         self.clients: list[tuple[Exchange, Any, int, float]] = []
         #: The propagation headers of an unsampled request (the same for every attempt).
-        self.unsampled: dict[str, str] | None = None
+        self.unsampled: list[tuple[str, str]] | None = None
+        #: Whether ``traceparent`` is formatted here (the W3C propagator, no
+        #: baggage to send); None until the first attempt asks.
+        self.direct: bool | None = None
+
+    def propagation(self, span: Any) -> list[tuple[str, str]]:
+        """The headers carrying ``span``'s trace context (and the request's baggage) upstream."""
+        block = self.block
+        direct = self.direct
+        if direct is None:
+            direct = self.direct = block.w3c and not (
+                block.w3c_baggage and block.baggage_of(self.context)
+            )
+        if direct:
+            found = span.get_span_context()
+            if found.is_valid and not found.trace_state:
+                # What TraceContextTextMapPropagator.inject writes, without the
+                # context, carrier and setter it goes through.
+                trace_id, span_id, flags = found.trace_id, found.span_id, found.trace_flags
+                return [("traceparent", f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}")]
+        carrier: dict[str, str] = {}
+        block.propagator.inject(carrier, context=block.with_span(span, self.context))
+        return list(carrier.items())
 
     def client_span(
         self,
@@ -215,9 +271,8 @@ class _Telemetry:
             # none is made; upstream continues the trace under the SERVER span.
             carrier = self.unsampled
             if carrier is None:
-                carrier = self.unsampled = {}
-                block.propagator.inject(carrier, context=self.context)
-            headers.extend(carrier.items())
+                carrier = self.unsampled = self.propagation(self.span)
+            headers.extend(carrier)
             return headers
         method = record.method if record.method in _METHODS else "_OTHER"
         attributes = {
@@ -241,9 +296,7 @@ class _Telemetry:
             start_time=started,
         )
         self.clients.append((record, span, started, time.monotonic()))
-        carrier = {}
-        block.propagator.inject(carrier, context=block.with_span(span, self.context))
-        headers.extend(carrier.items())
+        headers.extend(self.propagation(span))
         return headers
 
     def event(self, name: str, attributes: Attributes) -> None:
@@ -303,7 +356,9 @@ class OpenTelemetry:
     ``url.scheme``, ``server.address``/``server.port`` (from ``Host``),
     ``client.address`` (the peer, or the client behind a trusted proxy),
     ``network.peer.address``, ``network.protocol.version``,
-    ``user_agent.original``, and at the end ``http.response.status_code``;
+    ``user_agent.original`` (all given when the span starts, so a sampler
+    sees them: health checks can be dropped by ``url.path`` or
+    ``user_agent.original``), and at the end ``http.response.status_code``;
     a 5xx (or an aborted response) sets ``error.type`` (the oxypy error kind,
     such as ``upstream_timeout``, else the status) and an error status.  A
     client that went away is status 499 with ``error.type``
@@ -335,7 +390,11 @@ class OpenTelemetry:
     span starts a new trace (linked to the client's span context, when it
     sent a valid one) and the client's baggage is dropped.  Upstream, the
     client's ``traceparent``, ``tracestate`` and ``baggage`` are replaced by
-    the attempt's CLIENT span context (and the request's baggage).  While
+    the attempt's CLIENT span context (and the request's baggage); with
+    the default W3C propagator and nothing else to send, ``traceparent`` is
+    formatted by the block itself, byte for byte as the propagator would
+    (any other propagator, ``tracestate`` or baggage goes through the
+    propagators API).  While
     the next app is called the SERVER span is the current span, so spans
     an application below starts are its children.
 
@@ -376,7 +435,7 @@ class OpenTelemetry:
         trust_incoming: bool = False,
         skip: Skip | None = None,
     ) -> None:
-        context, propagate, trace = _api()
+        baggage, context, propagate, trace = _api()
         if not callable(next_app):
             raise ConfigurationError("OpenTelemetry needs the next WSGI app as first argument")
         if not isinstance(trust_incoming, bool):
@@ -398,6 +457,8 @@ class OpenTelemetry:
         self._environ_fields = tuple(
             "HTTP_" + name.upper().replace("-", "_") for name in sorted(self.fields)
         )
+        self.w3c, self.w3c_baggage = _w3c(self.propagator)
+        self.baggage_of = baggage.get_all
         self._attach = context.attach
         self._detach = context.detach
         self.with_span = trace.set_span_in_context
@@ -410,17 +471,21 @@ class OpenTelemetry:
 
     def sent_by_client(self, environ: WSGIEnvironment) -> bool:
         """Whether the request carries a header the propagator writes."""
-        return any(key in environ for key in self._environ_fields)
+        return not environ.keys().isdisjoint(self._environ_fields)
 
     def error_status(self, description: str) -> Any:
         return self._status(self._error, description)
 
     def settle_client(self, span: Any, record: Exchange) -> None:
         """Set a CLIENT span's outcome from its exchange record."""
+        error = record.error
+        if error is None and record.status < 400:
+            if record.status:
+                span.set_attribute("http.response.status_code", record.status)
+            return
         attributes: dict[str, Any] = {}
         if record.status:
             attributes["http.response.status_code"] = record.status
-        error = record.error
         if isinstance(error, UpstreamError):
             attributes["error.type"] = error.kind
             span.record_exception(error, attributes={ERROR_KIND: error.kind})
@@ -439,28 +504,25 @@ class OpenTelemetry:
         raw_method = environ.get("REQUEST_METHOD", "")
         method = raw_method if raw_method in _METHODS else "_OTHER"
         peer = environ.get("REMOTE_ADDR")
-        trusted = self.trust_incoming or self.trusted.trusts(peer)
         parent = None
         links = None
         if self.sent_by_client(environ):
             incoming = self.propagator.extract(environ, getter=_GETTER)
-            if trusted:
+            if self.trust_incoming or self.trusted.trusts(peer):
                 parent = incoming
             else:
                 found = self._current_span(incoming).get_span_context()
                 if found.is_valid:
                     links = [self._link(found, {UNTRUSTED: True})]
-        # The sampler sees method, path and scheme (enough to drop health checks
-        # by path); the rest is set only on a span that records.
+        # Every request attribute is given at the start (the semantic
+        # conventions' sampling-relevant ones, and one call into the SDK instead
+        # of two for a span that records).
+        client = self.trusted.client_ip(peer, environ.get("HTTP_X_FORWARDED_FOR"))
         span = self.tracer.start_span(
             method if method != "_OTHER" else "HTTP",
             context=parent,
             kind=self.server_kind,
-            attributes={
-                "http.request.method": method,
-                "url.path": _url_path(environ),
-                "url.scheme": environ.get("wsgi.url_scheme", "http"),
-            },
+            attributes=_server_attributes(environ, raw_method, method, client),
             links=links,
         )
         context = self.with_span(span, parent)
@@ -472,8 +534,6 @@ class OpenTelemetry:
                 # A dropped trace: nothing to record at the end, so the body
                 # is not watched (Forward still sends the trace context).
                 return self.next_app(environ, start_response)
-            client = self.trusted.client_ip(peer, environ.get("HTTP_X_FORWARDED_FOR"))
-            span.set_attributes(_server_attributes(environ, method, client))
             return observe(self.next_app, environ, start_response, telemetry.finish)
         finally:
             self._detach(token)

@@ -24,6 +24,10 @@ import gevent
 import gevent.event
 import pytest
 import urllib3
+from opentelemetry import baggage, propagate, trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
+from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -31,8 +35,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision, Sampler, SamplingResult
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from oxypy import (
     Buffer,
@@ -774,6 +779,221 @@ def test_raw_upstream_receives_exactly_one_traceparent(
     lines = [line for line in head.split("\r\n") if line.startswith(("traceparent:", "baggage:"))]
     assert len(lines) == 1
     assert traceparent(lines[0].split(": ", 1)[1])[:2] == ids(client)
+
+
+# --------------------------------------------------------------------------- propagation paths
+
+
+def w3c_traceparent(span_context: trace.SpanContext) -> str:
+    """What the W3C propagator itself writes for ``span_context``."""
+    carrier: dict[str, str] = {}
+    context = trace.set_span_in_context(trace.NonRecordingSpan(span_context))
+    TraceContextTextMapPropagator().inject(carrier, context=context)
+    return carrier["traceparent"]
+
+
+@pytest.fixture
+def injects(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The classes whose ``inject`` ran (each still does its work)."""
+    calls: list[str] = []
+    for cls in (TraceContextTextMapPropagator, W3CBaggagePropagator):
+        original = cls.inject
+
+        def counted(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> None:
+            calls.append(type(self).__name__)
+            _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "inject", counted)
+    return calls
+
+
+@pytest.fixture
+def global_propagator() -> Iterator[Callable[[Any], None]]:
+    """Set the global propagator for the test (blocks built after it take it)."""
+    before = propagate.get_global_textmap()
+    yield propagate.set_global_textmap
+    propagate.set_global_textmap(before)
+
+
+@pytest.mark.parametrize("sampled", [True, False], ids=["sampled", "dropped"])
+def test_default_propagator_traceparent_is_formatted_as_the_w3c_propagator_does(
+    proxy: Any,
+    pywsgi: Callable[[Any], str],
+    injects: list[str],
+    sampled: bool,
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=None if sampled else ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    received: list[str] = []
+
+    def upstream(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        received.append(environ["HTTP_TRACEPARENT"])
+        start_response("503 Service Unavailable" if len(received) < 2 else "200 OK", [])
+        return [b""]
+
+    servers: list[trace.SpanContext] = []
+
+    def current(environ: dict[str, Any], start_response: Any) -> Any:
+        servers.append(trace.get_current_span().get_span_context())
+        return forward(environ, start_response)
+
+    forward = Buffer(Forward(pywsgi(upstream)), retry="ResponseCode() == 503 && Attempts() < 2")
+    url = proxy(OpenTelemetry(current, tracer_provider=provider))
+    try:
+        assert HTTP.request("GET", url + "/p", headers={"TraceParent": "junk"}).status == 200
+        spans = finished(exporter, 3) if sampled else []
+    finally:
+        provider.shutdown()
+    assert injects == []  # formatted by the block: the propagator did not run
+    if sampled:
+        expected = [w3c_traceparent(c.context) for c in client_spans(spans) if c.context]
+    else:
+        expected = [w3c_traceparent(servers[0])] * 2
+    assert received == expected and len(set(received)) == (2 if sampled else 1)
+
+
+@pytest.mark.parametrize(
+    "incoming",
+    [
+        pytest.param({"tracestate": "vendor=opaque"}, id="state"),
+        pytest.param({"baggage": "tenant=acme"}, id="baggage"),
+    ],
+)
+def test_tracestate_or_baggage_goes_through_the_propagators(
+    proxy: Any,
+    echo_upstream: str,
+    otel: tuple[TracerProvider, InMemorySpanExporter],
+    injects: list[str],
+    incoming: dict[str, str],
+) -> None:
+    provider, exporter = otel
+    app = OpenTelemetry(Forward(echo_upstream), tracer_provider=provider, trust_incoming=True)
+    url = proxy(app)
+    headers = {"traceparent": INCOMING["traceparent"], **incoming}
+    sent = sent_headers(HTTP.request("GET", url + "/s", headers=headers))
+    (client,) = client_spans(finished(exporter, 2))
+    assert injects == ["TraceContextTextMapPropagator", "W3CBaggagePropagator"]
+    assert client.context is not None
+    assert sent["traceparent"] == w3c_traceparent(client.context)
+    assert {k: sent.get(k) for k in incoming} == incoming
+
+
+def test_baggage_set_above_the_block_goes_upstream(
+    proxy: Any,
+    echo_upstream: str,
+    otel: tuple[TracerProvider, InMemorySpanExporter],
+    injects: list[str],
+) -> None:
+    provider, exporter = otel
+    inner = OpenTelemetry(Forward(echo_upstream), tracer_provider=provider)
+
+    def with_baggage(environ: dict[str, Any], start_response: Any) -> Any:
+        from opentelemetry import context
+
+        token = context.attach(baggage.set_baggage("tenant", "acme"))
+        try:
+            return inner(environ, start_response)
+        finally:
+            context.detach(token)
+
+    url = proxy(with_baggage)
+    sent = sent_headers(HTTP.request("GET", url + "/b"))
+    (client,) = client_spans(finished(exporter, 2))
+    assert injects == ["TraceContextTextMapPropagator", "W3CBaggagePropagator"]
+    assert client.context is not None
+    assert sent["traceparent"] == w3c_traceparent(client.context)
+    assert sent["baggage"] == "tenant=acme"
+
+
+class _Custom(TraceContextTextMapPropagator):
+    """A propagator of the user's: the W3C header and one of its own."""
+
+    def inject(self, carrier: Any, context: Context | None = None, setter: Any = None) -> None:
+        super().inject(carrier, context=context)
+        span_id = trace.get_current_span(context).get_span_context().span_id
+        carrier["x-custom-span"] = format(span_id, "016x")
+
+    @property
+    def fields(self) -> set[str]:
+        return super().fields | {"x-custom-span"}
+
+
+@pytest.mark.parametrize(
+    "propagator",
+    [
+        pytest.param(_Custom(), id="subclass"),
+        pytest.param(CompositePropagator([_Custom(), W3CBaggagePropagator()]), id="composite"),
+    ],
+)
+def test_custom_propagators_go_through_the_api(
+    proxy: Any,
+    echo_upstream: str,
+    otel: tuple[TracerProvider, InMemorySpanExporter],
+    global_propagator: Callable[[Any], None],
+    propagator: Any,
+) -> None:
+    provider, exporter = otel
+    global_propagator(propagator)
+    url = proxy(OpenTelemetry(Forward(echo_upstream), tracer_provider=provider))
+    sent = sent_headers(HTTP.request("GET", url + "/c", headers={"X-Custom-Span": "client's"}))
+    (client,) = client_spans(finished(exporter, 2))
+    assert client.context is not None
+    assert sent["traceparent"] == w3c_traceparent(client.context)
+    assert sent["x-custom-span"] == ids(client)[1]
+
+
+class _Seen(Sampler):
+    """Records the attributes it is asked about, samples everything."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Any = None,
+        links: Any = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
+        if kind is SpanKind.SERVER:
+            self.seen.append(dict(attributes or {}))
+        return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+
+    def get_description(self) -> str:
+        return "seen"
+
+
+def test_the_sampler_sees_every_request_attribute(proxy: Any, echo_upstream: str) -> None:
+    sampler = _Seen()
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    url = proxy(OpenTelemetry(Forward(echo_upstream), tracer_provider=provider))
+    try:
+        r = HTTP.request("GET", url + "/health?deep=1", headers={"User-Agent": "kube-probe/1.30"})
+        assert r.status == 200
+        server = server_span(finished(exporter, 2))
+    finally:
+        provider.shutdown()
+    assert sampler.seen == [
+        {
+            "http.request.method": "GET",
+            "url.path": "/health",
+            "url.query": "deep=1",
+            "url.scheme": "http",
+            "server.address": "127.0.0.1",
+            "server.port": port(url),
+            "client.address": "127.0.0.1",
+            "network.peer.address": "127.0.0.1",
+            "network.protocol.version": "1.1",
+            "user_agent.original": "kube-probe/1.30",
+        }
+    ]
+    assert dict(server.attributes or {}) == {**sampler.seen[0], "http.response.status_code": 200}
 
 
 def test_config_otel_table_wraps_the_routes_and_checks_its_keys(
