@@ -119,7 +119,13 @@ def test_failed_handshake_is_one_info_line(
     assert message.startswith("TLS handshake with 127.0.0.1 failed: ")
     assert "\n" not in message
     assert "Traceback" not in caplog.text
-    assert "Traceback" not in capfd.readouterr().err
+    # Other tests' upstreams (gevent's own servers, some of them failing TLS
+    # handshakes on purpose) print their greenlets' failures to this same
+    # stderr at any moment; only a traceback of oxypy's listener is a failure.
+    tracebacks = capfd.readouterr().err.split("Traceback (most recent call last):")[1:]
+    assert [
+        t for t in tracebacks if "Listener" in t or "oxypy.server" in t or "oxypy/_server" in t
+    ] == []
 
 
 def test_garbage_instead_of_hello_is_closed_quietly(
