@@ -46,7 +46,6 @@ from .exceptions import ConfigurationError
 __all__ = ["main", "make_parser"]
 
 PROG = "oxypy"
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _EPILOG = """\
