@@ -11,13 +11,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import gevent
+import urllib3
 from gevent.pywsgi import WSGIHandler, WSGIServer
 from gevent.server import StreamServer
 from werkzeug.middleware.lint import LintMiddleware
@@ -25,6 +32,11 @@ from werkzeug.middleware.lint import LintMiddleware
 from oxypy.server import Server
 
 WSGIApp = Callable[..., Any]
+
+REPO = Path(__file__).resolve().parent.parent
+#: The line every serving subcommand prints once it listens.
+LISTENING = re.compile(r" on (https?://[\w.\[\]:]+)")
+_HTTP = urllib3.PoolManager(retries=False, timeout=10.0)
 
 
 class _QuietLog:
@@ -272,3 +284,59 @@ def dead_url() -> str:
     while len(_RESERVED) > 64:
         _RESERVED.popleft().close()
     return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+class OxypyProcess:
+    """An ``oxypy`` subcommand (``python -m oxypy``), its output in files (no pipe can fill up).
+
+    Starts it and waits for its listening line: ``url`` is the address it serves.
+    ``cwd`` joins the repository on ``PYTHONPATH`` (for an app module written there).
+    """
+
+    def __init__(self, args: list[str], tmp: Path, cwd: Path = REPO) -> None:
+        stamp = time.monotonic_ns()
+        self.out_path, self.err_path = tmp / f"out-{stamp}.txt", tmp / f"err-{stamp}.txt"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(cwd)]))
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "oxypy", *args], stdout=out, stderr=err, cwd=cwd, env=env
+            )
+        self.url: str = self.wait_for(lambda: LISTENING.search(self.stdout()))[1]
+
+    def stdout(self) -> str:
+        return self.out_path.read_text()
+
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def wait_for(self, probe: Callable[[], Any], timeout: float = 30.0) -> Any:
+        """``probe()``'s first true value, polled while the process runs."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = probe()
+            if found:
+                return found
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exited {self.proc.returncode}: {self.stderr()}")
+            time.sleep(0.02)
+        raise AssertionError(f"not seen: {self.stdout()!r} {self.stderr()!r}")
+
+    def get(self, path: str = "/", **kw: Any) -> urllib3.BaseHTTPResponse:
+        return _HTTP.request("GET", self.url + path, **kw)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        """Signal it by PID; it must exit 0 within ``timeout`` seconds."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"died early ({self.proc.returncode}): {self.stderr()}")
+        self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"did not stop within {timeout} s of signal {sig}") from None
+        assert code == 0, self.stderr()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -5,12 +5,13 @@ from gevent import monkey
 monkey.patch_all()
 
 import logging  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
-from _servers import echo_app, start_pywsgi, url_of  # noqa: E402
+from _servers import REPO, OxypyProcess, echo_app, start_pywsgi, url_of  # noqa: E402
 
 logging.getLogger("oxypy").setLevel(logging.DEBUG)
 
@@ -55,3 +56,23 @@ def proxy() -> Iterator[Any]:
     yield start
     for server in started:
         server.stop(timeout=1)
+
+
+@pytest.fixture
+def oxypy(tmp_path: Path) -> Iterator[Callable[..., OxypyProcess]]:
+    """Run ``python -m oxypy ARGS...`` until it listens: ``p = oxypy("proxy", url, ...)``.
+
+    Every process still running at the end is killed by its PID.
+    """
+    running: list[OxypyProcess] = []
+
+    def start(*args: str, cwd: Path = REPO) -> OxypyProcess:
+        process = OxypyProcess(list(args), tmp_path, cwd)
+        running.append(process)
+        return process
+
+    try:
+        yield start
+    finally:
+        for process in running:
+            process.kill()

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,78 +27,9 @@ from oxypy import __version__
 from oxypy._cli.chain import parse_rate
 from oxypy.cli import main
 
-from _servers import dead_url
+from _servers import REPO, OxypyProcess, dead_url
 
-REPO = Path(__file__).resolve().parent.parent
-BANNER = re.compile(r" on (https?://[\w.\[\]:]+)")
 HTTP = urllib3.PoolManager(retries=False, timeout=10.0)
-
-
-class Running:
-    """An ``oxypy`` subprocess with its output in files (no pipe can fill up)."""
-
-    def __init__(self, args: list[str], tmp: Path, cwd: Path = REPO) -> None:
-        self.out_path = tmp / f"out-{time.monotonic_ns()}.txt"
-        self.err_path = tmp / f"err-{time.monotonic_ns()}.txt"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(cwd)]))
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "oxypy", *args], stdout=out, stderr=err, cwd=cwd, env=env
-            )
-        self.url = self._wait_banner()
-
-    def _wait_banner(self) -> str:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            m = BANNER.search(self.stdout())
-            if m:
-                return m.group(1)
-            if self.proc.poll() is not None:
-                raise AssertionError(f"exited {self.proc.returncode}: {self.stderr()}")
-            time.sleep(0.05)
-        raise AssertionError(f"no banner: {self.stdout()!r} {self.stderr()!r}")
-
-    def stdout(self) -> str:
-        return self.out_path.read_text()
-
-    def stderr(self) -> str:
-        return self.err_path.read_text()
-
-    def get(self, path: str = "/", **kw: Any) -> urllib3.BaseHTTPResponse:
-        return HTTP.request("GET", self.url + path, **kw)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Signal by PID (SIGTERM); the process must exit 0 within a few seconds."""
-        if self.proc.poll() is not None:
-            raise AssertionError(f"died early ({self.proc.returncode}): {self.stderr()}")
-        started = time.monotonic()
-        self.proc.send_signal(sig)
-        try:
-            code = self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError("did not stop within 10 s of SIGTERM") from None
-        assert code == 0, self.stderr()
-        assert time.monotonic() - started < 5
-
-
-@pytest.fixture
-def oxypy(tmp_path: Path) -> Iterator[Callable[..., Running]]:
-    running: list[Running] = []
-
-    def start(*args: str, cwd: Path = REPO) -> Running:
-        r = Running(list(args), tmp_path, cwd)
-        running.append(r)
-        return r
-
-    try:
-        yield start
-    finally:
-        for r in running:
-            if r.proc.poll() is None:
-                r.proc.kill()
-                r.proc.wait()
 
 
 def named(name: bytes, health: str = "200 OK") -> Any:
@@ -285,7 +214,7 @@ def test_version_help_and_a_bad_flag_as_processes() -> None:
 
 
 def test_proxy_full_chain_balances_and_traces(
-    oxypy: Callable[..., Running], pywsgi: Callable[[Any], str]
+    oxypy: Callable[..., OxypyProcess], pywsgi: Callable[[Any], str]
 ) -> None:
     from _servers import echo_app
 
@@ -330,7 +259,7 @@ def test_proxy_full_chain_balances_and_traces(
 
 
 def test_retry_makes_a_dead_live_pair_succeed(
-    oxypy: Callable[..., Running], echo_upstream: str
+    oxypy: Callable[..., OxypyProcess], echo_upstream: str
 ) -> None:
     dead = dead_url()
     without = oxypy("proxy", "--listen", "127.0.0.1:0", dead, echo_upstream)
@@ -354,7 +283,7 @@ def test_retry_makes_a_dead_live_pair_succeed(
         with_retry.stop()
 
 
-def test_rate_and_conn_limit(oxypy: Callable[..., Running], echo_upstream: str) -> None:
+def test_rate_and_conn_limit(oxypy: Callable[..., OxypyProcess], echo_upstream: str) -> None:
     rated = oxypy("proxy", "--listen", "127.0.0.1:0", echo_upstream, "--rate", "1/m:2")
     # --conn-limit 0 is refused (it could only answer 429); ConnLimit's 429 is tested there.
     capped = oxypy("proxy", "--listen", "127.0.0.1:0", echo_upstream, "--conn-limit", "1")
@@ -370,7 +299,7 @@ def test_rate_and_conn_limit(oxypy: Callable[..., Running], echo_upstream: str) 
 
 
 def test_sticky_least_request_and_pass_host_header(
-    oxypy: Callable[..., Running], pywsgi: Callable[[Any], str], echo_upstream: str
+    oxypy: Callable[..., OxypyProcess], pywsgi: Callable[[Any], str], echo_upstream: str
 ) -> None:
     sticky = oxypy(
         "proxy",
@@ -405,7 +334,7 @@ def test_sticky_least_request_and_pass_host_header(
 
 
 def test_health_check_takes_a_sick_upstream_out(
-    oxypy: Callable[..., Running], pywsgi: Callable[[Any], str]
+    oxypy: Callable[..., OxypyProcess], pywsgi: Callable[[Any], str]
 ) -> None:
     good = pywsgi(named(b"good"))
     sick = pywsgi(named(b"sick", "500 Internal Server Error"))
@@ -432,7 +361,7 @@ def test_health_check_takes_a_sick_upstream_out(
 
 
 def test_eject_after_takes_a_hanging_upstream_out(
-    oxypy: Callable[..., Running], pywsgi: Callable[[Any], str]
+    oxypy: Callable[..., OxypyProcess], pywsgi: Callable[[Any], str]
 ) -> None:
     import gevent.event
 
@@ -466,7 +395,7 @@ def test_eject_after_takes_a_hanging_upstream_out(
 
 
 def test_deadline_flags_bound_a_hanging_upstream(
-    oxypy: Callable[..., Running], pywsgi: Callable[[Any], str]
+    oxypy: Callable[..., OxypyProcess], pywsgi: Callable[[Any], str]
 ) -> None:
     import gevent.event
 
@@ -527,7 +456,9 @@ def make():
 """
 
 
-def test_serving_flags_reach_the_server(oxypy: Callable[..., Running], echo_upstream: str) -> None:
+def test_serving_flags_reach_the_server(
+    oxypy: Callable[..., OxypyProcess], echo_upstream: str
+) -> None:
     gw = oxypy(
         "proxy",
         "--listen",
@@ -565,7 +496,7 @@ def test_serving_flags_reach_the_server(oxypy: Callable[..., Running], echo_upst
 @pytest.mark.parametrize("target", ["gw_mod:app", "gw_mod:make()"])
 def test_serve_module_app(
     target: str,
-    oxypy: Callable[..., Running],
+    oxypy: Callable[..., OxypyProcess],
     echo_upstream: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -586,7 +517,7 @@ def test_serve_module_app(
         gw.stop()
 
 
-def test_demo_balances_retries_and_reports(oxypy: Callable[..., Running]) -> None:
+def test_demo_balances_retries_and_reports(oxypy: Callable[..., OxypyProcess]) -> None:
     demo = oxypy("demo", "--listen", "127.0.0.1:0", "--interval", "0.3")
     try:
         bodies = []
@@ -607,7 +538,9 @@ def test_demo_balances_retries_and_reports(oxypy: Callable[..., Running]) -> Non
     assert demo.stdout().rstrip().endswith("oxypy demo: stopped")
 
 
-def test_proxy_tunnels_websockets_through_the_full_chain(oxypy: Callable[..., Running]) -> None:
+def test_proxy_tunnels_websockets_through_the_full_chain(
+    oxypy: Callable[..., OxypyProcess],
+) -> None:
     websocket = pytest.importorskip("websocket")
     from _ws import WSEchoUpstream
 
@@ -644,7 +577,7 @@ def test_proxy_tunnels_websockets_through_the_full_chain(oxypy: Callable[..., Ru
 
 
 def test_sigterm_lets_an_in_flight_request_finish(
-    oxypy: Callable[..., Running], pywsgi: Callable[[Any], str]
+    oxypy: Callable[..., OxypyProcess], pywsgi: Callable[[Any], str]
 ) -> None:
     import gevent
     import gevent.event
@@ -665,7 +598,7 @@ def test_sigterm_lets_an_in_flight_request_finish(
     assert (response.status, response.data) == (200, b"done")
 
 
-def test_proxy_edge_flags(oxypy: Callable[..., Running], pywsgi: Callable[[Any], str]) -> None:
+def test_proxy_edge_flags(oxypy: Callable[..., OxypyProcess], pywsgi: Callable[[Any], str]) -> None:
     big = b"edge " * 1000
 
     def upstream(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
@@ -698,7 +631,7 @@ def test_proxy_edge_flags(oxypy: Callable[..., Running], pywsgi: Callable[[Any],
 
 
 def test_proxy_hedge_retry_budget_and_mirror_flags(
-    oxypy: Callable[..., Running], pywsgi: Callable[[Any], str], echo_upstream: str
+    oxypy: Callable[..., OxypyProcess], pywsgi: Callable[[Any], str], echo_upstream: str
 ) -> None:
     copies: list[str] = []
 
@@ -742,7 +675,7 @@ def test_proxy_hedge_retry_budget_and_mirror_flags(
 
 
 def test_proxy_quantile_hedge_and_mirror_compare_flags(
-    oxypy: Callable[..., Running], pywsgi: Callable[[Any], str], echo_upstream: str
+    oxypy: Callable[..., OxypyProcess], pywsgi: Callable[[Any], str], echo_upstream: str
 ) -> None:
     def mirror(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         start_response("503 Service Unavailable", [("Content-Length", "4")])

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ import urllib3
 
 from oxypy.cli import main
 
-from _servers import dead_url
+from _servers import OxypyProcess, dead_url
 
 REPO = Path(__file__).resolve().parent.parent
 UP = "http://127.0.0.1:9"
@@ -184,63 +182,11 @@ def test_odd_flag_values_exit_2_without_a_traceback(
 # --------------------------------------------------------------------------- warnings
 
 
-class Proc:
-    """An ``oxypy`` subprocess with its output in files (no pipe can fill up)."""
-
-    def __init__(self, args: list[str], tmp: Path, cwd: Path = REPO) -> None:
-        self.out_path, self.err_path = tmp / "out.txt", tmp / "err.txt"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(cwd)]))
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "oxypy", *args], stdout=out, stderr=err, cwd=cwd, env=env
-            )
-        self.url = self.wait_for(lambda: re.search(r" on (http://[\d.:]+)", self.stdout()))[1]
-
-    def stdout(self) -> str:
-        return self.out_path.read_text()
-
-    def stderr(self) -> str:
-        return self.err_path.read_text()
-
-    def wait_for(self, probe: object) -> re.Match[str]:
-        deadline = time.monotonic() + 20
-        assert callable(probe)
-        while time.monotonic() < deadline:
-            found = probe()
-            if found:
-                assert isinstance(found, re.Match)
-                return found
-            if self.proc.poll() is not None:
-                raise AssertionError(f"exited {self.proc.returncode}: {self.stderr()}")
-            time.sleep(0.02)
-        raise AssertionError(f"not seen: {self.stdout()!r} {self.stderr()!r}")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(timeout=10) == 0, self.stderr()
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    try:
-        yield started
-    finally:
-        for p in started:
-            if p.proc.poll() is None:
-                p.proc.kill()
-                p.proc.wait()
-
-
-def test_the_command_shows_warnings_on_stderr(tmp_path: Path, procs: list[Proc]) -> None:
+def test_the_command_shows_warnings_on_stderr(oxypy: Callable[..., OxypyProcess]) -> None:
     # The proxy has no Redis flag; a refused upstream (502) and the breaker it trips are
     # warnings of the same kind as a Redis store failing open.
     dead = dead_url()
-    p = Proc(
-        ["proxy", "--listen", "127.0.0.1:0", dead, "--breaker", "NetworkErrorRatio() > 0.5"],
-        tmp_path,
-    )
-    procs.append(p)
+    p = oxypy("proxy", "--listen", "127.0.0.1:0", dead, "--breaker", "NetworkErrorRatio() > 0.5")
     assert HTTP.request("GET", p.url + "/probe").status == 502
     assert HTTP.request("GET", p.url + "/probe").status == 503
     refused = f"^{LOG_LINE}GET /probe: 502 upstream refused the connection \\({dead}\\) .*$"
@@ -276,10 +222,11 @@ def app(environ, start_response):
 """
 
 
-def test_logging_configured_by_the_app_is_left_alone(tmp_path: Path, procs: list[Proc]) -> None:
+def test_logging_configured_by_the_app_is_left_alone(
+    tmp_path: Path, oxypy: Callable[..., OxypyProcess]
+) -> None:
     (tmp_path / "logged_app.py").write_text(APP_WITH_LOGGING)
-    p = Proc(["serve", "--listen", "127.0.0.1:0", "logged_app:app"], tmp_path, cwd=tmp_path)
-    procs.append(p)
+    p = oxypy("serve", "--listen", "127.0.0.1:0", "logged_app:app", cwd=tmp_path)
     with pytest.raises(urllib3.exceptions.ProtocolError):
         HTTP.request("GET", p.url + "/")
     line = "USER WARNING oxypy.server app sent less than its Content-Length"

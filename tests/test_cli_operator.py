@@ -7,15 +7,11 @@ from ``trustme``); flag refusals are checked in-process.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
 import ssl
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,56 +22,10 @@ from gevent.pywsgi import WSGIServer
 
 from oxypy.cli import main
 
-from _servers import echo_app
+from _servers import OxypyProcess, echo_app
 
 REPO = Path(__file__).resolve().parent.parent
 HTTP = urllib3.PoolManager(retries=False, timeout=10.0)
-
-
-class Command:
-    """An ``oxypy`` subprocess; output goes to files (no pipe can fill up)."""
-
-    def __init__(self, args: list[str], tmp: Path) -> None:
-        self.out_path, self.err_path = tmp / "out.txt", tmp / "err.txt"
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "oxypy", *args], stdout=out, stderr=err, env=env, cwd=tmp
-            )
-        self.url = self.wait_for(lambda: re.search(r" on (https?://[\d.:]+)", self.stdout()))[1]
-
-    def stdout(self) -> str:
-        return self.out_path.read_text()
-
-    def stderr(self) -> str:
-        return self.err_path.read_text()
-
-    def wait_for(self, probe: Any) -> Any:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            found = probe()
-            if found:
-                return found
-            if self.proc.poll() is not None:
-                raise AssertionError(f"exited {self.proc.returncode}: {self.stderr()}")
-            time.sleep(0.02)
-        raise AssertionError(f"not seen: {self.stdout()!r} {self.stderr()!r}")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        assert self.proc.wait(timeout=15) == 0, self.stderr()
-
-
-@pytest.fixture
-def commands() -> Iterator[list[Command]]:
-    started: list[Command] = []
-    try:
-        yield started
-    finally:
-        for c in started:
-            if c.proc.poll() is None:
-                c.proc.kill()
-                c.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -115,34 +65,31 @@ def test_tls_front_private_ca_upstream_metrics_and_json_logs(
     files: dict[str, str],
     private_upstream: str,
     tmp_path: Path,
-    commands: list[Command],
+    oxypy: Callable[..., OxypyProcess],
 ) -> None:
-    c = Command(
-        [
-            "proxy",
-            private_upstream,
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            files["cert"],
-            "--tls-key",
-            files["key"],
-            "--handshake-timeout",
-            "0.5",
-            "--ca-certs",
-            files["ca"],
-            "--server-name",
-            "upstream.internal",
-            "--metrics",
-            "/metrics",
-            "--log-level",
-            "info",
-            "--log-format",
-            "json",
-        ],
-        tmp_path,
+    c = oxypy(
+        "proxy",
+        private_upstream,
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        files["cert"],
+        "--tls-key",
+        files["key"],
+        "--handshake-timeout",
+        "0.5",
+        "--ca-certs",
+        files["ca"],
+        "--server-name",
+        "upstream.internal",
+        "--metrics",
+        "/metrics",
+        "--log-level",
+        "info",
+        "--log-format",
+        "json",
+        cwd=tmp_path,
     )
-    commands.append(c)
     assert c.url.startswith("https://127.0.0.1:")
     client = urllib3.PoolManager(retries=False, ca_certs=files["ca"], timeout=10)
     resp = client.request("GET", c.url + "/through")
@@ -167,49 +114,40 @@ def test_tls_front_private_ca_upstream_metrics_and_json_logs(
 
 
 def test_unverified_upstream_is_traced_with_the_cause_and_insecure_opts_out(
-    files: dict[str, str], private_upstream: str, tmp_path: Path, commands: list[Command]
+    files: dict[str, str], private_upstream: str, oxypy: Callable[..., OxypyProcess]
 ) -> None:
-    (tmp_path / "a").mkdir()
-    strict = Command(
-        ["proxy", private_upstream, "--listen", "127.0.0.1:0", "--trace"], tmp_path / "a"
-    )
-    commands.append(strict)
+    strict = oxypy("proxy", private_upstream, "--listen", "127.0.0.1:0", "--trace")
     assert HTTP.request("GET", strict.url + "/x").status == 502
     rec = strict.wait_for(
         lambda: next((r for r in json_lines(strict.stderr()) if "status" in r), None)
     )
     assert rec["error"] == "upstream_tls_error"
     assert rec["error_detail"].startswith("certificate verify failed: ")
-    (tmp_path / "b").mkdir()
-    insecure = Command(
-        ["proxy", private_upstream, "--listen", "127.0.0.1:0", "--insecure"], tmp_path / "b"
-    )
-    commands.append(insecure)
+    insecure = oxypy("proxy", private_upstream, "--listen", "127.0.0.1:0", "--insecure")
     assert HTTP.request("GET", insecure.url + "/x").status == 200
 
 
-def test_server_state_changes_are_logged(tmp_path: Path, commands: list[Command]) -> None:
+def test_server_state_changes_are_logged(
+    tmp_path: Path, oxypy: Callable[..., OxypyProcess]
+) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
     live = WSGIServer(("127.0.0.1", 0), echo_app, log=None, error_log=None)
     live.start()
     try:
-        c = Command(
-            [
-                "proxy",
-                dead,
-                f"http://127.0.0.1:{live.address[1]}",
-                "--listen",
-                "127.0.0.1:0",
-                "--eject-after",
-                "1",
-                "--log-level",
-                "info",
-            ],
-            tmp_path,
+        c = oxypy(
+            "proxy",
+            dead,
+            f"http://127.0.0.1:{live.address[1]}",
+            "--listen",
+            "127.0.0.1:0",
+            "--eject-after",
+            "1",
+            "--log-level",
+            "info",
+            cwd=tmp_path,
         )
-        commands.append(c)
         statuses = {HTTP.request("GET", c.url + "/").status for _ in range(4)}
         assert 502 in statuses
         _check_ejection_line(c, dead)
@@ -217,7 +155,7 @@ def test_server_state_changes_are_logged(tmp_path: Path, commands: list[Command]
         live.stop(timeout=1)
 
 
-def _check_ejection_line(c: Command, dead: str) -> None:
+def _check_ejection_line(c: OxypyProcess, dead: str) -> None:
     line = c.wait_for(
         lambda: re.search(
             rf"WARNING oxypy\.balancer: upstream {dead} ejected: .*$", c.stderr(), re.M
@@ -258,7 +196,7 @@ service = "api"
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["serve", "run"])
 def test_server_state_changes_are_logged_by_serve_and_run(
-    command: str, tmp_path: Path, commands: list[Command]
+    command: str, tmp_path: Path, oxypy: Callable[..., OxypyProcess]
 ) -> None:
     """The balancer's lines come from the library: a gateway built in Python
     (``oxypy serve``) or from a file (``oxypy run``) logs them too."""
@@ -275,8 +213,7 @@ def test_server_state_changes_are_logged_by_serve_and_run(
         else:
             (tmp_path / "gateway.toml").write_text(GATEWAY_TOML.format(**urls))
             argv = ["run", str(tmp_path / "gateway.toml"), "--no-watch"]
-        c = Command([*argv, "--log-level", "info", "--log-format", "json"], tmp_path)
-        commands.append(c)
+        c = oxypy(*argv, "--log-level", "info", "--log-format", "json", cwd=tmp_path)
         statuses = {HTTP.request("GET", c.url + "/").status for _ in range(4)}
         assert 200 in statuses
         c.wait_for(lambda: '"event": "unhealthy"' in c.stderr())

@@ -30,7 +30,7 @@ from oxypy import ConfigFileError, Gateway, Server, load_config
 from oxypy.config import chain_blocks, reference_markdown
 
 import _servers
-from _servers import start_pywsgi, url_of
+from _servers import OxypyProcess, start_pywsgi, url_of
 from _ws import WSEchoUpstream
 
 REPO = Path(__file__).resolve().parent.parent
@@ -625,41 +625,27 @@ def test_file_watcher_reloads_on_change(
     assert gateway.reloads == {"success": 2, "error": 0}
 
 
-def test_oxypy_run_reloads_on_sighup_under_load(tmp_path: Path, upstreams: dict[str, str]) -> None:
+def test_oxypy_run_reloads_on_sighup_under_load(
+    tmp_path: Path, upstreams: dict[str, str], oxypy: Callable[..., OxypyProcess]
+) -> None:
     path = tmp_path / "gw.toml"
     listener = '[[listeners]]\naddress = "127.0.0.1:0"\n'
     path.write_text(listener + _versioned(upstreams, 0))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "oxypy", "run", str(path), "--no-watch"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
+    proc = oxypy("run", str(path), "--no-watch")
+    client = KeepAlive(int(proc.url.rsplit(":", 1)[1]), "/api/x")
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        port = int(re.search(r" on http://127\.0\.0\.1:(\d+)", line)[1])  # type: ignore[index]
-        client = KeepAlive(port, "/api/x")
-        try:
-            for n in range(1, 21):
-                path.write_text(listener + _versioned(upstreams, n))
-                proc.send_signal(signal.SIGHUP)
-                wait_for(lambda n=n: bool(client.gens) and client.gens[-1] == str(n))  # type: ignore[misc]
-        finally:
-            client.stop()
-        assert client.errors == []
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
-        assert proc.returncode == 0
-        assert err.count("reloaded: 0 listener") == 0
-        assert err.count(" reloaded: 1 listener(s), 1 route(s), 2 service(s)") == 20
-        assert "Traceback" not in err
+        for n in range(1, 21):
+            path.write_text(listener + _versioned(upstreams, n))
+            proc.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda n=n: bool(client.gens) and client.gens[-1] == str(n))  # type: ignore[misc]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        client.stop()
+    assert client.errors == []
+    proc.stop(timeout=20)
+    err = proc.stderr()
+    assert err.count("reloaded: 0 listener") == 0
+    assert err.count(" reloaded: 1 listener(s), 1 route(s), 2 service(s)") == 20
+    assert "Traceback" not in err
 
 
 def test_a_broken_file_on_reload_keeps_the_old_config(
@@ -1160,7 +1146,7 @@ service = "a"
 
 
 def test_oxypy_run_shows_redis_failing_open_on_stderr(
-    tmp_path: Path, upstreams: dict[str, str]
+    tmp_path: Path, upstreams: dict[str, str], oxypy: Callable[..., OxypyProcess]
 ) -> None:
     """The command makes the library's WARNING lines visible: a RateLimit whose
     Redis is down lets requests through and says so on stderr, once."""
@@ -1181,32 +1167,13 @@ service = "api"
 chain = [{{ block = "RateLimit", rates = [{{ average = 10, period = "1s" }}], store = {store} }}]
 """
         )
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "oxypy", "run", str(path), "--no-watch"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-            text=True,
-        )
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            port = int(re.search(r" on http://127\.0\.0\.1:(\d+)", line)[1])  # type: ignore[index]
-            for _ in range(3):
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-                conn.request("GET", "/x")
-                resp = conn.getresponse()
-                assert resp.status == 200
-                assert json.loads(resp.read())["app"] == "api1"
-                conn.close()
-            proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    assert proc.returncode == 0
+        proc = oxypy("run", str(path), "--no-watch")
+        for _ in range(3):
+            resp = proc.get("/x")
+            assert resp.status == 200
+            assert json.loads(resp.data)["app"] == "api1"
+        proc.stop(timeout=20)
+    err = proc.stderr()
     lines = [ln for ln in err.splitlines() if "unavailable" in ln]
     assert len(lines) == 1, err  # logged at most every log_interval, not per request
     assert f"WARNING oxypy.redis: Redis at {redis_url} unavailable" in lines[0]
