@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -79,6 +80,75 @@ def _w3c(propagator: Any) -> tuple[bool, bool]:
     ):
         return False, False
     return True, W3CBaggagePropagator in kinds
+
+
+#: The parents a sampler tells apart: none (a root span), remote sampled,
+#: remote not sampled, local sampled, local not sampled.
+_ROOT, _REMOTE_SAMPLED, _REMOTE_UNSAMPLED, _LOCAL_SAMPLED, _LOCAL_UNSAMPLED = range(5)
+
+
+def _drop_rule(tracer: Any) -> tuple[bool, ...] | None:
+    """Which parents the SDK tracer's sampler drops whatever the span's attributes.
+
+    A tuple of five booleans indexed by ``_ROOT``... (True: that span is
+    dropped), or None when the block cannot know: any tracer but the SDK's
+    own ``Tracer`` with its ``RandomIdGenerator`` and no span metrics, any
+    sampler but ``ALWAYS_OFF``, ``ALWAYS_ON`` and ``ParentBased`` (whatever
+    its name) made of those two (a ``TraceIdRatioBased`` delegate decides
+    from a trace id of the SDK's own making, so it is unknown here, as is
+    every sampler of the user's, which must see the attributes).
+    """
+    try:
+        from opentelemetry.sdk.trace import Tracer, sampling
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+    except ImportError:
+        return None
+    if type(tracer) is not Tracer or type(tracer.id_generator) is not RandomIdGenerator:
+        return None
+    # The SDK's own span metrics (OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED)
+    # count every span started: then each must go through it.
+    metrics = getattr(tracer, "_tracer_metrics", None)
+    if metrics is not None and type(metrics).__name__ != "NoOpTracerMetrics":
+        return None
+
+    def static(sampler: Any) -> bool | None:
+        """True: drops; False: records; None: not one of the SDK's static samplers."""
+        if type(sampler) is not sampling.StaticSampler:
+            return None
+        return {"AlwaysOffSampler": True, "AlwaysOnSampler": False}.get(sampler.get_description())
+
+    sampler = tracer.sampler
+    decision = static(sampler)
+    if decision is not None:
+        return (True,) * 5 if decision else None
+    parent_based = tuple(
+        kind
+        for kind in (
+            getattr(sampling, name, None)
+            for name in (
+                "ParentBased",
+                "ParentBasedTraceIdRatio",
+                "_ParentBasedAlwaysOff",
+                "_ParentBasedAlwaysOn",
+            )
+        )
+        if isinstance(kind, type)
+    )
+    if type(sampler) not in parent_based:
+        return None
+    # The API offers no public view of ParentBased's delegates.
+    delegates = (
+        "_root",
+        "_remote_parent_sampled",
+        "_remote_parent_not_sampled",
+        "_local_parent_sampled",
+        "_local_parent_not_sampled",
+    )
+    rule = tuple(static(getattr(sampler, name, None)) for name in delegates)
+    if not any(rule):
+        return None  # nothing it drops for sure
+    # A delegate this block cannot read (a ratio) is "not known to drop".
+    return tuple(bool(drops) for drops in rule)
 
 
 def tracer_provider_from_env() -> Any:
@@ -226,8 +296,9 @@ class _Telemetry:
         self.block = block
         self.span = span
         self.context = context
-        #: (record, span, start in epoch ns, start in monotonic seconds) per attempt.
-        self.clients: list[tuple[Exchange, Any, int, float]] = []
+        #: (record, span, start in epoch ns, start in monotonic seconds) per
+        #: attempt; None until the first (a dropped trace never has one).
+        self.clients: list[tuple[Exchange, Any, int, float]] | None = None
         #: The propagation headers of an unsampled request (the same for every attempt).
         self.unsampled: list[tuple[str, str]] | None = None
         #: Whether ``traceparent`` is formatted here (the W3C propagator, no
@@ -295,7 +366,10 @@ class _Telemetry:
             attributes=attributes,
             start_time=started,
         )
-        self.clients.append((record, span, started, time.monotonic()))
+        clients = self.clients
+        if clients is None:
+            clients = self.clients = []
+        clients.append((record, span, started, time.monotonic()))
         headers.extend(self.propagation(span))
         return headers
 
@@ -327,7 +401,7 @@ class _Telemetry:
         span = self.span
         now = time.time_ns()
         block = self.block
-        for record, client, started, mono in self.clients:
+        for record, client, started, mono in self.clients or ():
             if client.is_recording():
                 block.settle_client(client, record)
             ended = record.ended
@@ -394,9 +468,21 @@ class OpenTelemetry:
     the default W3C propagator and nothing else to send, ``traceparent`` is
     formatted by the block itself, byte for byte as the propagator would
     (any other propagator, ``tracestate`` or baggage goes through the
-    propagators API).  While
-    the next app is called the SERVER span is the current span, so spans
-    an application below starts are its children.
+    propagators API).  While the next app is called the SERVER span is the
+    current span, so spans an application below starts are its children
+    (an unsampled one included).
+
+    Sampling: the tracer's sampler decides each SERVER span, with every
+    request attribute.  When it is the SDK's own tracer (its
+    ``RandomIdGenerator``, no SDK span metrics) and a sampler that drops
+    whatever the attributes (``ALWAYS_OFF``, or a ``ParentBased`` of the
+    SDK's ``ALWAYS_ON``/``ALWAYS_OFF``: ``parentbased_always_off`` for a
+    new trace, any ``ParentBased`` for an unsampled parent), the block
+    makes the dropped span itself, as the SDK would (fresh random ids, or
+    the parent's trace id and trace state; flags not sampled, with the
+    random-trace-id flag), without building its attributes; this is
+    checked against the SDK once when the block is built.  Any other
+    sampler, a ratio or the user's own, sees every attribute as before.
 
     **Reads** the request head, ``REMOTE_ADDR``, ``wsgi.url_scheme``,
     ``RAW_URI``; **writes** ``environ["oxypy.otel"]`` (read by Forward,
@@ -468,6 +554,95 @@ class OpenTelemetry:
         self.client_kind = trace.SpanKind.CLIENT
         self._status = trace.Status
         self._error = trace.StatusCode.ERROR
+        self._span_context = trace.SpanContext
+        self._non_recording = trace.NonRecordingSpan
+        self._flags = trace.TraceFlags
+        #: The flags of a dropped span: not sampled, with the parent's (or
+        #: for a root span the id generator's) random-trace-id flag.
+        self._unsampled = trace.TraceFlags(trace.TraceFlags.DEFAULT)
+        self._unsampled_random = trace.TraceFlags(0x02)  # W3C level 2's random-trace-id
+        #: Which requests the sampler drops whatever their attributes (see
+        #: _drop_rule): those get their span here, without the SDK's start_span.
+        self._drops = _drop_rule(self.tracer)
+        self._enabled: Any = getattr(self.tracer, "_is_enabled", None)
+        if self._drops is not None and not self._drops_as_the_sdk():
+            self._drops = None
+
+    def _dropped(self, parent: Any) -> Any:
+        """The span of a request the sampler drops, made as the SDK makes it; None otherwise.
+
+        Only for the SDK's tracer and samplers (:func:`_drop_rule`), which
+        decide from the parent alone: a fresh random trace id for a root span
+        (or the parent's trace id, trace state and random-trace-id flag), a
+        fresh random span id, the sampled flag clear.
+        """
+        drops = self._drops
+        if drops is None or (self._enabled is not None and not self._enabled()):
+            return None
+        found = self._current_span(parent).get_span_context()
+        if found is None or not found.is_valid:
+            if not drops[_ROOT]:
+                return None
+            trace_id = random.getrandbits(128)
+            while not trace_id:
+                trace_id = random.getrandbits(128)
+            flags, state = self._unsampled_random, None
+        else:
+            sampled = found.trace_flags.sampled
+            if found.is_remote:
+                which = _REMOTE_SAMPLED if sampled else _REMOTE_UNSAMPLED
+            else:
+                which = _LOCAL_SAMPLED if sampled else _LOCAL_UNSAMPLED
+            if not drops[which]:
+                return None
+            trace_id, state = found.trace_id, found.trace_state
+            flags = self._unsampled_random if found.trace_flags & 0x02 else self._unsampled
+        span_id = random.getrandbits(64)
+        while not span_id:
+            span_id = random.getrandbits(64)
+        return self._non_recording(self._span_context(trace_id, span_id, False, flags, state))
+
+    def _drops_as_the_sdk(self) -> bool:
+        """Whether :meth:`_dropped` gives what the SDK's ``start_span`` gives, for each parent.
+
+        Checked once with this SDK: same recording state, trace flags, trace
+        state and trace-id continuation (the ids themselves are random).
+        """
+        from opentelemetry.context import Context
+        from opentelemetry.trace import TraceState
+
+        drops = self._drops
+        assert drops is not None
+        probes: list[tuple[Any, bool]] = []
+        if drops[_ROOT]:
+            probes.append((Context(), False))
+        state = TraceState([("oxypy", "probe")])
+        for which, remote, sampled in (
+            (_REMOTE_SAMPLED, True, True),
+            (_REMOTE_UNSAMPLED, True, False),
+            (_LOCAL_SAMPLED, False, True),
+            (_LOCAL_UNSAMPLED, False, False),
+        ):
+            if not drops[which]:
+                continue
+            for random_id in (False, True):
+                flags = self._flags((1 if sampled else 0) | (2 if random_id else 0))
+                found = self._span_context(0x5EED, 0x5EED, remote, flags, state)
+                probes.append((self.with_span(self._non_recording(found)), True))
+        for context, child in probes:
+            theirs = self.tracer.start_span("probe", context=context, kind=self.server_kind)
+            mine = self._dropped(context)
+            if mine is None or theirs.is_recording() or mine.is_recording():
+                return False
+            a, b = theirs.get_span_context(), mine.get_span_context()
+            if (a.trace_flags, a.trace_state, a.is_remote, a.is_valid) != (
+                b.trace_flags,
+                b.trace_state,
+                b.is_remote,
+                b.is_valid,
+            ) or (child and a.trace_id != b.trace_id):
+                return False
+        return True
 
     def sent_by_client(self, environ: WSGIEnvironment) -> bool:
         """Whether the request carries a header the propagator writes."""
@@ -504,16 +679,27 @@ class OpenTelemetry:
         raw_method = environ.get("REQUEST_METHOD", "")
         method = raw_method if raw_method in _METHODS else "_OTHER"
         peer = environ.get("REMOTE_ADDR")
-        parent = None
+        sent = self.sent_by_client(environ)
+        trusted = sent and (self.trust_incoming or self.trusted.trusts(peer))
+        parent = self.propagator.extract(environ, getter=_GETTER) if trusted else None
+        # A request the SDK's sampler drops whatever its attributes gets its
+        # span here, without them (nor the link to an untrusted client's trace
+        # context, which a dropped span does not keep).
+        span = self._dropped(parent)
+        if span is not None:
+            context = self.with_span(span, parent)
+            environ[keys.OTEL] = _Telemetry(self, span, context)
+            token = self._attach(context)
+            try:
+                return self.next_app(environ, start_response)
+            finally:
+                self._detach(token)
         links = None
-        if self.sent_by_client(environ):
+        if sent and not trusted:
             incoming = self.propagator.extract(environ, getter=_GETTER)
-            if self.trust_incoming or self.trusted.trusts(peer):
-                parent = incoming
-            else:
-                found = self._current_span(incoming).get_span_context()
-                if found.is_valid:
-                    links = [self._link(found, {UNTRUSTED: True})]
+            found = self._current_span(incoming).get_span_context()
+            if found.is_valid:
+                links = [self._link(found, {UNTRUSTED: True})]
         # Every request attribute is given at the start (the semantic
         # conventions' sampling-relevant ones, and one call into the SDK instead
         # of two for a span that records).

@@ -32,10 +32,20 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, Decision, Sampler, SamplingResult
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    SamplingResult,
+    StaticSampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -994,6 +1004,209 @@ def test_the_sampler_sees_every_request_attribute(proxy: Any, echo_upstream: str
         }
     ]
     assert dict(server.attributes or {}) == {**sampler.seen[0], "http.response.status_code": 200}
+
+
+# --------------------------------------------------------------------------- dropping samplers
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> Callable[[], list[str]]:
+    """Count the SDK's ``start_span`` calls from now on (each still runs): ``calls = started()``."""
+
+    def start() -> list[str]:
+        calls: list[str] = []
+        original = Tracer.start_span
+
+        def counted(self: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return original(self, name, *args, **kwargs)
+
+        monkeypatch.setattr(Tracer, "start_span", counted)
+        return calls
+
+    return start
+
+
+def sdk_dropped(provider: TracerProvider, context: Context) -> trace.SpanContext:
+    """The span context the SDK's own ``start_span`` makes for a dropped span under ``context``."""
+    span = provider.get_tracer("t").start_span("GET", context=context, kind=SpanKind.SERVER)
+    assert not span.is_recording()
+    return span.get_span_context()
+
+
+def below_and_lines(
+    proxy: Any, echo_upstream: str, provider: TracerProvider, **options: Any
+) -> tuple[str, list[trace.SpanContext], list[str], Trace]:
+    """A proxy: Trace -> OpenTelemetry -> an app noting the current span -> Forward."""
+    seen: list[trace.SpanContext] = []
+    forward = Forward(echo_upstream)
+
+    def below(environ: dict[str, Any], start_response: Any) -> Any:
+        seen.append(trace.get_current_span().get_span_context())
+        return forward(environ, start_response)
+
+    lines: list[str] = []
+    app = Trace(OpenTelemetry(below, tracer_provider=provider, **options), sink=lines.append)
+    return proxy(app), seen, lines, app
+
+
+@pytest.mark.parametrize("sampler", [ALWAYS_OFF, ParentBased(ALWAYS_OFF)], ids=["off", "parent"])
+def test_a_dropping_sdk_sampler_skips_start_span_and_sends_what_the_sdk_would(
+    proxy: Any, echo_upstream: str, started: Callable[[], list[str]], sampler: Sampler
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    url, seen, lines, app = below_and_lines(proxy, echo_upstream, provider)
+    calls = started()
+    expected = sdk_dropped(provider, Context())
+    try:
+        sent = [traceparent(sent_headers(HTTP.request("GET", url + "/d"))["traceparent"])]
+        sent.append(traceparent(sent_headers(HTTP.request("GET", url + "/d"))["traceparent"]))
+        wait_for(lambda: len(lines) == 2)
+    finally:
+        app.close()
+        provider.shutdown()
+    assert calls == ["GET"]  # only the SDK's own span above, none by the block
+    assert exporter.get_finished_spans() == ()
+    assert [flags for _, _, flags in sent] == [int(expected.trace_flags)] * 2 == [0x02] * 2
+    assert sent[0][0] != sent[1][0] and sent[0][1] != sent[1][1]  # fresh ids per request
+    # The unsampled SERVER span is the current span below and the upstream's parent.
+    assert [(s.trace_id, s.span_id, s.is_remote, s.trace_state) for s in seen] == [
+        (int(t, 16), int(p, 16), False, expected.trace_state) for t, p, _ in sent
+    ]
+    assert [(json.loads(x)["trace_id"], json.loads(x)["span_id"]) for x in lines] == [
+        (t, p) for t, p, _ in sent
+    ]
+
+
+@pytest.mark.parametrize("flags", ["00", "02"])
+def test_a_dropped_trusted_parent_is_continued_as_the_sdk_does(
+    proxy: Any, echo_upstream: str, started: Callable[[], list[str]], flags: str
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBasedTraceIdRatio(1.0))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    url, seen, _, app = below_and_lines(proxy, echo_upstream, provider, trust_incoming=True)
+    calls = started()
+    incoming = {"traceparent": f"00-{TRACE_ID}-{SPAN_ID}-{flags}", "tracestate": "vendor=opaque"}
+    parent = propagate.extract(incoming)
+    expected = sdk_dropped(provider, parent)
+    try:
+        sent = sent_headers(HTTP.request("GET", url + "/p", headers=incoming))
+    finally:
+        app.close()
+        provider.shutdown()
+    assert calls == ["GET"]
+    assert exporter.get_finished_spans() == ()
+    trace_id, span_id, sent_flags = traceparent(sent["traceparent"])
+    assert (trace_id, sent_flags) == (TRACE_ID, int(expected.trace_flags)) == (TRACE_ID, int(flags))
+    assert span_id != SPAN_ID and sent["tracestate"] == "vendor=opaque"
+    (below,) = seen
+    assert (below.trace_id, below.span_id, below.trace_state) == (
+        expected.trace_id,
+        int(span_id, 16),
+        expected.trace_state,
+    )
+
+
+class _Off(StaticSampler):
+    """A user's subclass of the SDK's sampler: it might read the attributes."""
+
+
+class _DropsSeen(_Seen):
+    """Records the attributes it is asked about, drops everything."""
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        super().should_sample(*args, **kwargs)
+        return SamplingResult(Decision.DROP)
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        pytest.param(_DropsSeen(), id="custom"),
+        pytest.param(ParentBased(_DropsSeen()), id="custom-root"),
+        pytest.param(_Off(Decision.DROP), id="subclass-of-the-sdks"),
+        pytest.param(ParentBasedTraceIdRatio(0.0), id="ratio"),
+        pytest.param(TraceIdRatioBased(0.0), id="ratio-alone"),
+    ],
+)
+def test_other_samplers_still_decide_with_the_attributes(
+    proxy: Any, echo_upstream: str, started: Callable[[], list[str]], sampler: Sampler
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    url, seen, _, app = below_and_lines(proxy, echo_upstream, provider)
+    calls = started()
+    try:
+        r = HTTP.request("GET", url + "/health", headers={"User-Agent": "kube-probe/1.30"})
+        sent = traceparent(sent_headers(r)["traceparent"])
+    finally:
+        app.close()
+        provider.shutdown()
+    assert calls == ["GET"]  # the block asked the SDK
+    assert exporter.get_finished_spans() == ()
+    assert sent[2] == 0x02 and int(sent[0], 16) == seen[0].trace_id
+    asked = getattr(sampler, "seen", None) or getattr(getattr(sampler, "_root", None), "seen", None)
+    if asked is not None:
+        assert [(a["url.path"], a["user_agent.original"]) for a in asked] == [
+            ("/health", "kube-probe/1.30")
+        ]
+
+
+def test_a_sampled_trusted_parent_or_sdk_span_metrics_take_the_sdk_path(
+    proxy: Any,
+    echo_upstream: str,
+    started: Callable[[], list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+    counted = TracerProvider(sampler=ALWAYS_OFF)
+    apps = [
+        OpenTelemetry(Forward(echo_upstream), tracer_provider=provider, trust_incoming=True),
+        OpenTelemetry(Forward(echo_upstream), tracer_provider=counted),
+    ]
+    urls = [proxy(app) for app in apps]
+    calls = started()
+    try:
+        incoming = {"traceparent": INCOMING["traceparent"]}  # sampled
+        sent = traceparent(
+            sent_headers(HTTP.request("GET", urls[0], headers=incoming))["traceparent"]
+        )
+        spans = finished(exporter, 2)
+        assert sent[:2] == (TRACE_ID, ids(client_spans(spans)[0])[1])
+        dropped = traceparent(sent_headers(HTTP.request("GET", urls[1]))["traceparent"])
+        assert dropped[2] == 0x02
+    finally:
+        provider.shutdown()
+        counted.shutdown()
+    assert calls == ["GET", "GET", "GET"]  # SERVER and CLIENT spans, then the counted root
+
+
+def test_sampled_sdk_samplers_are_not_shortcut(
+    proxy: Any, echo_upstream: str, started: Callable[[], list[str]]
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(ALWAYS_ON))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    url = proxy(
+        OpenTelemetry(Forward(echo_upstream), tracer_provider=provider, trust_incoming=True)
+    )
+    calls = started()
+    try:
+        HTTP.request("GET", url + "/on")
+        spans = finished(exporter, 2)
+        dropped = {"traceparent": f"00-{TRACE_ID}-{SPAN_ID}-00"}
+        sent = traceparent(sent_headers(HTTP.request("GET", url, headers=dropped))["traceparent"])
+    finally:
+        provider.shutdown()
+    assert len(spans) == 2 and calls == ["GET", "GET"]  # the unsampled parent: no call
+    assert sent[0] == TRACE_ID and sent[2] == 0
 
 
 def test_config_otel_table_wraps_the_routes_and_checks_its_keys(
