@@ -163,6 +163,21 @@ class Results:
         vals = [op(a, b) for a, b in zip(mine, theirs, strict=True) if a is not None and b]
         return statistics.median(vals) if vals else None
 
+    def diffs(self, chain: str, metric: str, base: str = BASE) -> list[float]:
+        """``chain``'s value minus ``base``'s from the same round, for each round with both."""
+        mine, theirs = self._row(chain, metric), self._row(base, metric)
+        if not mine or not theirs:
+            return []
+        return [a - b for a, b in zip(mine, theirs, strict=True) if a is not None and b]
+
+    def spread(self, chain: str, metric: str, base: str = BASE) -> str:
+        """The 25th-75th percentile of the per-round differences (3 rounds or more)."""
+        vals = self.diffs(chain, metric, base)
+        if len(vals) < 3:
+            return "-"
+        q1, _, q3 = statistics.quantiles(vals, n=4, method="inclusive")
+        return f"{q1:+.1f} to {q3:+.1f}"
+
     def ratio(self, chain: str, metric: str, base: str = BASE) -> float | None:
         return self.paired(chain, metric, base, lambda a, b: a / b)
 
@@ -409,19 +424,21 @@ def tables(s: Settings, r: Results) -> list[str]:
             "",
             "CPU µs/req = the proxy's utime+stime (its process tree, from /proc) per request; "
             "cost = that minus bare Forward's in the same round; ×fwd = req/s over bare "
-            "Forward's in the same round (both medians over rounds).",
+            "Forward's in the same round (both medians over rounds); spread = the 25th-75th "
+            "percentile of the per-round costs.",
             "",
-            "| chain | req/s | ×fwd | p50 ms | p99 ms | CPU µs/req | cost µs/req |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| chain | req/s | ×fwd | p50 ms | p99 ms | CPU µs/req | cost µs/req | spread |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for n in names:
             if "rps" not in r.values.get(n, {}):
                 continue
             cost = "-" if n == BASE else f_opt(r.diff(n, "cpu"), "{:+.1f}")
+            spread = "-" if n == BASE else r.spread(n, "cpu")
             out.append(
                 f"| {n} | {r.cell(n, 'rps', f_int)} | {f_opt(r.ratio(n, 'rps'), '{:.3f}')} | "
                 f"{r.cell(n, 'p50', f_ms)} | {r.cell(n, 'p99', f_ms)} | "
-                f"{r.cell(n, 'cpu', f_1)} | {cost} |"
+                f"{r.cell(n, 'cpu', f_1)} | {cost} | {spread} |"
             )
         out.append("")
         counted = [n for n in names if "redis" in r.values.get(n, {})]
@@ -519,6 +536,18 @@ def goals(s: Settings, r: Results) -> list[str]:
             "{:+.1f}",
             lambda v: v <= 3,
         )
+        row(
+            "#16 OpenTelemetry, a sampler that drops: cost ≤ 15 µs (µs/req)",
+            r.diff("otel_drop", "cpu"),
+            "{:+.1f}",
+            lambda v: v <= 15,
+        )
+        row(
+            "#16 OpenTelemetry, every span batched: cost ≤ 60 µs (µs/req)",
+            r.diff("otel_batch", "cpu"),
+            "{:+.1f}",
+            lambda v: v <= 60,
+        )
         row("#6 RateLimit (memory) cost (µs/req)", r.diff("ratelimit_mem", "cpu"), "{:+.1f}", None)
         row("#6 RateLimit (Redis) cost (µs/req)", r.diff("ratelimit_redis", "cpu"), "{:+.1f}", None)
     if "upload" in s.only:
@@ -537,7 +566,7 @@ def goals(s: Settings, r: Results) -> list[str]:
     rows = [x for x in rows if x[1] != "-"]
     if not rows:
         return []
-    out = ["### Issues 3, 4, 6 and 15", "", "| ask | measured | met |", "|---|---:|:---:|"]
+    out = ["### Issues 3, 4, 6, 14, 15 and 16", "", "| ask | measured | met |", "|---|---:|:---:|"]
     out += [f"| {label} | {value} | {met} |" for label, value, met in rows]
     return [*out, ""]
 
