@@ -8,8 +8,11 @@ for the CLIENT span exactly as Forward does (no socket), with and without
 the block, and reports process CPU µs per request over the bare stand-in
 (``time.process_time()``: other processes' load does not count): best of 7
 runs of 20,000 requests (a ``gevent.sleep(0)`` every 64, so the batch
-exporter's greenlet runs).  ``SDK floor`` is what the SDK alone costs for
-the same two spans with the same attributes (start, end, batch processor);
+exporter's greenlet runs).  The dropping cases: ``ParentBased(ALWAYS_OFF)``,
+whose dropped spans the block makes itself, and a ratio sampler that drops
+everything, which the SDK decides with every attribute.  ``SDK floor`` is
+what the SDK alone costs for the same two spans with the same attributes
+(start, end, batch processor);
 ``SDK calls`` is the SDK making the calls any instrumentation of a proxy
 must (the response status set when it is known, the CLIENT span a child of
 the SERVER span, explicit times): the part of ``batch`` no code of oxypy's
@@ -35,7 +38,12 @@ from opentelemetry.sdk.trace.export import (  # noqa: E402
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased  # noqa: E402
+from opentelemetry.sdk.trace.sampling import (  # noqa: E402
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    ParentBasedTraceIdRatio,
+)
 from opentelemetry.trace import SpanKind  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -194,6 +202,7 @@ def sdk_calls(provider: Any) -> float:
 
 def main() -> None:
     drop = TracerProvider(sampler=ParentBased(ALWAYS_OFF))
+    ratio = TracerProvider(sampler=ParentBasedTraceIdRatio(0.0))
     batch = TracerProvider(sampler=ALWAYS_ON)
     batch.add_span_processor(BatchSpanProcessor(NullExporter(), max_queue_size=1 << 16))
     base = requests(forward_like)
@@ -201,6 +210,10 @@ def main() -> None:
         (
             "sampler drops (ParentBased(ALWAYS_OFF))",
             requests(OpenTelemetry(forward_like, tracer_provider=drop)) - base,
+        ),
+        (
+            "ratio sampler dropping (ParentBasedTraceIdRatio(0)): the SDK decides",
+            requests(OpenTelemetry(forward_like, tracer_provider=ratio)) - base,
         ),
         (
             "every span, BatchSpanProcessor",
