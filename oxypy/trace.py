@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from functools import partial
 from typing import Any
 
 from . import environ as keys
@@ -71,18 +72,35 @@ def tls_info(environ: WSGIEnvironment) -> dict[str, str] | None:
     ``SSL_CIPHER`` keys first, then an :class:`ssl.SSLSocket` the server puts
     in the environ (``gunicorn.socket``; ``oxypy.serve`` sets ``SSL_PROTOCOL``).
     """
+    return _tls_from(_tls_raw(environ))
+
+
+def _tls_raw(environ: WSGIEnvironment) -> tuple[Any, Any] | None:
+    """``(version, cipher)`` as the server exposes them (read on the request path).
+
+    Only the rare ``gunicorn.socket`` case asks the socket; the names are
+    normalized later, by :func:`_tls_from`, off the request path.
+    """
     version = environ.get("SSL_PROTOCOL")
+    if version:
+        return version, environ.get("SSL_CIPHER")
     cipher = environ.get("SSL_CIPHER")
-    if not version:
-        sock = environ.get("gunicorn.socket")
-        get_version = getattr(sock, "version", None)
-        if get_version is not None:
-            try:
-                version = get_version()
-                found = sock.cipher()  # type: ignore[union-attr]
-                cipher = found[0] if found else cipher
-            except (OSError, ValueError, AttributeError):
-                version = None
+    sock = environ.get("gunicorn.socket")
+    get_version = getattr(sock, "version", None)
+    if get_version is not None:
+        try:
+            version = get_version()
+            found = sock.cipher()  # type: ignore[union-attr]
+            cipher = found[0] if found else cipher
+        except (OSError, ValueError, AttributeError):
+            version = None
+    return (version, cipher) if version else None
+
+
+def _tls_from(raw: tuple[Any, Any] | None) -> dict[str, str] | None:
+    if raw is None:
+        return None
+    version, cipher = raw
     name = tls_version_name(version)
     if name is None:
         return None
@@ -151,63 +169,105 @@ class _CountingInput:
         return getattr(self.stream, name)
 
 
+#: A field the request did not have (the record leaves its key out).
+_ABSENT: Any = object()
+
+_escape = json.encoder.encode_basestring_ascii
+
+
+def _value(value: Any) -> str:
+    """``value`` in JSON exactly as :data:`_ENCODE` writes it (str, int, float and None inline)."""
+    kind = value.__class__
+    if kind is str:
+        return _escape(value)
+    if value is None:
+        return "null"
+    if kind is int or (kind is float and value - value == 0.0):  # finite floats only
+        return repr(value)
+    return _ENCODE(value)
+
+
 class _Request:
-    """Per-request state: the record begun at the call, finished when the body closes."""
+    """Per-request state: raw fields taken at the call and when the body closes.
 
-    __slots__ = ("trace", "record", "started", "input")
+    The request path only reads plain values (no reference to the environ,
+    the exception or the exchanges: the record is a tuple of strings, numbers
+    and tuples, which the garbage collector stops tracking); the writer renders
+    it into the JSON line (:func:`_render`), a batch at a time.
+    """
 
-    def __init__(self, trace: Trace, record: dict[str, Any]) -> None:
+    __slots__ = ("trace", "start", "started", "input")
+
+    def __init__(self, trace: Trace, environ: WSGIEnvironment) -> None:
         self.trace = trace
-        self.record = record
+        url = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+        if not url:
+            url = _url_of(environ)
+        headers = trace.request_headers
+        #: (epoch, peer, X-Forwarded-For, url, method, host, proto, request header values, tls)
+        self.start = (
+            trace.wall_clock(),
+            environ.get("REMOTE_ADDR"),
+            environ.get("HTTP_X_FORWARDED_FOR") if trace.trusted is not None else None,
+            url,
+            environ.get("REQUEST_METHOD"),
+            environ.get("HTTP_HOST") or environ.get("SERVER_NAME"),
+            environ.get("SERVER_PROTOCOL"),
+            tuple([environ.get(key, _ABSENT) for _, key in headers]) if headers else None,
+            _tls_raw(environ)
+            if "SSL_PROTOCOL" in environ or "gunicorn.socket" in environ
+            else None,
+        )
         self.started = trace.clock()
         self.input: _CountingInput | None = None
 
     def finish(self, seen: Observation) -> None:
         try:
-            self.trace.emit(self.build(seen))
+            record = self.take(seen)
         except Exception:  # noqa: BLE001 - tracing must never break a response
             log.warning("could not build the trace record", exc_info=True)
+            return
+        self.trace._writer.put(record)
 
-    def build(self, seen: Observation) -> dict[str, Any]:
-        trace, environ, record = self.trace, seen.environ, self.record
-        record["duration_ms"] = round((trace.clock() - self.started) * 1000.0, 3)
-        if keys.REQUEST_ID in environ:
-            record["request_id"] = environ[keys.REQUEST_ID]
-        if self.input is not None:
-            record["request_bytes"] = self.input.count
-        record["response_bytes"] = seen.bytes_sent
-        if trace.response_headers:
-            record["response_headers"] = self.pick_headers(seen.headers)
+    def take(self, seen: Observation) -> tuple[Any, ...]:
+        """The record's raw fields, once the response is finished (its outcome decided here)."""
+        trace, environ = self.trace, seen.environ
+        duration = trace.clock() - self.started
+        input_ = self.input
+        self.input = None
         outcome = seen.outcome()
-        record["status"] = outcome.status
-        if outcome.status_sent is not None:
-            record["status_sent"] = outcome.status_sent
-        if outcome.error is not None:
-            record["error"] = outcome.error_kind
-            record.update(_detail(outcome.error))
-        exchanges = outcome.exchanges
-        if exchanges:
-            record["upstream"] = [
-                {
-                    "target": ex.target,
-                    "status": ex.status,
-                    "duration_ms": round(((ex.ended or ex.started) - ex.started) * 1000.0, 3),
-                    "bytes": ex.bytes_received,
-                    **({"error": error_kind(ex.error)} if ex.error is not None else {}),
-                    **_detail(ex.error),
-                }
-                for ex in exchanges
-            ]
-            record["target"] = exchanges[-1].target
-        record["attempts"] = len(exchanges)
-        if keys.ATTEMPT in environ:
-            record["attempt"] = environ[keys.ATTEMPT]
+        error = outcome.error
         telemetry: Telemetry | None = environ.get(keys.OTEL)
-        if telemetry is not None:
-            ids = telemetry.ids()
-            if ids is not None:
-                record["trace_id"], record["span_id"] = ids
-        return record
+        exchanges = outcome.exchanges
+        return (
+            self.start,
+            round(duration * 1000.0, 3),
+            environ.get(keys.REQUEST_ID, _ABSENT),
+            _ABSENT if input_ is None else input_.count,
+            seen.bytes_sent,
+            self.pick_headers(seen.headers) if trace.response_headers else None,
+            outcome.status,
+            outcome.status_sent,
+            None if error is None else outcome.error_kind,
+            None if error is None else _detail_of(error),
+            tuple(
+                [
+                    (
+                        ex.target,
+                        ex.status,
+                        round(((ex.ended or ex.started) - ex.started) * 1000.0, 3),
+                        ex.bytes_received,
+                        None if ex.error is None else error_kind(ex.error),
+                        None if ex.error is None else _detail_of(ex.error),
+                    )
+                    for ex in exchanges
+                ]
+            )
+            if exchanges
+            else (),
+            environ.get(keys.ATTEMPT, _ABSENT),
+            None if telemetry is None else telemetry.ids(),
+        )
 
     def pick_headers(self, headers: list[tuple[str, str]]) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -305,7 +365,11 @@ class Trace:
         self.clock = clock
         self.wall_clock = wall_clock
         self.skip = skip
-        self._writer = TraceWriter(sys.stderr if sink is None else sink, queue_size)
+        self._writer = TraceWriter(
+            sys.stderr if sink is None else sink,
+            queue_size,
+            partial(_render, self.request_headers, self.trusted),
+        )
 
     @property
     def dropped(self) -> int:
@@ -322,7 +386,8 @@ class Trace:
         self._writer.close(timeout)
 
     def emit(self, record: dict[str, Any]) -> None:
-        self._writer.put(_ENCODE(record))
+        """Queue ``record`` (encoded as one JSON line by the writer)."""
+        self._writer.put(record)
 
     def client_ip(self, environ: WSGIEnvironment) -> str | None:
         peer = environ.get("REMOTE_ADDR")
@@ -333,37 +398,106 @@ class Trace:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self.skip is not None and self.skip(environ):
             return self.next_app(environ, start_response)
-        request = _Request(self, self.start_record(environ))
+        request = _Request(self, environ)
         if "HTTP_UPGRADE" not in environ and "wsgi.input" in environ:
             request.input = _CountingInput(environ["wsgi.input"])
             environ["wsgi.input"] = request.input
         return observe(self.next_app, environ, start_response, request.finish)
 
-    def start_record(self, environ: WSGIEnvironment) -> dict[str, Any]:
-        url = environ.get("RAW_URI") or environ.get("REQUEST_URI")
-        if not url:
-            from urllib.parse import quote
 
-            path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
-            url = quote(path.encode("latin-1"), safe="/:@!$&'()*+,;=-._~") or "/"
-            if environ.get("QUERY_STRING"):
-                url += "?" + environ["QUERY_STRING"]
-        record: dict[str, Any] = {
-            "time": _timestamp(self.wall_clock()),
-            "client_ip": self.client_ip(environ),
-            "method": environ.get("REQUEST_METHOD"),
-            "url": url,
-            "host": environ.get("HTTP_HOST") or environ.get("SERVER_NAME"),
-            "proto": environ.get("SERVER_PROTOCOL"),
+def _render(
+    request_headers: tuple[tuple[str, str], ...],
+    trusted: TrustedProxies | None,
+    record: tuple[Any, ...] | dict[str, Any],
+) -> str:
+    """One record's JSON line, rendered by the writer (it holds no reference to the Trace).
+
+    The fields in their fixed order, written as :data:`_ENCODE` would write
+    the same dict, byte for byte.
+    """
+    if isinstance(record, dict):
+        return _ENCODE(record)
+    (
+        (wall, peer, forwarded, url, method, host, proto, header_values, tls),
+        duration,
+        request_id,
+        request_bytes,
+        response_bytes,
+        response_headers,
+        status,
+        status_sent,
+        error,
+        detail,
+        upstream,
+        attempt,
+        ids,
+    ) = record
+    if trusted is not None:
+        client_ip = trusted.client_ip(peer, forwarded)
+    else:
+        client_ip = normalize_ip(peer) or peer
+    line = (
+        f'{{"time":"{_timestamp(wall)}","client_ip":{_value(client_ip)},'
+        f'"method":{_value(method)},"url":{_value(url)},"host":{_value(host)},'
+        f'"proto":{_value(proto)}'
+    )
+    if header_values is not None:
+        picked = {
+            name: [value]
+            for (name, _), value in zip(request_headers, header_values, strict=True)
+            if value is not _ABSENT
         }
-        if self.request_headers:
-            record["request_headers"] = {
-                name: [environ[key]] for name, key in self.request_headers if key in environ
-            }
-        tls = tls_info(environ)
-        if tls is not None:
-            record["tls"] = tls
-        return record
+        line += f',"request_headers":{_ENCODE(picked)}'
+    if tls is not None:
+        info = _tls_from(tls)
+        if info is not None:
+            line += f',"tls":{_ENCODE(info)}'
+    line += f',"duration_ms":{_value(duration)}'
+    if request_id is not _ABSENT:
+        line += f',"request_id":{_value(request_id)}'
+    if request_bytes is not _ABSENT:
+        line += f',"request_bytes":{_value(request_bytes)}'
+    line += f',"response_bytes":{_value(response_bytes)}'
+    if response_headers is not None:
+        line += f',"response_headers":{_ENCODE(response_headers)}'
+    line += f',"status":{_value(status)}'
+    if status_sent is not None:
+        line += f',"status_sent":{_value(status_sent)}'
+    if error is not None:
+        line += f',"error":{_value(error)}'
+        if detail is not None:
+            line += f',"error_detail":{_value(detail)}'
+    if upstream:
+        entries = []
+        for target, ex_status, ex_duration, received, ex_error, ex_detail in upstream:
+            entry = (
+                f'{{"target":{_value(target)},"status":{_value(ex_status)},'
+                f'"duration_ms":{_value(ex_duration)},"bytes":{_value(received)}'
+            )
+            if ex_error is not None:
+                entry += f',"error":{_value(ex_error)}'
+            if ex_detail is not None:
+                entry += f',"error_detail":{_value(ex_detail)}'
+            entries.append(entry + "}")
+        line += f',"upstream":[{",".join(entries)}],"target":{_value(upstream[-1][0])}'
+    line += f',"attempts":{len(upstream)}'
+    if attempt is not _ABSENT:
+        line += f',"attempt":{_value(attempt)}'
+    if ids is not None:
+        trace_id, span_id = ids
+        line += f',"trace_id":{_value(trace_id)},"span_id":{_value(span_id)}'
+    return line + "}"
+
+
+def _url_of(environ: WSGIEnvironment) -> str:
+    """Path and query rebuilt from the environ, for servers that give no raw URI."""
+    from urllib.parse import quote
+
+    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    url = quote(path.encode("latin-1"), safe="/:@!$&'()*+,;=-._~") or "/"
+    if environ.get("QUERY_STRING"):
+        url += "?" + environ["QUERY_STRING"]
+    return url
 
 
 def _names(names: Iterable[str]) -> list[str]:
@@ -375,7 +509,7 @@ def _names(names: Iterable[str]) -> list[str]:
     return out
 
 
-def _detail(error: BaseException | None) -> dict[str, str]:
-    """``{"error_detail": ...}`` when ``error`` knows its short cause, else ``{}``."""
+def _detail_of(error: BaseException | None) -> str | None:
+    """``error``'s short cause when it knows one (``error_detail``), else None."""
     detail = getattr(error, "detail", None)
-    return {"error_detail": detail} if isinstance(detail, str) and detail else {}
+    return detail if isinstance(detail, str) and detail else None

@@ -308,6 +308,65 @@ def test_attempts_and_attempt_from_environ() -> None:
     assert rec["upstream"][0]["duration_ms"] == 250.0
 
 
+def test_every_field_rendered_byte_for_byte() -> None:
+    """The line the writer renders is the compact ``json`` encoding of the record,
+    fields in their documented order, non-ASCII escaped, every optional field present."""
+    failed = UpstreamTimeout()
+    failed.detail = "read timed out é"
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        environ[EXCHANGES].extend(
+            [
+                Exchange("http://a", "GET", 1.0, status=0, error=failed, ended=1.5),
+                Exchange("http://b", "GET", 2.0, status=200, ended=2.125, bytes_received=5),
+            ]
+        )
+        start_response(
+            "200 OK", [("X-Multi", "1"), ("Content-Length", "5"), ("x-multi", "2\u00ff")]
+        )
+        return [b"hello"]
+
+    ticks = iter([10.0, 10.5])
+    lines: list[str] = []
+    trace = Trace(
+        app,
+        sink=lines.append,
+        request_headers=["X-Name", "X-Absent"],
+        response_headers=["X-Multi"],
+        trusted_proxies=["10.0.0.0/8"],
+        clock=lambda: next(ticks),
+        wall_clock=lambda: 1700000000.042,
+    )
+    Client(LintMiddleware(trace)).post(
+        "/caf%C3%A9?q=\"x\"",
+        data=b"abc",
+        headers={"X-Name": "caf\u00e9", "X-Forwarded-For": "203.0.113.7"},
+        environ_overrides={
+            "REMOTE_ADDR": "10.1.2.3",
+            "SSL_PROTOCOL": "TLSv1.3",
+            "SSL_CIPHER": "TLS_AES_128_GCM_SHA256",
+            "oxypy.request_id": "rid-1",
+            "oxypy.attempt": 2,
+        },
+        buffered=True,
+    )
+    trace.close()
+    (line,) = lines
+    assert line == json.dumps(json.loads(line), separators=(",", ":"))
+    assert line == (
+        '{"time":"2023-11-14T22:13:20.042Z","client_ip":"203.0.113.7","method":"POST",'
+        '"url":"/caf%C3%A9?q=\\"x\\"","host":"localhost","proto":"HTTP/1.1",'
+        '"request_headers":{"x-name":["caf\\u00e9"]},'
+        '"tls":{"version":"TLSv1.3","cipher":"TLS_AES_128_GCM_SHA256"},'
+        '"duration_ms":500.0,"request_id":"rid-1","request_bytes":0,"response_bytes":5,'
+        '"response_headers":{"x-multi":["1","2\\u00ff"]},"status":200,'
+        '"upstream":[{"target":"http://a","status":0,"duration_ms":500.0,"bytes":0,'
+        '"error":"upstream_timeout","error_detail":"read timed out \\u00e9"},'
+        '{"target":"http://b","status":200,"duration_ms":125.0,"bytes":5}],'
+        '"target":"http://b","attempts":2,"attempt":2}'
+    )
+
+
 def test_slow_sink_never_blocks_requests() -> None:
     written: list[str] = []
 

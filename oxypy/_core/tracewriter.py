@@ -1,12 +1,13 @@
 """Trace's writer: a bounded buffer drained by one background thread (a greenlet under gevent).
 
-A request only appends its line to a deque and, when the writer sleeps,
-wakes it; the writer takes everything queued at once and hands file sinks one
-write and one flush per batch, so a busy proxy pays no system call per line and
-a slow sink never blocks a request: past ``size`` lines waiting, new lines are
-dropped and counted.  After each batch the writer pauses briefly
-(:attr:`TraceWriter.interval`), so a busy proxy wakes it a few dozen times a
-second rather than once per request.
+A request only appends its record to a deque and, when the writer sleeps,
+wakes it; the writer takes everything queued at once, renders the records
+into lines (``render``: the encoding runs a batch at a time, off the request
+path) and hands file sinks one write and one flush per batch, so a busy proxy
+pays no system call per line and a slow sink never blocks a request: past
+``size`` records waiting, new ones are dropped and counted.  After each
+batch the writer pauses briefly (:attr:`TraceWriter.interval`), so a busy
+proxy wakes it a few dozen times a second rather than once per request.
 """
 
 from __future__ import annotations
@@ -61,13 +62,18 @@ def _flush_at_exit() -> None:
 
 
 class TraceWriter:
-    """Queue lines for ``sink`` (a file-like, a ``logging.Logger`` or a callable)."""
+    """Queue records for ``sink`` (a file-like, a ``logging.Logger`` or a callable).
+
+    ``render(record) -> str`` makes a record's line in the writer (default:
+    records are lines already); a record it raises on is logged and skipped.
+    """
 
     #: Pause after each batch, so that under load lines gather into batches
     #: instead of waking the writer (and the sink) once per request.
     interval = 0.02
 
-    def __init__(self, sink: Any, size: int) -> None:
+    def __init__(self, sink: Any, size: int, render: Callable[[Any], str] | None = None) -> None:
+        self.render = render
         self.batch: Callable[[list[str]], None]
         if isinstance(sink, logging.Logger):
             self.batch = self._each_line(sink.info)
@@ -79,7 +85,7 @@ class TraceWriter:
             raise ConfigurationError("sink must be a file-like, a logging.Logger or a callable")
         self.size = size
         self.lock = threading.Lock()
-        self.pending: deque[str] = deque()
+        self.pending: deque[Any] = deque()
         self.wakeup = threading.Event()
         self.thread: threading.Thread | None = None
         self.dropped = 0
@@ -112,7 +118,7 @@ class TraceWriter:
 
         return batch
 
-    def put(self, line: str) -> None:
+    def put(self, line: Any) -> None:
         if self.thread is None:
             self._start()
         if len(self.pending) >= self.size:
@@ -138,9 +144,11 @@ class TraceWriter:
             lines = []
             while pending:
                 lines.append(pending.popleft())
-            stop = _STOP in lines
+            stop = any(line is _STOP for line in lines)
             if stop:
                 lines = [line for line in lines if line is not _STOP]
+            if lines:
+                lines = self._rendered(lines)
             if lines:
                 try:
                     self.batch(lines)
@@ -152,6 +160,18 @@ class TraceWriter:
                 return
             time.sleep(self.interval)
 
+    def _rendered(self, records: list[Any]) -> list[str]:
+        render = self.render
+        if render is None:
+            return records
+        lines = []
+        for record in records:
+            try:
+                lines.append(render(record))
+            except Exception:  # noqa: BLE001 - one bad record must not cost the batch
+                log.warning("could not build the trace record", exc_info=True)
+        return lines
+
     def flush(self) -> None:
         """Write what is queued now, in the calling thread (used at exit)."""
         lines = []
@@ -159,6 +179,8 @@ class TraceWriter:
             line = self.pending.popleft()
             if line is not _STOP:
                 lines.append(line)
+        if lines:
+            lines = self._rendered(lines)
         if lines:
             try:
                 self.batch(lines)
