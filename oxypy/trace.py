@@ -187,6 +187,12 @@ def _value(value: Any) -> str:
     return _ENCODE(value)
 
 
+#: The count of a request without a body (no Content-Length, or 0, and not
+#: chunked): its ``wsgi.input`` is left unwrapped; never installed in an environ.
+_NO_BODY = _CountingInput(None)
+_NO_LENGTH = frozenset({None, "", "0"})
+
+
 class _Request:
     """Per-request state: raw fields taken at the call and when the body closes.
 
@@ -400,8 +406,13 @@ class Trace:
             return self.next_app(environ, start_response)
         request = _Request(self, environ)
         if "HTTP_UPGRADE" not in environ and "wsgi.input" in environ:
-            request.input = _CountingInput(environ["wsgi.input"])
-            environ["wsgi.input"] = request.input
+            if environ.get("CONTENT_LENGTH") in _NO_LENGTH and (
+                "HTTP_TRANSFER_ENCODING" not in environ
+            ):
+                request.input = _NO_BODY  # nothing to count: request_bytes is 0
+            else:
+                request.input = _CountingInput(environ["wsgi.input"])
+                environ["wsgi.input"] = request.input
         return observe(self.next_app, environ, start_response, request.finish)
 
 

@@ -165,6 +165,18 @@ def test_chunked_request_bytes_counted(proxy: Any, echo_upstream: str) -> None:
     assert rec["request_bytes"] == 8001
 
 
+def test_requests_without_a_body_count_zero_bytes(proxy: Any, echo_upstream: str) -> None:
+    """No Content-Length (or 0) and not chunked: ``request_bytes`` is 0 without
+    counting; a declared body is still counted as the app reads it."""
+    lines: list[str] = []
+    url = proxy(Trace(Forward(echo_upstream), sink=lines.append))
+    assert HTTP.request("GET", url + "/a").status == 200
+    assert HTTP.request("POST", url + "/b", body=b"").status == 200
+    assert HTTP.request("POST", url + "/c", body=b"xyz").status == 200
+    records = wait_for(lines, 3)
+    assert [(r["url"], r["request_bytes"]) for r in records] == [("/a", 0), ("/b", 0), ("/c", 3)]
+
+
 def test_client_abort_recorded_as_499(proxy: Any, pywsgi: Any) -> None:
     lines: list[str] = []
     upstream = pywsgi(_streaming(200, 4096, 0.02))
@@ -338,7 +350,7 @@ def test_every_field_rendered_byte_for_byte() -> None:
         wall_clock=lambda: 1700000000.042,
     )
     Client(LintMiddleware(trace)).post(
-        "/caf%C3%A9?q=\"x\"",
+        '/caf%C3%A9?q="x"',
         data=b"abc",
         headers={"X-Name": "caf\u00e9", "X-Forwarded-For": "203.0.113.7"},
         environ_overrides={

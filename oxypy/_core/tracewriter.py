@@ -144,7 +144,7 @@ class TraceWriter:
             lines = []
             while pending:
                 lines.append(pending.popleft())
-            stop = any(line is _STOP for line in lines)
+            stop = _STOP in lines
             if stop:
                 lines = [line for line in lines if line is not _STOP]
             if lines:
