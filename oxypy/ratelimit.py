@@ -199,7 +199,7 @@ class MemoryStore:
                 self.capacity,
                 evicted,
             )
-        return Verdict(allowed, wait, tuple(max(0.0, t - now) for t in new))
+        return Verdict(allowed, wait, tuple([max(0.0, t - now) for t in new]))
 
     def _insert(self, key: str, buckets: dict[Rate, float], now: float) -> int:
         """Add ``key``'s buckets, evicting if full; the busy-eviction count if one was evicted."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
+from itertools import chain
 from typing import Any
 
 from .._core.iterables import ClosingIterable
@@ -166,8 +168,9 @@ class Captured:
             # Head-only mode: what write() received, then the body as it streams.
             try:
                 write = start_response(status, capture.headers)
-                for data in store.chunks():
-                    write(data)
+                if store.size:
+                    for data in store.chunks():
+                        write(data)
                 if capture.code == 101:
                     # A tunnel's client waits for the 101 before it says
                     # anything: flush the head now (PEP 3333 write()).
@@ -182,15 +185,16 @@ class Captured:
             capture._start = start_response
             started = store.size > 0
             store.close()
-
-            def gen() -> Iterator[bytes]:
-                yield from streaming.first
-                yield from streaming.iterator
-
             # An upstream failing before its first body byte gets its 502/504;
             # after that the client connection is cut, never padded.
-            body = relay_or_answer(gen(), handler, environ, start_response, started=started)
-            return ClosingIterable(body, lambda: close_iterable(streaming.result))
+            body = relay_or_answer(
+                chain(streaming.first, streaming.iterator),
+                handler,
+                environ,
+                start_response,
+                started=started,
+            )
+            return ClosingIterable(body, partial(close_iterable, streaming.result))
         headers = capture.headers
         code = capture.code
         no_body = code < 200 or code in _NO_BODY_STATUS or environ.get("REQUEST_METHOD") == "HEAD"
