@@ -1,10 +1,12 @@
 """Trace: one JSON line per request, written when the response is finished.
 
-The line is built in the ``close()`` of the response iterable, so it carries
+The record is taken in the ``close()`` of the response iterable, so it carries
 the bytes actually handed to the server, the real duration, what happened
 upstream (from ``environ["oxypy.exchanges"]``) and why a request failed.
-Lines go through a bounded queue to a writer (green) thread: a slow sink never
-slows a request; when the queue is full a line is dropped and counted.
+Records (tuples of plain values) go through a bounded queue to a writer
+(green) thread, which renders them into JSON lines a batch at a time: the
+request path never encodes, a slow sink never slows a request, and when the
+queue is full a record is dropped and counted.
 """
 
 from __future__ import annotations
@@ -318,10 +320,11 @@ class Trace:
     ``environ["gunicorn.socket"]`` (``oxypy.serve`` sets the keys); TLS 1.3 is
     reported as ``TLSv1.3``.  Absent when the server exposes nothing.
 
-    Lines are queued (``queue_size``) and written by a writer thread (a
-    greenlet under gevent), so a slow sink never blocks a request; when the
-    queue is full the line is dropped and :attr:`dropped` counts it.
-    :meth:`close` flushes the queue.
+    Records are queued (``queue_size``), then rendered and written by a
+    writer thread (a greenlet under gevent), a batch at a time, so a slow
+    sink never blocks a request; when the queue is full the record is
+    dropped and :attr:`dropped` counts it.  :meth:`close` (and the process's
+    exit) writes every queued line.
 
     :param sink: ``sys.stderr`` by default; a file-like (``write`` +
         ``flush``), a :class:`logging.Logger` (``info``), or ``fn(line)``.
