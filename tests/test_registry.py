@@ -590,8 +590,8 @@ def test_servers_command_redis_down_exits_1(capsys: pytest.CaptureFixture[str]) 
     assert (status, out) == (1, "")
     assert err.startswith(
         f"oxypy servers: error: registry 'api': Redis at redis://127.0.0.1:{port}/0 failed: "
-    )
-    assert err.count("\n") == 1
+    ), err
+    assert err.count("\n") == 1, err
 
 
 def test_servers_command_help_shows_examples(capsys: pytest.CaptureFixture[str]) -> None:
