@@ -16,7 +16,7 @@ closes it and frees the pool slot.
 Under gevent, a request just sent lets the other greenlets run once before
 its response head is read: the upstream's answer has then usually arrived,
 and is read without arming a timer and an I/O watcher and without a trip
-through the hub to wait for it (``wrk -c64`` on one core: 73 -> 60 µs of
+through the hub to wait for it (``wrk -c64`` on one core: 75 -> 61 µs of
 CPU per proxied request, ``benchmarks/README.md``, issue 17).  A process
 gevent did not patch has plain sockets, and does not yield.
 """

@@ -147,30 +147,36 @@ class TraceWriter:
             stop = _STOP in lines
             if stop:
                 lines = [line for line in lines if line is not _STOP]
-            if lines:
-                lines = self._rendered(lines)
-            if lines:
-                try:
-                    self.batch(lines)
-                except Exception:  # noqa: BLE001 - a broken sink must not kill the writer
-                    with self.lock:
-                        self.failed += len(lines)
-                    log.warning("trace sink failed", exc_info=True)
+            self._write(lines, warn=True)
             if stop:
                 return
             time.sleep(self.interval)
 
-    def _rendered(self, records: list[Any]) -> list[str]:
+    def _write(self, records: list[Any], *, warn: bool) -> None:
+        """Render ``records`` and hand their lines to the sink in one batch.
+
+        A sink that fails costs the batch (counted in :attr:`failed`, and
+        logged when ``warn``: not at exit, where nobody is left to tell).
+        """
         render = self.render
         if render is None:
-            return records
-        lines = []
-        for record in records:
-            try:
-                lines.append(render(record))
-            except Exception:  # noqa: BLE001 - one bad record must not cost the batch
-                log.warning("could not build the trace record", exc_info=True)
-        return lines
+            lines = records
+        else:
+            lines = []
+            for record in records:
+                try:
+                    lines.append(render(record))
+                except Exception:  # noqa: BLE001 - one bad record must not cost the batch
+                    log.warning("could not build the trace record", exc_info=True)
+        if not lines:
+            return
+        try:
+            self.batch(lines)
+        except Exception:  # noqa: BLE001 - a broken sink must not kill the writer
+            with self.lock:
+                self.failed += len(lines)
+            if warn:
+                log.warning("trace sink failed", exc_info=True)
 
     def flush(self) -> None:
         """Write what is queued now, in the calling thread (used at exit)."""
@@ -179,13 +185,7 @@ class TraceWriter:
             line = self.pending.popleft()
             if line is not _STOP:
                 lines.append(line)
-        if lines:
-            lines = self._rendered(lines)
-        if lines:
-            try:
-                self.batch(lines)
-            except Exception:  # noqa: BLE001 - at exit there is nobody left to tell
-                self.failed += len(lines)
+        self._write(lines, warn=False)
 
     def close(self, timeout: float) -> None:
         """Write what is queued (waiting up to ``timeout``) and stop the writer."""
