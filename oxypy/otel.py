@@ -686,31 +686,24 @@ class OpenTelemetry:
         # span here, without them (nor the link to an untrusted client's trace
         # context, which a dropped span does not keep).
         span = self._dropped(parent)
-        if span is not None:
-            context = self.with_span(span, parent)
-            environ[keys.OTEL] = _Telemetry(self, span, context)
-            token = self._attach(context)
-            try:
-                return self.next_app(environ, start_response)
-            finally:
-                self._detach(token)
-        links = None
-        if sent and not trusted:
-            incoming = self.propagator.extract(environ, getter=_GETTER)
-            found = self._current_span(incoming).get_span_context()
-            if found.is_valid:
-                links = [self._link(found, {UNTRUSTED: True})]
-        # Every request attribute is given at the start (the semantic
-        # conventions' sampling-relevant ones, and one call into the SDK instead
-        # of two for a span that records).
-        client = self.trusted.client_ip(peer, environ.get("HTTP_X_FORWARDED_FOR"))
-        span = self.tracer.start_span(
-            method if method != "_OTHER" else "HTTP",
-            context=parent,
-            kind=self.server_kind,
-            attributes=_server_attributes(environ, raw_method, method, client),
-            links=links,
-        )
+        if span is None:
+            links = None
+            if sent and not trusted:
+                incoming = self.propagator.extract(environ, getter=_GETTER)
+                found = self._current_span(incoming).get_span_context()
+                if found.is_valid:
+                    links = [self._link(found, {UNTRUSTED: True})]
+            # Every request attribute is given at the start (the semantic
+            # conventions' sampling-relevant ones, and one call into the SDK
+            # instead of two for a span that records).
+            client = self.trusted.client_ip(peer, environ.get("HTTP_X_FORWARDED_FOR"))
+            span = self.tracer.start_span(
+                method if method != "_OTHER" else "HTTP",
+                context=parent,
+                kind=self.server_kind,
+                attributes=_server_attributes(environ, raw_method, method, client),
+                links=links,
+            )
         context = self.with_span(span, parent)
         telemetry = _Telemetry(self, span, context)
         environ[keys.OTEL] = telemetry
