@@ -70,7 +70,7 @@ def forward_like(environ: dict[str, Any], start_response: Callable[..., Any]) ->
     telemetry = environ.get(keys.OTEL)
     if telemetry is not None:
         headers = telemetry.client_span(
-            environ, record, ("127.0.0.1", 9000), TARGET + "/small", headers
+            environ, record, ("127.0.0.1", 9000), TARGET, "/small", headers
         )
     record.status = 200
     start_response("200 OK", [("Content-Length", "1024")])

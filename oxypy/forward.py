@@ -96,7 +96,7 @@ def _refuse_unpatched(start_response: StartResponse) -> list[bytes]:
 
 
 class _Target:
-    __slots__ = ("url", "scheme", "host_header", "authority", "base_path", "pool")
+    __slots__ = ("url", "scheme", "host_header", "authority", "base_path", "pool", "origin")
 
     def __init__(
         self,
@@ -113,6 +113,8 @@ class _Target:
         self.authority = authority
         self.base_path = base_path
         self.pool = pool
+        #: ``scheme://host[:port]``, the start of the CLIENT span's ``url.full``.
+        self.origin = f"{scheme}://{host_header}"
 
 
 class Forward:
@@ -401,8 +403,9 @@ class Forward:
                 headers = self._with_deadline(headers, deadline)
             telemetry: Telemetry | None = environ.get(keys.OTEL)
             if telemetry is not None:
-                url = f"{target.scheme}://{target.host_header}{path}"
-                headers = telemetry.client_span(environ, record, target.authority, url, headers)
+                headers = telemetry.client_span(
+                    environ, record, target.authority, target.origin, path, headers
+                )
             if self.modify_request is not None:
                 outgoing = OutgoingRequest(method, target.url, path, headers)
                 self.modify_request(environ, outgoing)

@@ -224,6 +224,20 @@ class _EnvironGetter:
 _GETTER = _EnvironGetter()
 
 
+#: ``-00`` ... ``-ff``: the end of a ``traceparent``, by trace flags.
+_FLAGS = tuple(f"-{flags:02x}" for flags in range(256))
+
+
+def _traceparent(trace_id: int, span_id: int, flags: int) -> str:
+    """The W3C ``traceparent`` value, as ``TraceContextTextMapPropagator`` writes it.
+
+    (``bytes.hex`` of the ids and a table of the flags: a third of the
+    instructions ``f"{trace_id:032x}"`` and ``f"{flags:02x}"`` take.)
+    """
+    end = _FLAGS[flags] if 0 <= flags <= 0xFF else f"-{flags:02x}"
+    return "00-" + trace_id.to_bytes(16, "big").hex() + "-" + span_id.to_bytes(8, "big").hex() + end
+
+
 def _host_port(host: str) -> tuple[str, int | None]:
     """``"h:8080"`` / ``"[::1]:8080"`` / ``"h"`` -> (host, port or None)."""
     if host.startswith("["):
@@ -290,16 +304,19 @@ class _Telemetry:
     Lives in ``environ["oxypy.otel"]`` (see :class:`oxypy._core.telemetry.Telemetry`).
     """
 
-    __slots__ = ("block", "span", "context", "clients", "unsampled", "direct")
+    __slots__ = ("block", "span", "context", "recording", "clients", "unsampled", "direct")
 
-    def __init__(self, block: OpenTelemetry, span: Any, context: Any) -> None:
+    def __init__(self, block: OpenTelemetry, span: Any, context: Any, recording: bool) -> None:
         self.block = block
         self.span = span
         self.context = context
+        #: Whether the SERVER span records (asked of the SDK once per request).
+        self.recording = recording
         #: (record, span, start in epoch ns, start in monotonic seconds) per
         #: attempt; None until the first (a dropped trace never has one).
         self.clients: list[tuple[Exchange, Any, int, float]] | None = None
-        #: The propagation headers of an unsampled request (the same for every attempt).
+        #: The propagation headers of an unsampled request (the same for every
+        #: attempt): set when the span is made, or on the first attempt.
         self.unsampled: list[tuple[str, str]] | None = None
         #: Whether ``traceparent`` is formatted here (the W3C propagator, no
         #: baggage to send); None until the first attempt asks.
@@ -318,8 +335,9 @@ class _Telemetry:
             if found.is_valid and not found.trace_state:
                 # What TraceContextTextMapPropagator.inject writes, without the
                 # context, carrier and setter it goes through.
-                trace_id, span_id, flags = found.trace_id, found.span_id, found.trace_flags
-                return [("traceparent", f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}")]
+                return [
+                    ("traceparent", _traceparent(found.trace_id, found.span_id, found.trace_flags))
+                ]
         carrier: dict[str, str] = {}
         block.propagator.inject(carrier, context=block.with_span(span, self.context))
         return list(carrier.items())
@@ -329,14 +347,15 @@ class _Telemetry:
         environ: WSGIEnvironment,
         record: Exchange,
         address: tuple[str, int],
-        url: str,
+        origin: str,
+        path: str,
         headers: list[tuple[str, str]],
     ) -> list[tuple[str, str]]:
         block = self.block
         if block.sent_by_client(environ):
             fields = block.fields
             headers = [h for h in headers if h[0].lower() not in fields]
-        if not self.span.is_recording():
+        if not self.recording:
             # A trace the sampler dropped: its CLIENT spans would be dropped as
             # well (a sampler decides per trace, or follows the parent), so
             # none is made; upstream continues the trace under the SERVER span.
@@ -350,7 +369,7 @@ class _Telemetry:
             "http.request.method": method,
             "server.address": address[0],
             "server.port": address[1],
-            "url.full": url,
+            "url.full": origin + path,
             "network.protocol.version": "1.1",
         }
         if method == "_OTHER":
@@ -549,6 +568,7 @@ class OpenTelemetry:
         self._detach = context.detach
         self.with_span = trace.set_span_in_context
         self._current_span = trace.get_current_span
+        self._current = context.get_current
         self._link = trace.Link
         self.server_kind = trace.SpanKind.SERVER
         self.client_kind = trace.SpanKind.CLIENT
@@ -568,18 +588,28 @@ class OpenTelemetry:
         if self._drops is not None and not self._drops_as_the_sdk():
             self._drops = None
 
-    def _dropped(self, parent: Any) -> Any:
-        """The span of a request the sampler drops, made as the SDK makes it; None otherwise.
+    def _dropped(self, parent: Any) -> _Telemetry | None:
+        """The telemetry of a request the sampler drops, its span made as the SDK makes it.
 
-        Only for the SDK's tracer and samplers (:func:`_drop_rule`), which
-        decide from the parent alone: a fresh random trace id for a root span
-        (or the parent's trace id, trace state and random-trace-id flag), a
-        fresh random span id, the sampled flag clear.
+        None when the sampler may keep it.  Only for the SDK's tracer and
+        samplers (:func:`_drop_rule`), which decide from the parent alone: a
+        fresh random trace id for a root span (or the parent's trace id,
+        trace state and random-trace-id flag), a fresh random span id, the
+        sampled flag clear.  ``parent`` None is the current context (as for
+        ``start_span``): when it is empty, as in front of a plain gateway,
+        there is no span to continue and no baggage to send, so neither is
+        looked up.  The ``traceparent`` every attempt sends is formatted
+        here, from the ids, when nothing else needs the propagators.
         """
         drops = self._drops
         if drops is None or (self._enabled is not None and not self._enabled()):
             return None
-        found = self._current_span(parent).get_span_context()
+        if parent is None:
+            parent = self._current()
+        if not parent:
+            found = None
+        else:
+            found = self._current_span(parent).get_span_context()
         if found is None or not found.is_valid:
             if not drops[_ROOT]:
                 return None
@@ -600,7 +630,17 @@ class OpenTelemetry:
         span_id = random.getrandbits(64)
         while not span_id:
             span_id = random.getrandbits(64)
-        return self._non_recording(self._span_context(trace_id, span_id, False, flags, state))
+        span = self._non_recording(self._span_context(trace_id, span_id, False, flags, state))
+        context = self.with_span(span, parent)
+        telemetry = _Telemetry(self, span, context, False)
+        if (
+            self.w3c
+            and not state
+            and (not parent or not (self.w3c_baggage and self.baggage_of(context)))
+        ):
+            telemetry.direct = True
+            telemetry.unsampled = [("traceparent", _traceparent(trace_id, span_id, flags))]
+        return telemetry
 
     def _drops_as_the_sdk(self) -> bool:
         """Whether :meth:`_dropped` gives what the SDK's ``start_span`` gives, for each parent.
@@ -631,10 +671,10 @@ class OpenTelemetry:
                 probes.append((self.with_span(self._non_recording(found)), True))
         for context, child in probes:
             theirs = self.tracer.start_span("probe", context=context, kind=self.server_kind)
-            mine = self._dropped(context)
-            if mine is None or theirs.is_recording() or mine.is_recording():
+            dropped = self._dropped(context)
+            if dropped is None or theirs.is_recording() or dropped.span.is_recording():
                 return False
-            a, b = theirs.get_span_context(), mine.get_span_context()
+            a, b = theirs.get_span_context(), dropped.span.get_span_context()
             if (a.trace_flags, a.trace_state, a.is_remote, a.is_valid) != (
                 b.trace_flags,
                 b.trace_state,
@@ -676,17 +716,17 @@ class OpenTelemetry:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if (self.skip is not None and self.skip(environ)) or keys.OTEL in environ:
             return self.next_app(environ, start_response)
-        raw_method = environ.get("REQUEST_METHOD", "")
-        method = raw_method if raw_method in _METHODS else "_OTHER"
         peer = environ.get("REMOTE_ADDR")
-        sent = self.sent_by_client(environ)
+        sent = not environ.keys().isdisjoint(self._environ_fields)  # sent_by_client, inlined
         trusted = sent and (self.trust_incoming or self.trusted.trusts(peer))
         parent = self.propagator.extract(environ, getter=_GETTER) if trusted else None
         # A request the SDK's sampler drops whatever its attributes gets its
         # span here, without them (nor the link to an untrusted client's trace
         # context, which a dropped span does not keep).
-        span = self._dropped(parent)
-        if span is None:
+        telemetry = self._dropped(parent)
+        if telemetry is None:
+            raw_method = environ.get("REQUEST_METHOD", "")
+            method = raw_method if raw_method in _METHODS else "_OTHER"
             links = None
             if sent and not trusted:
                 incoming = self.propagator.extract(environ, getter=_GETTER)
@@ -704,12 +744,11 @@ class OpenTelemetry:
                 attributes=_server_attributes(environ, raw_method, method, client),
                 links=links,
             )
-        context = self.with_span(span, parent)
-        telemetry = _Telemetry(self, span, context)
+            telemetry = _Telemetry(self, span, self.with_span(span, parent), span.is_recording())
         environ[keys.OTEL] = telemetry
-        token = self._attach(context)
+        token = self._attach(telemetry.context)
         try:
-            if not span.is_recording():
+            if not telemetry.recording:
                 # A dropped trace: nothing to record at the end, so the body
                 # is not watched (Forward still sends the trace context).
                 return self.next_app(environ, start_response)

@@ -1110,6 +1110,77 @@ def test_a_dropped_trusted_parent_is_continued_as_the_sdk_does(
     )
 
 
+def test_a_dropped_request_sends_the_baggage_set_above_the_block(
+    proxy: Any, echo_upstream: str, started: Callable[[], list[str]], injects: list[str]
+) -> None:
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    url, seen, _, app = below_and_lines(proxy, echo_upstream, provider)
+
+    def with_baggage(environ: dict[str, Any], start_response: Any) -> Any:
+        from opentelemetry import context
+
+        token = context.attach(baggage.set_baggage("tenant", "acme"))
+        try:
+            return app(environ, start_response)
+        finally:
+            context.detach(token)
+
+    url = proxy(with_baggage)
+    calls = started()
+    try:
+        sent = sent_headers(HTTP.request("GET", url + "/b"))
+    finally:
+        app.close()
+        provider.shutdown()
+    assert calls == []  # dropped by the block itself
+    assert injects == ["TraceContextTextMapPropagator", "W3CBaggagePropagator"]
+    (below,) = seen
+    assert sent["traceparent"] == w3c_traceparent(below) and below.trace_flags == 0x02
+    assert sent["baggage"] == "tenant=acme"
+
+
+def test_a_dropped_request_under_a_current_span_continues_its_trace(
+    proxy: Any, echo_upstream: str, started: Callable[[], list[str]], injects: list[str]
+) -> None:
+    above = TracerProvider().get_tracer("above")
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    url, seen, _, app = below_and_lines(proxy, echo_upstream, provider)
+    parents: list[trace.SpanContext] = []
+
+    def with_span(environ: dict[str, Any], start_response: Any) -> Any:
+        from opentelemetry import context
+
+        span = above.start_span("above", kind=SpanKind.INTERNAL)
+        parents.append(span.get_span_context())
+        token = context.attach(trace.set_span_in_context(span))
+        try:
+            return app(environ, start_response)
+        finally:
+            context.detach(token)
+            span.end()
+
+    url = proxy(with_span)
+    probe = above.start_span("probe")
+    expected = sdk_dropped(provider, trace.set_span_in_context(probe))
+    calls = started()
+    try:
+        sent = sent_headers(HTTP.request("GET", url + "/s"))
+    finally:
+        app.close()
+        provider.shutdown()
+    assert calls == ["above"]  # none by the block
+    assert injects == []  # no baggage: formatted by the block
+    (parent,), (below,) = parents, seen
+    trace_id, span_id, flags = traceparent(sent["traceparent"])
+    assert (int(trace_id, 16), int(span_id, 16), flags) == (
+        parent.trace_id,
+        below.span_id,
+        int(expected.trace_flags),
+    )
+    assert below.trace_id == parent.trace_id and below.span_id != parent.span_id
+    assert flags == 0x02 and sent["traceparent"] == w3c_traceparent(below)
+
+
 class _Off(StaticSampler):
     """A user's subclass of the SDK's sampler: it might read the attributes."""
 

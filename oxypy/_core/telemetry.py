@@ -66,10 +66,15 @@ class Telemetry(Protocol):
         environ: WSGIEnvironment,
         record: Exchange,
         address: tuple[str, int],
-        url: str,
+        origin: str,
+        path: str,
         headers: list[tuple[str, str]],
     ) -> list[tuple[str, str]]:
         """Open the CLIENT span of the upstream request ``record`` describes.
+
+        ``address`` is the target's (host, port), ``origin + path`` its URL
+        (``scheme://host[:port]`` and the request target): joined only when
+        the span records.
 
         Returns ``headers`` with the trace context of that span in place of
         any the client sent (``traceparent``, ``tracestate``, ``baggage``).
