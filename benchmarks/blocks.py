@@ -112,6 +112,11 @@ CHAINS = (
         "(2 upstreams, huge limits)",
         upstreams=2,
     ),
+    Chain(
+        "full_1up",
+        "the same chain, its two RoundRobin servers on one upstream process "
+        "(`127.0.0.1` and `localhost`, two pools)",
+    ),
 )
 
 

@@ -24,6 +24,8 @@ Chains (every rate and limit is huge, so nothing is ever rejected):
 - ``buffer_retry``: ``Buffer(Forward(up1), retry=...)`` (decides on the head, streams)
 - ``buffer_limit``: the same with ``max_response_body_bytes=1 GiB`` (buffers each response)
 - ``full``: Trace → ConnLimit → RateLimit → CircuitBreaker → Buffer → RoundRobin → Forward
+- ``full_1up``: the same, its two RoundRobin servers (two pools) on one upstream process
+  (``127.0.0.1`` and ``localhost``): the chain without the second upstream process
 - ``otel_drop``: ``OpenTelemetry(Forward(up1))``, the SDK with a sampler that drops
   every trace (``ParentBased(ALWAYS_OFF)``): no span recorded, ``traceparent`` still sent
 - ``otel_batch``: the same with every span recorded (``ALWAYS_ON``) and exported by a
@@ -79,6 +81,27 @@ def _two(ups: list[str]) -> list[str]:
     if len(ups) < 2:
         raise SystemExit("this chain needs two upstream URLs")
     return ups[:2]
+
+
+def _one_process(ups: list[str]) -> list[str]:
+    """Two upstream entries (two pools) served by one upstream process."""
+    return [ups[0], ups[0].replace("//127.0.0.1:", "//localhost:", 1)]
+
+
+def _full(ups: list[str]) -> Any:
+    return Trace(
+        ConnLimit(
+            RateLimit(
+                CircuitBreaker(
+                    Buffer(RoundRobin(Forward(), ups), retry=RETRY),
+                    TRIGGER,
+                ),
+                rates=HUGE,
+            ),
+            max_conns=MAX_CONNS,
+        ),
+        sink=open(os.devnull, "w"),  # noqa: SIM115
+    )
 
 
 def _redis_store(url: str | None) -> Any:
@@ -159,19 +182,8 @@ def build(chain: str, ups: list[str], redis_url: str | None) -> Any:
         ),
         "otel_drop": lambda: OpenTelemetry(Forward(ups[0]), tracer_provider=_otel(False)),
         "otel_batch": lambda: OpenTelemetry(Forward(ups[0]), tracer_provider=_otel(True)),
-        "full": lambda: Trace(
-            ConnLimit(
-                RateLimit(
-                    CircuitBreaker(
-                        Buffer(RoundRobin(Forward(), _two(ups)), retry=RETRY),
-                        TRIGGER,
-                    ),
-                    rates=HUGE,
-                ),
-                max_conns=MAX_CONNS,
-            ),
-            sink=open(os.devnull, "w"),  # noqa: SIM115
-        ),
+        "full": lambda: _full(_two(ups)),
+        "full_1up": lambda: _full(_one_process(ups)),
     }
     if chain not in builders:
         raise SystemExit(f"unknown chain {chain!r}; known: {', '.join(builders)}")
@@ -201,6 +213,7 @@ CHAINS = (
     "buffer_retry",
     "buffer_limit",
     "full",
+    "full_1up",
     "otel_drop",
     "otel_batch",
 )
