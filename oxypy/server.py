@@ -19,7 +19,11 @@ that waits for a request makes room for a new one
 
 Upgrade requests (WebSocket) get ``wsgi.input`` reading the raw socket; an
 application that answers ``101`` may then yield raw bytes, which are written
-unframed, as under ``gevent.pywsgi``.
+unframed, as under ``gevent.pywsgi``.  After its ``101``, such an application
+may instead call ``wsgi.input.take_socket()``, which returns the client socket
+and the bytes already read past the request head, and do its own I/O on it
+until its response iterable ends (Forward's tunnel does); the server closes
+the socket then.
 """
 
 from __future__ import annotations

@@ -177,13 +177,34 @@ def test_pipelined_requests_keep_alive(gunicorn: Callable[..., Gunicorn]) -> Non
     assert out.index(b" /one 0") < out.index(b" /two 0")
 
 
-def test_websocket_echo_through_forward(gunicorn: Callable[..., Gunicorn]) -> None:
+def tls_files(tmp_path: Path) -> tuple[Path, Path, trustme.CA, Path]:
+    """A certificate for 127.0.0.1: its file, its key's, its CA and the CA's file."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    return cert_file, key_file, ca, ca_file
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_websocket_echo_through_forward(
+    gunicorn: Callable[..., Gunicorn], tmp_path: Path, tls: bool
+) -> None:
+    # Over TLS the client socket is tunnelled by greenlets (the loop-callback
+    # copy, _tunnel/splice.py, takes plain TCP only).
     upstream = WSEchoUpstream()
     try:
-        server = gunicorn("forward", env={"OXYPY_TEST_UPSTREAM": upstream.url})
-        ws = websocket.create_connection(
-            f"ws://127.0.0.1:{server.port}/ws", timeout=5, subprotocols=["chat"]
-        )
+        env = {"OXYPY_TEST_UPSTREAM": upstream.url}
+        if tls:
+            cert_file, key_file, ca, ca_file = tls_files(tmp_path)
+            server = gunicorn("forward", env=env, tls=(cert_file, key_file, ca))
+            url, sslopt = f"wss://127.0.0.1:{server.port}/ws", {"ca_certs": str(ca_file)}
+        else:
+            server = gunicorn("forward", env=env)
+            url, sslopt = f"ws://127.0.0.1:{server.port}/ws", {}
+        ws = websocket.create_connection(url, timeout=5, subprotocols=["chat"], sslopt=sslopt)
         try:
             assert ws.subprotocol == "chat"
             ws.send("hello")
@@ -193,16 +214,13 @@ def test_websocket_echo_through_forward(gunicorn: Callable[..., Gunicorn]) -> No
             assert ws.recv() == payload
         finally:
             ws.close()
+        wait_for(lambda: upstream.open_connections == 0, timeout=5)
     finally:
         upstream.stop()
 
 
 def test_tls_from_certfile_and_keyfile(gunicorn: Callable[..., Gunicorn], tmp_path: Path) -> None:
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
+    cert_file, key_file, ca, _ = tls_files(tmp_path)
     server = gunicorn("whoami", tls=(cert_file, key_file, ca))
     resp = server.get("/secure", method="POST", body=b"x" * 70_000)
     assert resp.status == 200 and resp.data.split()[1:] == [b"https", b"/secure", b"70000"]

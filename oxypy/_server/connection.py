@@ -266,6 +266,11 @@ class Connection:
             return b""
         return chunk
 
+    def take_socket(self) -> tuple[Any, bytes]:
+        """The socket and the bytes read past an upgrade's head (see ``RawInput.take_socket``)."""
+        data, self.leftover = self.leftover, b""
+        return self.sock, data
+
     def next_head(self, first: bool) -> tuple[Any, ...] | None:
         """The next request head, or None when the connection should close quietly.
 

@@ -31,6 +31,8 @@ class Conn(Protocol):
 
     def raw_piece(self) -> bytes: ...
 
+    def take_socket(self) -> tuple[Any, bytes]: ...
+
     def finish_body(self) -> bool: ...
 
     def reject(self, exc: BadRequest) -> None: ...
@@ -113,6 +115,18 @@ class RawInput(Input):
     """``wsgi.input`` of an Upgrade request: the raw socket after the head."""
 
     __slots__ = ()
+
+    def take_socket(self) -> tuple[Any, bytes]:
+        """Hand the client socket to a tunnel that copies on its own (after the 101).
+
+        Returns the socket and the bytes already read past the request head
+        (the tunnel relays them first); nothing is read through this input
+        afterwards.  The server still closes the socket when the app returns.
+        """
+        self._eof = True
+        data, self._buf = self._buf, b""
+        sock, more = self._conn.take_socket()
+        return sock, data + more
 
     def _more(self) -> bytes:
         if self._eof:

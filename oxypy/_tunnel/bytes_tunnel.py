@@ -7,12 +7,19 @@ fragments, ping/pong, close with its code, permessage-deflate) pass untouched.
 
 Servers expose the client connection differently:
 
-* ``oxypy.serve``, ``gevent.pywsgi`` and gunicorn ``-k gevent_pywsgi``: the app
-  calls ``start_response("101 ...")``; ``wsgi.input`` reads the raw socket and
-  the bytes the response iterable yields are written unframed.
+* ``oxypy.serve`` and ``oxypy.gunicorn.Worker``: the app calls
+  ``start_response("101 ...")`` and ``wsgi.input.take_socket()`` hands over the
+  client socket and the bytes read past the head; over plain TCP both
+  directions are then copied from the event loop's callbacks
+  (:mod:`oxypy._tunnel.splice`), and the response iterable is empty and lasts
+  as long as the tunnel.  Over TLS, as below.
+* ``gevent.pywsgi`` and gunicorn ``-k gevent_pywsgi``: ``wsgi.input`` reads the
+  raw socket (a greenlet pumps it upstream) and the bytes the response
+  iterable yields are written unframed.
 * gunicorn ``-k gevent`` (gunicorn's own parser) drops body bytes after a 101,
-  so the raw ``gunicorn.socket`` is taken over, the tunnel runs to its end, and
-  ``StopIteration`` tells gunicorn the connection was handled.
+  so the raw ``gunicorn.socket`` is taken over, the tunnel runs to its end
+  (spliced when both sockets are plain TCP), and ``StopIteration`` tells
+  gunicorn the connection was handled.
 * gevent-websocket answers the handshake itself: see :mod:`oxypy._tunnel.ws_relay`.
 
 The tunnel depends on ``_client`` (the upstream response it takes the socket
@@ -35,6 +42,7 @@ from .._core.headers import HOP_BY_HOP
 from .._core.types import StartResponse, WSGIEnvironment
 from ..errors import ErrorHandler, respond_error
 from ..exceptions import UpstreamProtocolError
+from .splice import Splice, plain_socket
 from .ws_relay import relay_messages
 
 __all__ = ["relay_upgrade"]
@@ -71,7 +79,6 @@ def relay_upgrade(
     headers.append(("Upgrade", offered))
     leftover = resp.leftover
     upstream = resp.detach()
-    upstream.settimeout(idle_timeout)
 
     if "wsgi.websocket" in environ:
         return relay_messages(environ, upstream, leftover, record)
@@ -83,8 +90,12 @@ def relay_upgrade(
         head.append("\r\n")
         try:
             client.sendall("".join(head).encode("latin-1") + leftover)
-            client.settimeout(idle_timeout)
-            _join(client.recv, client, upstream)
+            if plain_socket(client) and plain_socket(upstream):
+                Splice(client, upstream, record, idle_timeout=idle_timeout, linger=LINGER).run()
+            else:
+                upstream.settimeout(idle_timeout)
+                client.settimeout(idle_timeout)
+                _join(client.recv, client, upstream)
         finally:
             record.ended = time.monotonic()
             _close(upstream)
@@ -97,8 +108,30 @@ def relay_upgrade(
     # write() callable (PEP 3333), which pywsgi and oxypy.serve honour at once.
     write(b"")
     source = environ["wsgi.input"]
-    read = getattr(source, "read1", None) or source.read
+    take = getattr(source, "take_socket", None)
+    if take is not None and plain_socket(upstream):
+        # oxypy's server hands its socket over: copied from the loop's callbacks.
+        client, early = take()
+        if plain_socket(client):
+            return _Spliced(client, early, upstream, leftover, record, idle_timeout)
+        read = _prefixed(early, client.recv)
+    else:
+        read = getattr(source, "read1", None) or source.read
+    upstream.settimeout(idle_timeout)
     return _Tunnel(read, upstream, leftover, record)
+
+
+def _prefixed(first: bytes, recv: Any) -> Any:
+    """``recv``, returning ``first`` on the first call when there is any."""
+    pending = [first] if first else []
+
+    def read(size: int) -> bytes:
+        if pending:
+            return pending.pop()
+        data: bytes = recv(size)
+        return data
+
+    return read
 
 
 def _close(sock: Any) -> None:
@@ -133,6 +166,54 @@ def _join(client_read: Any, client: Any, upstream: Any) -> None:
         up.join(timeout=LINGER)
     finally:
         up.kill(block=True, timeout=1)
+
+
+class _Spliced:
+    """The 101 response body on oxypy's server: an empty body that lasts as long as the tunnel.
+
+    The server has sent the 101; the bytes each side sent before the tunnel
+    began go out first, then :class:`Splice` copies both ways until the end.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        early: bytes,
+        upstream: Any,
+        leftover: bytes,
+        record: Exchange,
+        idle_timeout: float | None,
+    ) -> None:
+        self.client = client
+        self.early = early
+        self.upstream = upstream
+        self.leftover = leftover
+        self.record = record
+        self.idle_timeout = idle_timeout
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            if self.leftover:
+                self.client.sendall(self.leftover)
+                self.record.bytes_received += len(self.leftover)
+            if self.early:
+                self.upstream.sendall(self.early)
+        except OSError:
+            return iter(())
+        splice = Splice(
+            self.client, self.upstream, self.record, idle_timeout=self.idle_timeout, linger=LINGER
+        )
+        splice.run()
+        # Ending the body makes the server close the client.
+        return iter(())
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.record.ended = time.monotonic()
+        _close(self.upstream)
 
 
 class _Tunnel:
