@@ -23,7 +23,7 @@ import gevent
 import pytest
 import trustme
 
-from oxypy import Forward
+from oxypy import Buffer, Forward
 from oxypy._tunnel import bytes_tunnel
 from oxypy.server import Server
 
@@ -266,3 +266,20 @@ def test_stopping_the_server_ends_open_tunnels(
         assert read_to_eof(sock) == b""
     finally:
         sock.close()
+
+
+def test_a_block_that_calls_iter_before_passing_the_101_on(
+    upstreams: Callable[[Handler], RawUpstream],
+) -> None:
+    # Buffer takes the response iterator before it hands the 101 to the server:
+    # the tunnel must not start (and block) in iter().
+    proxy = Proxy("serve", Buffer(Forward(upstreams(echo(b"hi")).url)))
+    try:
+        sock, rest = open_tunnel(proxy)
+        try:
+            sock.sendall(b"ping")
+            assert read_exactly(sock, 6, rest) == b"hiping"
+        finally:
+            sock.close()
+    finally:
+        proxy.stop()

@@ -193,6 +193,9 @@ class _Spliced:
         self.closed = False
 
     def __iter__(self) -> Iterator[bytes]:
+        # A generator: the tunnel runs when the server asks for the first
+        # piece, never in iter(), which a block may call before it passes the
+        # 101 on (Buffer does).
         try:
             if self.leftover:
                 self.client.sendall(self.leftover)
@@ -200,13 +203,13 @@ class _Spliced:
             if self.early:
                 self.upstream.sendall(self.early)
         except OSError:
-            return iter(())
+            return
         splice = Splice(
             self.client, self.upstream, self.record, idle_timeout=self.idle_timeout, linger=LINGER
         )
         splice.run()
-        # Ending the body makes the server close the client.
-        return iter(())
+        # Ending the body (it yields nothing) makes the server close the client.
+        yield from ()
 
     def close(self) -> None:
         if self.closed:
