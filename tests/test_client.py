@@ -10,7 +10,10 @@ import importlib.metadata
 import json
 import socket
 import struct
+import subprocess
+import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -293,6 +296,125 @@ def test_no_idle_bound_keeps_connections() -> None:
 def test_pool_idle_timeout_must_be_positive(bad: float) -> None:
     with pytest.raises(ConfigurationError, match="pool_idle_timeout"):
         Forward("http://127.0.0.1:1", pool_idle_timeout=bad)
+
+
+# -- the pool's own LIFO of idle connections (not urllib3's queue) -----------------------------
+
+
+def test_close_closes_the_idle_connections(proxy: Any) -> None:
+    upstream = CountingUpstream()
+    fwd = Forward(upstream.url)
+    try:
+        url = proxy(fwd)
+        assert HTTP.request("GET", url + "/1").data == b"ok"
+        assert HTTP.request("GET", url + "/2").data == b"ok"
+        assert upstream.opened == 1 and upstream.closed == 0  # kept alive, reused
+        fwd.close()
+        wait_for(lambda: upstream.closed == 1)
+    finally:
+        fwd.close()
+        upstream.stop()
+
+
+def _blocking(upstream: CountingUpstream, pool_timeout: float) -> Forward:
+    manager = urllib3.PoolManager(maxsize=1, block=True, retries=False, timeout=10)
+    return Forward(upstream.url, pool=manager, pool_timeout=pool_timeout)
+
+
+def test_blocking_pool_serves_waiters_on_its_one_connection(proxy: Any) -> None:
+    upstream = CountingUpstream()
+    upstream.gate = gevent.event.Event()
+    fwd = _blocking(upstream, 5)
+    try:
+        url = proxy(fwd)
+        jobs = [gevent.spawn(HTTP.request, "GET", f"{url}/{i}") for i in range(3)]
+        wait_for(lambda: upstream.opened == 1)
+        tokens = fwd._target(upstream.url).pool._tokens
+        wait_for(lambda: len(tokens.waiters) == 2)  # the others wait for its slot
+        upstream.gate.set()
+        gevent.joinall(jobs, timeout=10, raise_error=True)
+        assert [(job.value.status, job.value.data) for job in jobs] == [(200, b"ok")] * 3
+        assert upstream.opened == 1 and upstream.closed == 0
+    finally:
+        fwd.close()
+        upstream.stop()
+
+
+def test_blocking_pool_times_out_then_serves_again(proxy: Any) -> None:
+    upstream = CountingUpstream()
+    upstream.gate = gevent.event.Event()
+    fwd = _blocking(upstream, 0.2)
+    try:
+        url = proxy(fwd)
+        held = gevent.spawn(HTTP.request, "GET", url + "/held")
+        wait_for(lambda: upstream.opened == 1)
+        started = time.monotonic()
+        resp = HTTP.request("GET", url + "/waits")
+        assert resp.status == 502
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        assert 0.15 < time.monotonic() - started < 3
+        upstream.gate.set()
+        assert held.get(timeout=10).data == b"ok"
+        assert HTTP.request("GET", url + "/again").data == b"ok"
+        assert upstream.opened == 1  # the slot came back with its connection
+    finally:
+        fwd.close()
+        upstream.stop()
+
+
+def test_killed_waiter_leaves_the_connection_to_the_next(proxy: Any) -> None:
+    upstream = CountingUpstream()
+    fwd = _blocking(upstream, 5)
+    try:
+        pool = fwd._target(upstream.url).pool
+        conn, reused = pool.checkout(5)
+        assert not reused
+        first = gevent.spawn(pool.checkout, 5)
+        second = gevent.spawn(pool.checkout, 5)
+        wait_for(lambda: len(pool._tokens.waiters) == 2)
+        first.kill(timeout=5)
+        pool.checkin(conn)
+        assert second.get(timeout=5) == (conn, True)
+        assert pool._tokens.waiters == deque() and pool.slots == 0
+        pool.checkin(conn)
+        assert pool.slots == 1 and pool.idle == 1
+    finally:
+        fwd.close()
+        upstream.stop()
+
+
+def test_checkout_and_checkin_never_switch_greenlets_whatever_was_imported_first(
+    tmp_path: Path,
+) -> None:
+    """urllib3 imported before the patch gave its pool the standard library's
+    queue on gevent's locks, whose every get/put switched to the hub."""
+    script = tmp_path / "no_switch.py"
+    script.write_text(
+        "import oxypy  # and urllib3, before gevent patches: as gunicorn's master does\n"
+        "from gevent import monkey\n"
+        "monkey.patch_all()\n"
+        "import greenlet\n"
+        "from gevent.server import StreamServer\n"
+        "up = StreamServer(('127.0.0.1', 0), lambda sock, addr: sock.recv(1))\n"
+        "up.start()\n"
+        "fwd = oxypy.Forward(f'http://127.0.0.1:{up.address[1]}')\n"
+        "pool = fwd._target(f'http://127.0.0.1:{up.address[1]}').pool\n"
+        "conn, reused = pool.checkout(5)\n"
+        "pool.checkin(conn)\n"
+        "switches = []\n"
+        "greenlet.settrace(lambda event, args: switches.append(event))\n"
+        "for _ in range(20):\n"
+        "    conn, reused = pool.checkout(5)\n"
+        "    assert reused\n"
+        "    pool.checkin(conn)\n"
+        "greenlet.settrace(None)\n"
+        "print(reused, len(switches))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True 0"
 
 
 def test_seam_runs_on_this_urllib3() -> None:
