@@ -180,7 +180,9 @@ class Forward:
         removed.  None (default): nothing is sent.
     :param pool_maxsize: kept-alive connections per upstream host (default 128).
     :param pool_timeout: with a blocking ``pool``, seconds to wait for a free
-        connection (default 5).
+        connection (default 5), then 502 (:class:`UpstreamConnectError`, "no
+        upstream connection available"); waiting requests get the connections
+        given back in the order they came.
     :param pool_idle_timeout: seconds a kept-alive upstream connection may sit
         idle in the pool before Forward closes it (default 4; None keeps idle
         connections until the upstream closes them).  Keep it below the

@@ -29,6 +29,7 @@ import trustme
 import urllib3
 import websocket
 from gevent.pywsgi import WSGIServer
+from test_client import CountingUpstream
 from test_server import MALFORMED
 
 from _servers import raw_request
@@ -215,6 +216,27 @@ def test_websocket_echo_through_forward(
         finally:
             ws.close()
         wait_for(lambda: upstream.open_connections == 0, timeout=5)
+    finally:
+        upstream.stop()
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_forward_reuses_one_upstream_connection(
+    gunicorn: Callable[..., Gunicorn], preload: bool
+) -> None:
+    """With ``--preload`` the app (Forward, urllib3) is built in the master,
+    before any patching: the worker's pool still keeps its connection alive."""
+    upstream = CountingUpstream()
+    try:
+        options = ("--preload",) if preload else ()
+        server = gunicorn("forward", *options, env={"OXYPY_TEST_UPSTREAM": upstream.url})
+        # Startup probes abandoned after 1 s may have opened one more.
+        opened = upstream.opened
+        assert opened >= 1
+        for i in range(5):
+            resp = server.get(f"/{i}")
+            assert (resp.status, resp.data) == (200, b"ok")
+        assert (upstream.opened, upstream.closed) == (opened, 0)
     finally:
         upstream.stop()
 
