@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -290,13 +290,16 @@ class OxypyProcess:
     """An ``oxypy`` subcommand (``python -m oxypy``), its output in files (no pipe can fill up).
 
     Starts it and waits for its listening line: ``url`` is the address it serves.
-    ``cwd`` joins the repository on ``PYTHONPATH`` (for an app module written there).
+    ``cwd`` joins the repository on ``PYTHONPATH`` (for an app module written there);
+    ``env`` adds variables to this process's environment.
     """
 
-    def __init__(self, args: list[str], tmp: Path, cwd: Path = REPO) -> None:
+    def __init__(
+        self, args: list[str], tmp: Path, cwd: Path = REPO, env: Mapping[str, str] | None = None
+    ) -> None:
         stamp = time.monotonic_ns()
         self.out_path, self.err_path = tmp / f"out-{stamp}.txt", tmp / f"err-{stamp}.txt"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(cwd)]))
+        env = dict(os.environ, **(env or {}), PYTHONPATH=os.pathsep.join([str(REPO), str(cwd)]))
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "oxypy", *args], stdout=out, stderr=err, cwd=cwd, env=env

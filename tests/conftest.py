@@ -5,7 +5,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import logging  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
+from collections.abc import Callable, Iterator, Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -66,8 +66,8 @@ def oxypy(tmp_path: Path) -> Iterator[Callable[..., OxypyProcess]]:
     """
     running: list[OxypyProcess] = []
 
-    def start(*args: str, cwd: Path = REPO) -> OxypyProcess:
-        process = OxypyProcess(list(args), tmp_path, cwd)
+    def start(*args: str, cwd: Path = REPO, env: Mapping[str, str] | None = None) -> OxypyProcess:
+        process = OxypyProcess(list(args), tmp_path, cwd, env)
         running.append(process)
         return process
 

@@ -11,7 +11,6 @@ import gzip
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -65,7 +64,7 @@ from oxypy import (
 )
 from oxypy.otel import OpenTelemetryMissing
 
-from _servers import RawUpstream, dead_url, read_exact_body, wait_for
+from _servers import OxypyProcess, RawUpstream, dead_url, read_exact_body, wait_for
 
 HTTP = urllib3.PoolManager(retries=False, timeout=10.0)
 REPO = Path(__file__).resolve().parent.parent
@@ -627,35 +626,6 @@ def test_otlp_http_exporter_delivers_the_spans(
         provider.shutdown()
 
 
-def _oxypy(args: list[str], env: dict[str, str], tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
-    out, err = tmp / f"out-{time.monotonic_ns()}", tmp / f"err-{time.monotonic_ns()}"
-    full = dict(os.environ, PYTHONPATH=str(REPO), **env)
-    with open(out, "wb") as o, open(err, "wb") as e:
-        command = [sys.executable, "-m", "oxypy", *args]
-        proc = subprocess.Popen(command, stdout=o, stderr=e, env=full, cwd=tmp)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        found = re.search(r" on (http://[\d.:]+)", out.read_text())
-        if found:
-            return proc, found.group(1)
-        if proc.poll() is not None:
-            raise AssertionError(f"exited {proc.returncode}: {err.read_text()}")
-        gevent.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    raise AssertionError(f"no banner: {err.read_text()}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 OTEL_ENV = {
     "OTEL_SERVICE_NAME": "gateway-under-test",
     # Only the shutdown at SIGTERM sends the batch: the closer is what is tested.
@@ -666,7 +636,11 @@ OTEL_ENV = {
 
 @pytest.mark.parametrize("command", ["proxy", "serve", "run-flag", "run-file"])
 def test_command_exports_to_the_otlp_endpoint(
-    pywsgi: Callable[[Any], str], echo_upstream: str, tmp_path: Path, command: str
+    pywsgi: Callable[[Any], str],
+    echo_upstream: str,
+    tmp_path: Path,
+    oxypy: Callable[..., OxypyProcess],
+    command: str,
 ) -> None:
     receiver = Receiver()
     env = dict(OTEL_ENV, OTEL_EXPORTER_OTLP_ENDPOINT=pywsgi(receiver))
@@ -685,13 +659,11 @@ def test_command_exports_to_the_otlp_endpoint(
             '[[routes]]\nprefix = "/"\nservice = "api"\n'
         )
         args = ["run", str(config), "--no-watch"] + (["--otel"] if command == "run-flag" else [])
-    proc, url = _oxypy(args, env, tmp_path)
-    try:
-        r = HTTP.request("GET", url + "/cli")
-        assert r.status == 200
-        assert receiver.spans() == []  # nothing sent before the shutdown
-    finally:
-        _stop(proc)
+    gateway = oxypy(*args, cwd=tmp_path, env=env)
+    r = HTTP.request("GET", gateway.url + "/cli")
+    assert r.status == 200
+    assert receiver.spans() == []  # nothing sent before the shutdown
+    gateway.stop()  # SIGTERM: exit 0, the batch sent on the way out
     wait_for(lambda: len(receiver.spans()) >= 2)
     resource = check_exported(receiver, sent_headers(r)["traceparent"])
     assert resource["service.name"] == "gateway-under-test"
