@@ -101,21 +101,23 @@ class _Idle:
     def take(self) -> tuple[bool, Any]:
         """``(True, conn or None)`` when a token was there, ``(False, None)`` if not."""
         with self.lock:
-            if self.conns:
-                return True, self.conns.pop()
-            if self.free > 0:
-                self.free -= 1
-                return True, None
+            return self._grab()
+
+    def _grab(self) -> tuple[bool, Any]:
+        """:meth:`take` with the lock held."""
+        if self.conns:
+            return True, self.conns.pop()
+        if self.free > 0:
+            self.free -= 1
+            return True, None
         return False, None
 
     def wait(self, timeout: float | None) -> tuple[bool, Any]:
         """Wait up to ``timeout`` for a token given back; ``(False, None)`` on timeout."""
         with self.lock:
-            if self.conns:
-                return True, self.conns.pop()
-            if self.free > 0:
-                self.free -= 1
-                return True, None
+            found = self._grab()
+            if found[0]:
+                return found
             waiter = _Waiter()
             self.waiters.append(waiter)
         try:
