@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -28,7 +29,7 @@ from oxypy import CircuitBreaker, Forward, Trace
 from oxypy.environ import ERROR, EXCHANGES
 from oxypy.exceptions import ClientDisconnected, ConfigurationError
 
-from _servers import RawUpstream, full_backlog, read_exact_body
+from _servers import REPO, RawUpstream, full_backlog, read_exact_body
 
 HTTP = urllib3.PoolManager(retries=False, timeout=10)
 RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
@@ -410,8 +411,15 @@ def test_checkout_and_checkin_never_switch_greenlets_whatever_was_imported_first
         "greenlet.settrace(None)\n"
         "print(reused, len(switches))\n"
     )
+    # This checkout's oxypy, after whatever the run put first (CI's urllib3 pin).
+    path = [p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p]
     done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(path)),
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True 0"
