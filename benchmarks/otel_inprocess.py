@@ -55,6 +55,25 @@ from oxypy.forward import Exchange  # noqa: E402
 REQUESTS = 20_000
 RUNS = 7
 TARGET = "http://127.0.0.1:9000"
+#: The attributes the block gives the SERVER and the CLIENT span of a small GET.
+SERVER_ATTRIBUTES = {
+    "http.request.method": "GET",
+    "url.path": "/small",
+    "url.scheme": "http",
+    "server.address": "127.0.0.1",
+    "server.port": 8080,
+    "client.address": "127.0.0.1",
+    "network.peer.address": "127.0.0.1",
+    "network.protocol.version": "1.1",
+    "user_agent.original": "wrk/4.1",
+}
+CLIENT_ATTRIBUTES = {
+    "http.request.method": "GET",
+    "server.address": "127.0.0.1",
+    "server.port": 9000,
+    "url.full": TARGET + "/small",
+    "network.protocol.version": "1.1",
+}
 
 
 class NullExporter(SpanExporter):
@@ -119,26 +138,8 @@ def requests(app: Callable[..., Any]) -> float:
 def sdk_floor(provider: Any) -> float:
     """Two spans with the block's attributes, started and ended: the SDK alone."""
     tracer = provider.get_tracer("floor")
-    server_attributes = {
-        "http.request.method": "GET",
-        "url.path": "/small",
-        "url.scheme": "http",
-        "server.address": "127.0.0.1",
-        "server.port": 8080,
-        "client.address": "127.0.0.1",
-        "network.peer.address": "127.0.0.1",
-        "network.protocol.version": "1.1",
-        "user_agent.original": "wrk/4.1",
-        "http.response.status_code": 200,
-    }
-    client_attributes = {
-        "http.request.method": "GET",
-        "server.address": "127.0.0.1",
-        "server.port": 9000,
-        "url.full": TARGET + "/small",
-        "network.protocol.version": "1.1",
-        "http.response.status_code": 200,
-    }
+    server_attributes = {**SERVER_ATTRIBUTES, "http.response.status_code": 200}
+    client_attributes = {**CLIENT_ATTRIBUTES, "http.response.status_code": 200}
     best = float("inf")
     for _ in range(RUNS):
         started = time.process_time()
@@ -158,24 +159,8 @@ def sdk_calls(provider: Any) -> float:
     from opentelemetry.trace import set_span_in_context
 
     tracer = provider.get_tracer("calls")
-    server_attributes = {
-        "http.request.method": "GET",
-        "url.path": "/small",
-        "url.scheme": "http",
-        "server.address": "127.0.0.1",
-        "server.port": 8080,
-        "client.address": "127.0.0.1",
-        "network.peer.address": "127.0.0.1",
-        "network.protocol.version": "1.1",
-        "user_agent.original": "wrk/4.1",
-    }
-    client_attributes = {
-        "http.request.method": "GET",
-        "server.address": "127.0.0.1",
-        "server.port": 9000,
-        "url.full": TARGET + "/small",
-        "network.protocol.version": "1.1",
-    }
+    server_attributes = SERVER_ATTRIBUTES
+    client_attributes = CLIENT_ATTRIBUTES
     best = float("inf")
     for _ in range(RUNS):
         started = time.process_time()

@@ -135,24 +135,8 @@ def sdk_call(case: str, toggle: Callable[[], None], requests: int) -> None:
     from opentelemetry.trace import SpanKind, set_span_in_context
 
     tracer = batch_provider(standin.NullExporter).get_tracer("oxypy")
-    server_attributes = {
-        "http.request.method": "GET",
-        "url.path": "/small",
-        "url.scheme": "http",
-        "server.address": "127.0.0.1",
-        "server.port": 8080,
-        "client.address": "127.0.0.1",
-        "network.peer.address": "127.0.0.1",
-        "network.protocol.version": "1.1",
-        "user_agent.original": "wrk/4.1",
-    }
-    client_attributes = {
-        "http.request.method": "GET",
-        "server.address": "127.0.0.1",
-        "server.port": 9000,
-        "url.full": "http://127.0.0.1:9000/small",
-        "network.protocol.version": "1.1",
-    }
+    server_attributes = standin.SERVER_ATTRIBUTES
+    client_attributes = standin.CLIENT_ATTRIBUTES
 
     def on(phase: str, counted: bool) -> None:
         if counted and case == phase:
